@@ -1,0 +1,21 @@
+"""jaxgpt: GPT-2 in JAX/Flax NNX — train from scratch, sample, and load checkpoints."""
+
+from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
+from jaxgpt.model import GPT, count_params, init_cache
+from jaxgpt.sample import generate
+from jaxgpt.tokenizer import get_tokenizer
+
+__all__ = ["GPT", "GPTConfig", "TrainConfig", "ConfigError", "count_params", "init_cache",
+           "generate", "get_tokenizer", "train"]
+__version__ = "0.1.0"
+
+
+def train(config: TrainConfig | None = None, **overrides) -> dict:
+    """Train as `python -m jaxgpt.train` does: `jaxgpt.train(TrainConfig(...))` or keyword flags."""
+    from jaxgpt.train import train as _train
+
+    config = config or TrainConfig()
+    if overrides:
+        import dataclasses
+        config = dataclasses.replace(config, **overrides)
+    return _train(config)

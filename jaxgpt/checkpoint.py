@@ -1,0 +1,95 @@
+"""Checkpoints with orbax: params, optimizer state and run metadata under OUT/checkpoints/<step>.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save leaves only finished checkpoints visible; the newest finished one is what resumes.
+Metadata (model config, train config, tokenizer, step, data seed) is JSON inside the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.model import GPT
+from jaxgpt.tokenizer import tokenizer_from_dict
+
+CKPT_SUBDIR = "checkpoints"
+
+# orbax logs routine saves and read-only opens through absl; keep the terminal for the progress bar
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out).resolve() / CKPT_SUBDIR
+
+
+def manager(out: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           enable_async_checkpointing=False, read_only=read_only)
+    return ocp.CheckpointManager(checkpoint_dir(out), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
+    """Write one complete checkpoint (blocking; atomic via orbax's tmp-dir + rename)."""
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta),
+    ), force=True)
+    mngr.wait_until_finished()
+
+
+def latest_step(out: str | Path) -> int | None:
+    d = checkpoint_dir(out)
+    if not d.is_dir():
+        return None
+    return manager(out, read_only=True).latest_step()
+
+
+def read_meta(out: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, metadata) of the newest (or given) checkpoint; ConfigError if there is none."""
+    step = latest_step(out) if step is None else step
+    if step is None:
+        raise ConfigError(f"no checkpoint found in {checkpoint_dir(out)}")
+    try:
+        meta = manager(out, read_only=True).restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for damaged files
+        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or unreadable: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} has no model config")
+    return step, meta
+
+
+def restore(out: str | Path, abstract_params, abstract_opt_state=None, step: int | None = None):
+    """Restore (step, params, opt_state or None, meta), shaped and sharded like the abstract trees."""
+    step, meta = read_meta(out, step)
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    try:
+        got = manager(out, read_only=True).restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or does not "
+                          f"match this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    return step, got["params"], got.get("opt_state") if abstract_opt_state is not None else None, meta
+
+
+def load_model(out: str | Path, step: int | None = None):
+    """(model, tokenizer, meta) from a jaxgpt run directory (its newest checkpoint by default)."""
+    step, meta = read_meta(out, step)
+    config = GPTConfig.from_dict(meta["model_config"])
+    abstract = nnx.eval_shape(lambda: GPT(config))
+    graphdef, abstract_params = nnx.split(abstract)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                   abstract_params)
+    _, params, _, meta = restore(out, abstract_params, step=step)
+    return nnx.merge(graphdef, params), tokenizer_from_dict(meta["tokenizer"]), meta

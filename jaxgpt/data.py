@@ -1,0 +1,146 @@
+"""Training data: a text file tokenized once into cached `.bin` memmaps, and seeded random batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxgpt.config import ConfigError
+from jaxgpt.tokenizer import get_tokenizer, tokenizer_from_dict
+
+CHUNK_CHARS = 1 << 20  # tokenize in ~1 MB pieces so long corpora show progress
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole file as UTF-8 text, with user-facing errors for the usual mistakes."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise ConfigError(f"data file is empty: {path}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data file is not UTF-8 text: {path} (byte {e.start})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _chunks(text: str):
+    """Split text into ~CHUNK_CHARS pieces at newlines (BPE never merges across a newline+char)."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + CHUNK_CHARS)
+        if end < len(text):
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        yield text[start:end]
+        start = end
+
+
+def tokenize(text: str, tok, progress: bool = False) -> np.ndarray:
+    """Token ids of `text`, as uint16 when the vocabulary fits, else uint32."""
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    pieces = list(_chunks(text))
+    if progress and len(pieces) > 4:
+        from tqdm import tqdm
+        pieces = tqdm(pieces, desc="tokenizing", unit="MB")
+    return np.concatenate([np.asarray(tok.encode(p), dtype=dtype) for p in pieces])
+
+
+@dataclass
+class Dataset:
+    """Train/val token streams (memmaps) and the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: object
+
+
+def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_size: int = 1,
+            val_frac: float = 0.1, progress: bool = False) -> Dataset:
+    """Tokenize `data_path` into `cache_dir/{train,val}.bin` (+ meta.json), or reuse them.
+
+    The cache is reused when the source file's sha256 and the tokenizer are unchanged.
+    The first 90% of the tokens train, the last 10% validate (as nanoGPT's prepare.py).
+    Both splits must hold more than one window of `block_size + 1` tokens; nothing is
+    written when the corpus is too short.
+    """
+    src = Path(data_path)
+    text = read_text(src)  # validates existence / emptiness / encoding
+    cache = Path(cache_dir)
+    meta_path = cache / "meta.json"
+    digest = _sha256(src)
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if (meta.get("source_sha256") == digest and meta.get("tokenizer", {}).get("type") == tokenizer
+                    and meta.get("val_frac") == val_frac):
+                tok = tokenizer_from_dict(meta["tokenizer"])
+                dtype = np.dtype(meta["dtype"])
+                train = np.memmap(cache / "train.bin", dtype=dtype, mode="r")
+                val = np.memmap(cache / "val.bin", dtype=dtype, mode="r")
+                if len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]:
+                    _check_long_enough(len(train), len(val), block_size, data_path)
+                    return Dataset(train, val, tok)
+        except (OSError, ValueError, KeyError):
+            pass  # stale or damaged cache: rebuild it below
+    tok = get_tokenizer(tokenizer, text=text)
+    ids = tokenize(text, tok, progress=progress)
+    n_train = int(len(ids) * (1 - val_frac))
+    _check_long_enough(n_train, len(ids) - n_train, block_size, data_path)
+    cache.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(cache / "train.bin", ids[:n_train].tobytes())
+    _atomic_write_bytes(cache / "val.bin", ids[n_train:].tobytes())
+    meta = {"source": str(src.resolve()), "source_sha256": digest, "tokenizer": tok.to_dict(),
+            "dtype": ids.dtype.name, "vocab_size": tok.vocab_size, "val_frac": val_frac,
+            "train_tokens": n_train, "val_tokens": len(ids) - n_train}
+    _atomic_write_bytes(meta_path, json.dumps(meta).encode())  # written last: marks the cache valid
+    return Dataset(np.memmap(cache / "train.bin", dtype=ids.dtype, mode="r"),
+                   np.memmap(cache / "val.bin", dtype=ids.dtype, mode="r"), tok)
+
+
+def _check_long_enough(n_train: int, n_val: int, block_size: int, path) -> None:
+    if min(n_train, n_val) <= block_size:
+        raise ConfigError(
+            f"corpus too short: {path} gives {n_train} train / {n_val} val tokens, but each split "
+            f"needs more than one block of {block_size} tokens (use a larger file or --block-size)")
+
+
+def batch_indices(n_tokens: int, block_size: int, batch_size: int, rng: np.random.Generator):
+    """Start offsets of `batch_size` random windows of block_size + 1 tokens."""
+    return rng.integers(0, n_tokens - block_size, size=batch_size)
+
+
+def get_batch(ids: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator):
+    """Random contiguous windows: x [B, T] and y = x shifted by one, both int32."""
+    ix = batch_indices(len(ids), block_size, batch_size, rng)
+    window = np.stack([np.asarray(ids[i:i + block_size + 1]) for i in ix]).astype(np.int32)
+    return window[:, :-1], window[:, 1:]
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The data-loader RNG of one optimizer step: a pure function of (seed, step), so a resumed
+    run draws exactly the batches the uninterrupted run would have."""
+    return np.random.default_rng([seed, step])
