@@ -2,11 +2,10 @@
 
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
 from jaxgpt.model import GPT, count_params, init_cache
-from jaxgpt.sample import generate
 from jaxgpt.tokenizer import get_tokenizer
 
 __all__ = ["GPT", "GPTConfig", "TrainConfig", "ConfigError", "count_params", "init_cache",
-           "generate", "get_tokenizer", "train"]
+           "generate", "get_tokenizer", "train", "load", "LoadedModel"]
 __version__ = "0.1.0"
 
 
@@ -19,3 +18,14 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
         import dataclasses
         config = dataclasses.replace(config, **overrides)
     return _train(config)
+
+
+def __getattr__(name):
+    # CLI modules load on first use, so `python -m jaxgpt.sample` / `jaxgpt.convert` run cleanly
+    if name == "generate":
+        from jaxgpt.sample import generate
+        return generate
+    if name in ("load", "LoadedModel"):
+        from jaxgpt import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")

@@ -3,11 +3,17 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a crash
 mid-save leaves only finished checkpoints visible; the newest finished one is what resumes.
 Metadata (model config, train config, tokenizer, step, data seed) is JSON inside the step.
+`save_model` writes a weights-only checkpoint (no optimizer state), e.g. converted GPT-2 weights.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,4 +98,59 @@ def load_model(out: str | Path, step: int | None = None):
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                    abstract_params)
     _, params, _, meta = restore(out, abstract_params, step=step)
-    return nnx.merge(graphdef, params), tokenizer_from_dict(meta["tokenizer"]), meta
+    # a converted model whose vocabulary jaxgpt cannot rebuild (e.g. a nanoGPT char model) has none
+    tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    return nnx.merge(graphdef, params), tokenizer, meta
+
+
+@contextmanager
+def atomic_dir(out: str | Path, force: bool = False):
+    """Yield a temporary sibling of `out` to write into; on success it is renamed to `out`.
+
+    A failure inside the block removes the temporary directory, so nothing is left behind.
+    An existing non-empty `out` is refused unless `force`, then replaced only once all is written.
+    """
+    out = Path(out)
+    check_writable(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists() and (out.is_file() or any(out.iterdir())):
+            # swap: move the old output aside, move the new one in, then delete the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "x"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old.parent)
+        else:
+            os.replace(tmp, out)  # replaces an empty directory atomically
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(out: str | Path, force: bool = False) -> None:
+    """ConfigError unless `out` is absent, an empty directory, or `force` is set."""
+    out = Path(out)
+    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; pass --force to replace it")
+
+
+def save_model(out: str | Path, model: GPT, tokenizer_dict: dict | None,
+               extra_meta: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """Write `model`'s params + metadata as a run directory that `load_model` reads (no optimizer).
+
+    The directory is written atomically: into a temporary sibling, renamed into place at the end.
+    """
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer_dict,
+            **(extra_meta or {})}
+    meta.setdefault("step", 0)
+    params = nnx.state(model, nnx.Param)
+    with atomic_dir(out, force) as tmp:
+        mngr = manager(tmp, keep=1)
+        mngr.save(meta["step"], args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # human-readable copy, as train
+    return Path(out)

@@ -1,0 +1,168 @@
+"""`jaxgpt.load(path)`: one entry point for jaxgpt runs, Hugging Face GPT-2 folders/hub names, nanoGPT.
+
+    lm = jaxgpt.load("gpt2")              # hub name (downloaded once, then from the HF cache)
+    lm = jaxgpt.load("out")               # a jaxgpt run dir (newest checkpoint) or checkpoints/<step>
+    lm = jaxgpt.load("hf_folder")         # config.json + model.safetensors / pytorch_model.bin
+    lm.generate("Hello, I'm", 20, temperature=0)   -> prompt + continuation
+    lm.logits([[15496, 11]])              -> float32 [1, 2, vocab]
+    lm.save("out2"); lm.to_hf("hf_out")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgpt import checkpoint
+from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.model import GPT
+from jaxgpt.tokenizer import tokenizer_from_dict
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"
+
+
+class LoadedModel:
+    """A GPT plus its tokenizer and metadata, with convenience methods for inference and export."""
+
+    def __init__(self, model: GPT, tokenizer, meta: dict[str, Any]):
+        self.model, self.tokenizer, self.meta = model, tokenizer, meta
+        self._logits_fn = None
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    @property
+    def params(self) -> nnx.State:
+        return nnx.state(self.model, nnx.Param)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LoadedModel({c.n_layer}L {c.n_head}H {c.n_embd}C ctx {c.block_size} "
+                f"vocab {c.vocab_size}, from {self.meta.get('source', '?')})")
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no known tokenizer; pass token ids instead of text")
+        return self.tokenizer.encode(text)
+
+    def logits(self, ids) -> np.ndarray:
+        """Next-token logits, float32 [B, T, V] for ids [B, T] (or [T, V] for a 1-D ids list)."""
+        ids = np.asarray(ids, np.int32)
+        if ids.shape[-1] > self.config.block_size:
+            raise ConfigError(f"{ids.shape[-1]} tokens exceed the context length {self.config.block_size}")
+        if self._logits_fn is None:
+            graphdef = nnx.graphdef(self.model)
+            self._logits_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+        out = self._logits_fn(nnx.state(self.model), ids[None] if ids.ndim == 1 else ids)
+        return np.asarray(out[0] if ids.ndim == 1 else out)
+
+    def generate(self, prompt_or_ids, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_at_eot: bool = True, use_cache: bool = True):
+        """Continue a prompt. A string gives back a string (prompt + continuation, cut at
+        `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
+        prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot)."""
+        from jaxgpt.sample import generate
+
+        as_text = isinstance(prompt_or_ids, str)
+        ids = np.asarray(self.encode(prompt_or_ids) if as_text else prompt_or_ids, np.int32)
+        eot = getattr(self.tokenizer, "eot_token", None) if stop_at_eot else None
+        out = np.asarray(generate(self.model, ids, max_new_tokens, key=jax.random.key(seed),
+                                  temperature=temperature, top_k=top_k, top_p=top_p, eot=eot,
+                                  use_cache=use_cache))
+        if not as_text:
+            return out[0] if ids.ndim == 1 else out
+        new = out[0, ids.shape[-1]:].tolist()
+        if eot is not None and eot in new:
+            new = new[:new.index(eot)]
+        return self.tokenizer.decode(ids.tolist() + new)
+
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write a jaxgpt checkpoint folder (weights + meta, no optimizer state)."""
+        tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
+        extra = {k: v for k, v in self.meta.items() if k not in ("model_config", "tokenizer", "train_config")}
+        return checkpoint.save_model(out, self.model, tok, extra, force=force)
+
+    def to_hf(self, out: str | Path, force: bool = False) -> Path:
+        """Write a Hugging Face folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+        tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
+        from jaxgpt.convert import save_hf
+
+        return save_hf(self.model, out, tok, force=force)
+
+
+def load(path: str | Path, step: int | None = None) -> LoadedModel:
+    """Load a jaxgpt run/checkpoint dir, an HF GPT-2 folder, a nanoGPT ckpt.pt, or a hub name."""
+    from jaxgpt import convert
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix in (".pt", ".pth", ".ckpt"):
+            return LoadedModel(*_as_meta(convert.read_nanogpt(p)))
+        raise ConfigError(f"{p}: expected a folder (jaxgpt run or Hugging Face model) or a nanoGPT ckpt.pt")
+    if p.is_dir():
+        run, step = _jaxgpt_run(p, step)
+        if run is not None:
+            model, tok, meta = checkpoint.load_model(run, step)
+            return LoadedModel(model, tok, {**meta, "source": meta.get("source", str(run))})
+        if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
+            return LoadedModel(*_as_meta(convert.read_hf_folder(p)))
+        if (p / "ckpt.pt").is_file():
+            return LoadedModel(*_as_meta(convert.read_nanogpt(p / "ckpt.pt")))
+        raise ConfigError(f"{p}: no weights found (expected checkpoints/ from jaxgpt, config.json + "
+                          "model.safetensors or pytorch_model.bin from Hugging Face, or a nanoGPT ckpt.pt)")
+    if HUB_NAME.match(str(path)) and not str(path).startswith("."):
+        return LoadedModel(*_as_meta(convert.read_hf_folder(_download(str(path)))))
+    raise ConfigError(f"{path}: no such file or folder")
+
+
+def _as_meta(loaded):
+    """(model, tokenizer dict, meta) from convert -> (model, tokenizer, meta with the config)."""
+    model, tok, meta = loaded
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tok, **meta}
+    return model, tokenizer_from_dict(tok) if tok else None, meta
+
+
+def _jaxgpt_run(p: Path, step: int | None) -> tuple[Path | None, int | None]:
+    """(run dir, step) if `p` is a jaxgpt run dir, its checkpoints/ dir, or checkpoints/<step>."""
+    if (p / checkpoint.CKPT_SUBDIR).is_dir():
+        return p, step
+    if p.name == checkpoint.CKPT_SUBDIR:
+        return p.parent, step
+    if p.name.isdigit() and p.parent.name == checkpoint.CKPT_SUBDIR:
+        return p.parent.parent, int(p.name)
+    return None, step
+
+
+def _is_hf_config(path: Path) -> bool:
+    """An HF config.json has model_type; a jaxgpt run's config.json (no checkpoints yet) does not."""
+    try:
+        d = json.loads(path.read_text())
+    except ValueError:
+        return True  # let the HF reader report the broken JSON
+    return not (isinstance(d, dict) and "model_config" in d)
+
+
+def _download(name: str) -> Path:
+    """A hub model's folder: from the local HF cache, else downloaded (needs internet)."""
+    offline_hint = (f"could not get {name!r} from the Hugging Face hub (offline?). Pass a local "
+                    f"folder instead: download it elsewhere with `huggingface-cli download {name} "
+                    f"--local-dir DIR`, copy DIR here, and use DIR in place of {name!r}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(offline_hint + " (huggingface_hub is not installed)") from None
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    for local_only in (True, False):  # the cache first, so a downloaded model works offline
+        try:
+            return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+        except Exception:
+            continue
+    raise ConfigError(offline_hint)

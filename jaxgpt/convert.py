@@ -1,0 +1,339 @@
+"""Weight conversion between jaxgpt and Hugging Face GPT-2 (safetensors / .bin) or nanoGPT ckpt.pt.
+
+    python -m jaxgpt.convert SRC OUT_DIR [--force]          # HF folder, hub name or ckpt.pt -> jaxgpt
+    python -m jaxgpt.convert --to-hf CKPT OUT_DIR [--force]  # jaxgpt run dir -> HF folder
+
+Everything goes through one rename table (`rename_table`), written in HF's names. Layouts:
+  * HF GPT-2 stores its projections as `Conv1D` with weight [in, out], the same layout as our
+    `nnx.Linear` kernels, so nothing is transposed between HF and jaxgpt.
+  * nanoGPT uses `nn.Linear` with weight [out, in], so its four projection matrices per layer
+    (c_attn, attn.c_proj, c_fc, mlp.c_proj) are transposed on the way in.
+Weights are read with numpy (`safetensors.numpy`); a legacy `pytorch_model.bin` or a nanoGPT
+`ckpt.pt` needs torch and is opened with `torch.load(weights_only=True)` (no arbitrary unpickling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.checkpoint import atomic_dir, check_writable
+from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.model import GPT
+
+GPT2_VOCAB = 50257  # vocabularies at least this big are GPT-2 BPE (nanoGPT pads to 50304)
+# the GELU variants HF spells for GPT-2's tanh approximation (jaxgpt's MLP uses exactly that)
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---- the rename table ---------------------------------------------------------------------------
+class Entry(NamedTuple):
+    hf: str  # HF name, without the optional "transformer." prefix
+    ours: str  # jaxgpt parameter path (dots; layer indices are ints)
+    shape: tuple[int, ...]  # expected shape in HF / jaxgpt layout
+    matrix: bool = False  # a projection matrix: [in, out] here, [out, in] in nanoGPT (transposed)
+
+
+def rename_table(cfg: GPTConfig) -> list[Entry]:
+    """Every GPT-2 tensor, HF name <-> jaxgpt path, with its shape for `cfg`."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    table = [Entry("wte.weight", "wte.embedding", (V, C)),  # also the (tied) output head
+             Entry("wpe.weight", "wpe.embedding", (cfg.block_size, C))]
+    for i in range(cfg.n_layer):
+        h = f"h.{i}"
+        table += [
+            Entry(f"{h}.ln_1.weight", f"{h}.ln_1.scale", (C,)),
+            Entry(f"{h}.ln_1.bias", f"{h}.ln_1.bias", (C,)),
+            Entry(f"{h}.attn.c_attn.weight", f"{h}.attn.c_attn.kernel", (C, 3 * C), True),  # q|k|v
+            Entry(f"{h}.attn.c_attn.bias", f"{h}.attn.c_attn.bias", (3 * C,)),
+            Entry(f"{h}.attn.c_proj.weight", f"{h}.attn.c_proj.kernel", (C, C), True),
+            Entry(f"{h}.attn.c_proj.bias", f"{h}.attn.c_proj.bias", (C,)),
+            Entry(f"{h}.ln_2.weight", f"{h}.ln_2.scale", (C,)),
+            Entry(f"{h}.ln_2.bias", f"{h}.ln_2.bias", (C,)),
+            Entry(f"{h}.mlp.c_fc.weight", f"{h}.mlp.c_fc.kernel", (C, 4 * C), True),
+            Entry(f"{h}.mlp.c_fc.bias", f"{h}.mlp.c_fc.bias", (4 * C,)),
+            Entry(f"{h}.mlp.c_proj.weight", f"{h}.mlp.c_proj.kernel", (4 * C, C), True),
+            Entry(f"{h}.mlp.c_proj.bias", f"{h}.mlp.c_proj.bias", (C,)),
+        ]
+    return table + [Entry("ln_f.weight", "ln_f.scale", (C,)), Entry("ln_f.bias", "ln_f.bias", (C,))]
+
+
+def _is_buffer(name: str) -> bool:
+    """HF's/nanoGPT's causal-mask buffers (h.N.attn.bias, h.N.attn.masked_bias): not weights."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "h" and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+
+
+def _path(dotted: str) -> tuple:
+    """'h.0.attn.c_attn.kernel' -> ('h', 0, 'attn', 'c_attn', 'kernel'), nnx's state path."""
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+# ---- tensors -> model ---------------------------------------------------------------------------
+def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: str,
+                       nanogpt: bool = False) -> GPT:
+    """Build a GPT from HF-named tensors (either key spelling); every tensor must be accounted for."""
+    named = {}
+    for name, x in tensors.items():
+        short = name.removeprefix("_orig_mod.").removeprefix("transformer.")  # torch.compile / LMHead
+        if short in named:
+            raise ConfigError(f"{source}: tensor {short} appears twice (as {name})")
+        named[short] = x
+    for name in [n for n in named if _is_buffer(n)]:
+        del named[name]  # the causal mask is rebuilt by the model, not loaded
+    head = named.pop("lm_head.weight", None)
+    params = {}
+    for e in rename_table(cfg):
+        if e.hf not in named:
+            raise ConfigError(f"{source}: missing tensor {e.hf}")
+        x = np.asarray(named.pop(e.hf), dtype=np.float32)
+        if nanogpt and e.matrix:
+            x = x.T  # nn.Linear [out, in] -> kernel [in, out]
+        if x.shape != e.shape:
+            raise ConfigError(f"{source}: tensor {e.hf} has shape {list(x.shape)}, expected "
+                              f"{list(e.shape)} for this config")
+        params[_path(e.ours)] = x
+    if named:
+        raise ConfigError(f"{source}: unexpected tensor {sorted(named)[0]}"
+                          + (f" (and {len(named) - 1} more)" if len(named) > 1 else ""))
+    if head is not None and not np.array_equal(np.asarray(head, np.float32), params[("wte", "embedding")]):
+        # jaxgpt always ties the output head to wte; an untied head cannot be represented
+        raise ConfigError(f"{source}: lm_head.weight differs from wte.weight (untied head unsupported)")
+    return _model_with(cfg, params)
+
+
+def _model_with(cfg: GPTConfig, params: dict[tuple, np.ndarray]) -> GPT:
+    """A GPT whose parameters are `params` (path -> array), without a random init of the real size."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+    flat = state.flat_state()
+    for path, var in flat:
+        var.set_value(jnp.asarray(params[path]))
+    return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+
+
+def tensors_from_model(model: GPT) -> dict[str, np.ndarray]:
+    """The model's weights under HF GPT2LMHeadModel names (head tied, so no lm_head.weight)."""
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.state(model, nnx.Param).flat_state()}
+    out = {}
+    for e in rename_table(model.config):
+        x = flat[_path(e.ours)]
+        assert x.shape == e.shape, (e.ours, x.shape, e.shape)
+        out["transformer." + e.hf] = np.ascontiguousarray(x, dtype=np.float32)  # no transpose: Conv1D
+    return out
+
+
+# ---- reading HF folders -------------------------------------------------------------------------
+def config_from_hf(hf: dict, source: str) -> GPTConfig:
+    """GPTConfig from an HF config.json dict; anything jaxgpt's GPT-2 can't represent is an error."""
+    if hf.get("model_type") != "gpt2":
+        raise ConfigError(f"{source}: model_type is {hf.get('model_type')!r}, only GPT-2 ('gpt2') "
+                          "checkpoints can be converted")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in TANH_GELUS:
+        raise ConfigError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU "
+                          f"({' or '.join(TANH_GELUS)})")
+    C = hf.get("n_embd", 768)
+    unsupported = {"n_inner": (None, 4 * C), "scale_attn_weights": (True,),
+                   "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
+    for key, ok in unsupported.items():
+        if hf.get(key, ok[0]) not in ok:
+            raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported by jaxgpt's GPT-2")
+    try:
+        return GPTConfig(vocab_size=hf.get("vocab_size", GPT2_VOCAB), block_size=hf.get("n_positions", 1024),
+                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=C,
+                         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+    except TypeError as e:
+        raise ConfigError(f"{source}: bad config.json value: {e}") from None
+
+
+def read_hf_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """(name -> float array, file description) from model.safetensors, shards, or pytorch_model.bin."""
+    single, index, binary = (folder / "model.safetensors", folder / "model.safetensors.index.json",
+                             folder / "pytorch_model.bin")
+    if single.is_file():
+        return _read_safetensors(single), str(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{index}: not a valid safetensors index ({e})") from None
+        tensors = {}
+        for shard in shards:
+            tensors.update(_read_safetensors(folder / shard))
+        return tensors, str(index)
+    if binary.is_file():
+        return _torch_load(binary), str(binary)
+    raise ConfigError(f"{folder}: no weights found (expected model.safetensors, "
+                      "model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing safetensors shard")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError for truncated/corrupt files, among others
+        raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _torch_load(path: Path) -> dict:
+    """torch.load restricted to tensors and plain containers (weights_only=True): no code runs."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"{path}: reading a PyTorch pickle needs torch; install it, or convert "
+                          "the file to safetensors") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def _to_numpy(tensors: dict) -> dict[str, np.ndarray]:
+    """torch tensors -> float32 numpy arrays (non-tensor entries are an error, named)."""
+    out = {}
+    for name, t in tensors.items():
+        if not hasattr(t, "detach"):
+            raise ConfigError(f"entry {name} is a {type(t).__name__}, not a tensor")
+        out[name] = t.detach().float().numpy()
+    return out
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def read_hf_folder(folder: str | Path) -> tuple[GPT, dict | None, dict]:
+    """(model, tokenizer dict, meta) from a Hugging Face GPT-2 folder (config.json + weights)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object")
+    cfg = config_from_hf(hf, str(cfg_path))
+    tensors, source = read_hf_tensors(folder)
+    if source.endswith(".bin"):
+        tensors = _to_numpy(tensors)
+    model = model_from_tensors(cfg, tensors, source)
+    return model, _tokenizer_for(cfg), {"source": str(folder), "source_format": "huggingface"}
+
+
+def read_nanogpt(path: str | Path, log: Callable[[str], None] = _stderr) -> tuple[GPT, dict | None, dict]:
+    """(model, tokenizer dict, meta) from a nanoGPT `ckpt.pt` (keys under 'model', 'model_args')."""
+    path = Path(path)
+    ckpt = _torch_load(path)
+    if "model" not in ckpt or "model_args" not in ckpt:
+        raise ConfigError(f"{path}: not a nanoGPT checkpoint (needs 'model' and 'model_args')")
+    args = ckpt["model_args"]
+    try:
+        cfg = GPTConfig(vocab_size=args["vocab_size"], block_size=args["block_size"],
+                        n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: model_args lacks {e}") from None
+    tensors = _to_numpy(ckpt["model"])
+    if args.get("bias", True) is False:
+        # nanoGPT's bias=False drops every Linear/LayerNorm bias: the same as a bias of zeros
+        for e in rename_table(cfg):
+            if e.hf.endswith(".bias"):
+                tensors.setdefault(e.hf, np.zeros(e.shape, np.float32))
+    log("note: nanoGPT's MLP uses exact (erf) GELU; jaxgpt uses GPT-2's tanh approximation, "
+        "so logits differ slightly (~1e-3)")
+    model = model_from_tensors(cfg, tensors, str(path), nanogpt=True)
+    return model, _tokenizer_for(cfg), {"source": str(path), "source_format": "nanogpt"}
+
+
+def _tokenizer_for(cfg: GPTConfig) -> dict | None:
+    """GPT-2 BPE for GPT-2-sized vocabularies; otherwise unknown (e.g. a char model's meta.pkl)."""
+    return {"type": "gpt2"} if cfg.vocab_size >= GPT2_VOCAB else None
+
+
+# ---- writing HF folders -------------------------------------------------------------------------
+def hf_config(cfg: GPTConfig) -> dict:
+    """config.json for transformers.GPT2LMHeadModel with this architecture."""
+    d = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
+         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+         "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_epsilon,
+         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+         "tie_word_embeddings": True, "torch_dtype": "float32"}
+    if cfg.vocab_size >= GPT2_VOCAB:
+        d.update(bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)  # <|endoftext|>
+    return d
+
+
+def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, force: bool = False) -> Path:
+    """Write `out/` with config.json + model.safetensors (+ GPT-2 tokenizer files), atomically."""
+    from safetensors.numpy import save_file
+
+    check_writable(out, force)
+    tensors = tensors_from_model(model)
+    with atomic_dir(out, force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_dict and tokenizer_dict.get("type") == "gpt2":
+            # GPT-2's BPE files under HF's names, so AutoTokenizer.from_pretrained(out) works too
+            assets = resources.files("jaxgpt") / "assets" / "gpt2"
+            (tmp / "vocab.json").write_bytes((assets / "encoder.json").read_bytes())
+            (tmp / "merges.txt").write_bytes((assets / "vocab.bpe").read_bytes())
+    return Path(out)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgpt.convert",
+        description="Convert GPT-2 weights. Default: SRC (a Hugging Face GPT-2 folder, a hub name "
+                    "such as gpt2, or a nanoGPT ckpt.pt) -> a jaxgpt checkpoint folder. With --to-hf: "
+                    "a jaxgpt run/checkpoint folder -> a Hugging Face folder (config.json + "
+                    "model.safetensors) that GPT2LMHeadModel.from_pretrained loads.")
+    p.add_argument("src", help="model to convert (folder, ckpt.pt, or hub name)")
+    p.add_argument("out", help="output folder (written atomically; must be absent or empty)")
+    p.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder instead")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxgpt.api import load  # late: api imports this module
+
+    try:
+        check_writable(args.out, args.force)  # fail before the (slow) read
+        lm = load(args.src)
+        if args.to_hf:
+            lm.to_hf(args.out, force=args.force)
+        else:
+            lm.save(args.out, force=args.force)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {'Hugging Face' if args.to_hf else 'jaxgpt'} model to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
