@@ -1,13 +1,19 @@
-"""Text generation: logit filters (temperature, top-k, top-p) and batched decoding with a KV cache."""
+"""Text generation: logit filters (temperature, top-k, top-p), batched decoding with a KV cache,
+and the sampling CLI, `python -m jaxgpt.sample CKPT --prompt TEXT`."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxgpt.config import ConfigError
 from jaxgpt.model import init_cache
 
 NEG_INF = -jnp.inf
@@ -116,9 +122,12 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     context (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead,
     as nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ConfigError(f"prompt must be non-empty token ids [B, T], got shape {list(prompt.shape)}")
     if max_new_tokens == 0:
         return prompt
     key = jax.random.key(0) if key is None else key
@@ -126,5 +135,95 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     use_cache = use_cache and total <= model.config.block_size
     graphdef, params = nnx.split(model)
     return _generate(graphdef, params, prompt, key, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), top_k=top_k, top_p=top_p, eot=eot,
-                     use_cache=use_cache)
+                     temperature=float(temperature), top_k=None if top_k is None else int(top_k),
+                     top_p=None if top_p is None else float(top_p),
+                     eot=None if eot is None else int(eot), use_cache=use_cache)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   max_new_tokens: int) -> None:
+    """ConfigError (named as the CLI flag) for settings that do not define a distribution."""
+    if not temperature >= 0:  # also rejects NaN
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgpt.sample",
+        description="Sample text from a model. Stdout gets only the text (prompt + continuation; "
+                    "samples separated by a line '---'); logs and warnings go to stderr. A prompt "
+                    "longer than the model's context is truncated from the left (a warning says so).")
+    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, or hub name")
+    p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>, or a "
+                   "newline for models without it)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=1, help="samples, decoded as one batch")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus: keep the smallest set of tokens whose probability reaches p")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stop", action="store_true", help="don't stop at <|endoftext|>")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole context each step instead of using the KV cache")
+    p.add_argument("--json", action="store_true",
+                   help='print {"samples": [{"text", "tokens"}]} (tokens = prompt + generated ids)')
+    return p
+
+
+def sample_cli(lm, args, log=lambda s: print(s, file=sys.stderr)) -> list[dict]:
+    """Samples as [{"text", "tokens"}] for parsed CLI `args` from a `jaxgpt.load` result."""
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    tok, L = lm.tokenizer, lm.config.block_size
+    if tok is None:
+        raise ConfigError("this model has no known tokenizer, so it cannot sample from a text prompt")
+    eot = getattr(tok, "eot_token", None)
+    ids = tok.encode(args.prompt) if args.prompt else ([eot] if eot is not None else tok.encode("\n"))
+    if len(ids) > L:
+        log(f"warning: the prompt has {len(ids)} tokens, more than the context ({L}); "
+            f"keeping its last {L}")
+        ids = ids[-L:]
+    stop = None if args.no_stop else eot
+    prompt = np.tile(np.asarray(ids, np.int32), (args.num_samples, 1))  # [N, T0]
+    out = np.asarray(generate(lm.model, prompt, args.max_new_tokens, key=jax.random.key(args.seed),
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              eot=stop, use_cache=not args.no_cache))
+    samples = []
+    for row in out:
+        new = row[len(ids):].tolist()
+        if stop is not None and stop in new:
+            new = new[:new.index(stop)]  # cut at <|endoftext|> (it is not printed or returned)
+        tokens = list(ids) + new
+        samples.append({"text": tok.decode(tokens), "tokens": tokens})
+    return samples
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxgpt.api import load  # late: loading pulls in orbax and the converters
+
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        lm = load(args.ckpt)
+        samples = sample_cli(lm, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"samples": samples}, ensure_ascii=False))
+    else:
+        print("\n---\n".join(s["text"] for s in samples))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
