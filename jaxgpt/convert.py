@@ -117,15 +117,15 @@ def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: s
 def _model_with(cfg: GPTConfig, params: dict[tuple, np.ndarray]) -> GPT:
     """A GPT whose parameters are `params` (path -> array), without a random init of the real size."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
-    flat = state.flat_state()
+    flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(jnp.asarray(params[path]))
-    return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def tensors_from_model(model: GPT) -> dict[str, np.ndarray]:
     """The model's weights under HF GPT2LMHeadModel names (head tied, so no lm_head.weight)."""
-    flat = {path: np.asarray(var.get_value()) for path, var in nnx.state(model, nnx.Param).flat_state()}
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out = {}
     for e in rename_table(model.config):
         x = flat[_path(e.ours)]
