@@ -1,0 +1,197 @@
+"""Sampling: greedy decoding vs transformers, cache vs no cache, filters, seeds, the CLI, the tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxgpt  # noqa: E402
+from jaxgpt.sample import generate, main, sample_token, top_k_filter, top_p_filter  # noqa: E402
+
+torch.set_num_threads(2)
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF model, its folder, jaxgpt run dir converted from it): 2 layers, context 64."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()
+    model.save_pretrained(root / "hf")
+    jaxgpt.load(root / "hf").save(root / "jx")
+    return model, root / "hf", root / "jx"
+
+
+@pytest.fixture(scope="module")
+def eot_model(tmp_path_factory, tiny):
+    """A model whose argmax is always <|endoftext|>: ln_f maps every position to the same vector b
+    (scale 0, bias b) and the tied head row of eot is 100 b."""
+    model = transformers.GPT2LMHeadModel(tiny[0].config).eval()
+    model.load_state_dict(tiny[0].state_dict())
+    with torch.no_grad():
+        b = torch.randn(32)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(b)
+        model.transformer.wte.weight[EOT] = 100 * b
+    folder = tmp_path_factory.mktemp("eot") / "hf"
+    model.save_pretrained(folder)
+    return folder
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+def test_greedy_matches_transformers_with_and_without_cache(tiny):
+    model, folder, _ = tiny
+    lm = jaxgpt.load(folder)
+    prompt = np.random.RandomState(0).randint(0, 50257, (2, 5))
+    n = 40
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=EOT,
+                             attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+    cached = np.asarray(generate(lm.model, prompt, n, temperature=0.0))
+    uncached = np.asarray(generate(lm.model, prompt, n, temperature=0.0, use_cache=False))
+    assert ref.shape == cached.shape == (2, 5 + n)
+    np.testing.assert_array_equal(cached, ref)
+    np.testing.assert_array_equal(uncached, ref)
+
+
+def test_generate_past_the_context_slides_a_window(tiny):
+    lm = jaxgpt.load(tiny[1])
+    out = np.asarray(generate(lm.model, np.arange(60)[None], 10, temperature=0.0))
+    assert out.shape == (1, 70) and (out[0, :60] == np.arange(60)).all()
+    # the last token is the greedy choice given the 64 tokens before it
+    assert out[0, -1] == lm.logits(out[:, -65:-1])[0, -1].argmax()
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    lm = jaxgpt.load(tiny[1])
+    prompt = np.zeros((4, 3), np.int32)
+    run = lambda seed, **kw: np.asarray(generate(lm.model, prompt, 20, key=jax.random.key(seed), **kw))
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert len({tuple(r) for r in a[:, 3:]}) == 4  # the rows of a batch are independent samples
+    np.testing.assert_array_equal(run(3, top_k=5, top_p=0.9), run(3, top_k=5, top_p=0.9))
+    assert (run(5, use_cache=False) == run(5)).all()  # same key schedule on both paths
+
+
+# ---- filters on hand-made logits ---------------------------------------------------------------
+def kept(filtered):
+    return set(np.flatnonzero(np.isfinite(np.asarray(filtered))).tolist())
+
+
+def test_top_k_keeps_exactly_k():
+    logits = jnp.array([0.3, 2.0, -1.0, 1.5, 0.9, -0.2])
+    assert kept(top_k_filter(logits, 1)) == {1}
+    assert kept(top_k_filter(logits, 3)) == {1, 3, 4}
+    assert kept(top_k_filter(logits, 100)) == set(range(6))
+    np.testing.assert_array_equal(top_k_filter(logits, 3)[jnp.array([1, 3, 4])], logits[jnp.array([1, 3, 4])])
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = jnp.array([0.05, 0.4, 0.1, 0.25, 0.2])  # sorted: 0.4, 0.25, 0.2, 0.1, 0.05
+    logits = jnp.log(probs)
+    assert kept(top_p_filter(logits, 0.3)) == {1}  # 0.4 alone reaches 0.3
+    assert kept(top_p_filter(logits, 0.5)) == {1, 3}  # 0.65
+    assert kept(top_p_filter(logits, 0.7)) == {1, 3, 4}  # 0.85
+    assert kept(top_p_filter(logits, 0.9)) == {1, 2, 3, 4}  # 0.95
+    assert kept(top_p_filter(logits, 1e-9)) == {1}  # always at least one token
+    assert kept(top_p_filter(logits, 1.0)) == set(range(5))
+    batch = jnp.stack([logits, logits[::-1]])  # row-wise
+    assert kept(top_p_filter(batch, 0.5)[1]) == {3, 1}
+
+
+def test_sample_token_greedy_and_filters():
+    logits = jnp.array([[0.0, 5.0, 4.9, -3.0]])
+    assert sample_token(logits, jax.random.key(0), temperature=0.0)[0] == 1
+    draws = {int(sample_token(logits, jax.random.key(s), temperature=5.0, top_k=2)[0]) for s in range(50)}
+    assert draws == {1, 2}
+
+
+# ---- CLI (in-process: stdout is text only) -------------------------------------------------------
+def test_cli_text_and_json(tiny, capsys):
+    jx = str(tiny[2])
+    assert main([jx, "--prompt", "Hello world", "--max-new-tokens", "6", "--num-samples", "3",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    texts = out.rstrip("\n").split("\n---\n")
+    assert len(texts) == 3 and all(t.startswith("Hello world") for t in texts)
+    assert main([jx, "--prompt", "Hello world", "--max-new-tokens", "6", "--temperature", "0",
+                 "--json", "--no-stop"]) == 0
+    sample = json.loads(capsys.readouterr().out)["samples"][0]
+    tok = jaxgpt.get_tokenizer("gpt2")
+    assert sample["tokens"][:2] == tok.encode("Hello world") and len(sample["tokens"]) == 8
+    assert sample["text"] == tok.decode(sample["tokens"])
+    lm = jaxgpt.load(jx)  # the API agrees with the CLI
+    assert lm.generate("Hello world", 6, temperature=0, stop_at_eot=False) == sample["text"]
+
+
+def test_cli_stops_at_endoftext(eot_model, capsys):
+    assert main([str(eot_model), "--prompt", "Hi", "--max-new-tokens", "5", "--temperature", "0",
+                 "--json"]) == 0
+    sample = json.loads(capsys.readouterr().out)["samples"][0]
+    assert sample == {"text": "Hi", "tokens": jaxgpt.get_tokenizer("gpt2").encode("Hi")}
+    assert main([str(eot_model), "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0",
+                 "--no-stop"]) == 0
+    assert capsys.readouterr().out == "Hi" + "<|endoftext|>" * 3 + "\n"
+
+
+def test_cli_truncates_long_prompt_with_warning(tiny, capsys):
+    assert main([str(tiny[2]), "--prompt", " a" * 100, "--max-new-tokens", "2", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "warning" in cap.err and "keeping its last 64" in cap.err
+    assert len(json.loads(cap.out)["samples"][0]["tokens"]) == 66
+
+
+def test_cli_bad_settings_exit_2(tiny, tmp_path):
+    """Each bad setting: exit 2, one line on stderr, nothing on stdout (real subprocesses)."""
+    bad = [["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--temperature", "-1"],
+           ["--max-new-tokens", "-1"]]
+    # one interpreter per case would cost ~3 s each; the CLIs run sequentially in one subprocess
+    script = ("import sys, contextlib, io; from jaxgpt.sample import main\n"
+              "for argv in %r:\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err): rc = main([%r, *argv])\n"
+              "    print(rc, repr(err.getvalue()))\n") % (bad, str(tiny[2]))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == len(bad), p.stderr
+    for argv, line in zip(bad, lines):
+        rc, err = line.split(" ", 1)
+        err = eval(err)
+        assert rc == "2" and err.count("\n") == 1 and err.startswith("error: " + argv[0]), (argv, err)
+    # and one genuinely separate process, as a user would run it
+    p = subprocess.run([sys.executable, "-m", "jaxgpt.sample", str(tiny[2]), "--top-k", "0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1
+
+
+# ---- tokenizer vs transformers' independent BPE implementation ----------------------------------
+def test_tokenizer_matches_transformers():
+    """transformers' GPT2Tokenizer (Rust `tokenizers` BPE) built from the same vocab/merges files."""
+    assets = resources.files("jaxgpt") / "assets" / "gpt2"
+    vocab = json.loads((assets / "encoder.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in
+              (assets / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    ref = transformers.GPT2Tokenizer(vocab=vocab, merges=merges)
+    tok = jaxgpt.get_tokenizer("gpt2")
+    texts = ["Hello, world!", "naïve café — Ünïcödé ½ ß 東京 Привет", "tabs\tand   spaces  \n\n\n  end ",
+             "emoji 🤖🎉👩‍👩‍👧 flags 🇫🇷", "<|endoftext|>start<|endoftext|> middle <|endoftext|>",
+             "it's we'll they've I'M", "1234567 3.14159 $100", "   ", "\u200b zero-width", ""]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == text
+    assert tok.encode("<|endoftext|>") == [EOT]
