@@ -65,7 +65,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
             loss, grads = jax.tree.map(lambda a: a / x.shape[0], (loss, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def train_step(state, batch):
@@ -171,8 +171,16 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train a GPT as `cfg` says; returns a summary dict. Raises ConfigError on bad input."""
+def _log_stderr(msg: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)  # prints above the progress bar instead of through it
+
+
+def train(cfg: TrainConfig, log=_log_stderr) -> dict:
+    """Train a GPT as `cfg` says; returns a summary dict. Raises ConfigError on bad input.
+
+    `log(str)` receives the run's messages (evals, samples, interruptions); default: stderr.
+    """
     out = Path(cfg.out)
     # 1. validate everything that can be validated before writing a byte
     _check_writable(out)
@@ -257,12 +265,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     if step > start:
                         row["train_loss"] = last_loss
                     write_row(row)
-                    bar.write(f"step {step}: val loss {last_val:.4f}" + (
+                    log(f"step {step}: val loss {last_val:.4f}" + (
                         f", train loss {last_loss:.4f}" if step > start else ""))
                     if cfg.sample_tokens and step > start:
                         text = sample_text(nnx.merge(graphdef, state["params"]), tok,
                                            cfg.sample_tokens, cfg.seed)
-                        bar.write("  sample: " + text.replace("\n", "\n          ")[:800])
+                        log("  sample: " + text.replace("\n", "\n          ")[:800])
                 if step > start and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
                     save(step)
                     last_good = step
@@ -272,7 +280,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     if last_good != step:
                         save(step)
                     stopped_by = signal.Signals(stop.signum).name
-                    bar.write(f"{stopped_by}: saved checkpoint at step {step} in {out}; "
+                    log(f"{stopped_by}: saved checkpoint at step {step} in {out}; "
                               f"continue with the same command plus --resume")
                     break
                 # n optimizer steps in one call, up to the next log/eval/checkpoint/K boundary
@@ -302,8 +310,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)})
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         except FloatingPointError as e:
-            raise ConfigError(f"training stopped: {e}; the last good checkpoint (step {last_good}) "
-                              f"is kept in {checkpoint.checkpoint_dir(out)}") from None
+            kept = (f"the last good checkpoint (step {last_good}) is kept in "
+                    f"{checkpoint.checkpoint_dir(out)}" if last_good > 0 else "no checkpoint was saved")
+            raise ConfigError(f"training stopped: {e}; {kept} (try a lower --lr)") from None
         finally:
             bar.close()
 
@@ -381,7 +390,7 @@ def parse_args(argv=None) -> TrainConfig:
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        summary = train(cfg, log=lambda s: print(s, file=sys.stderr))
+        summary = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small corpus and a tiny, fast training configuration."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxgpt.config import default_data_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a tiny model that trains in seconds on a CPU core; every flag is a real CLI flag
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--eval-iters", "4", "--sample-tokens", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 60,000 characters of the shipped Tiny Shakespeare."""
+    p = tmp_path_factory.mktemp("corpus") / "shakespeare_head.txt"
+    p.write_text(Path(default_data_path()).read_text()[:60_000])
+    return p
+
+
+def run_cli(module: str, *args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` in a fresh interpreter; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))

@@ -1,0 +1,103 @@
+"""The GPT module: GPT-2's exact shapes, causality, dropout, the KV cache, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import GPT, GPTConfig, count_params, init_cache
+from jaxgpt.config import ConfigError
+
+TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64)
+
+
+@nnx.jit
+def fwd(model, ids, key=None):
+    """A jitted forward (eager NNX dispatches op by op, which is slow for tests)."""
+    return model(ids, key=key)
+
+
+@nnx.jit
+def fwd_cached(model, ids, cache):
+    return model(ids, cache=cache)
+
+
+def test_gpt2_preset_has_124m_params_and_hf_shapes():
+    cfg = GPTConfig.from_preset("gpt2")
+    model = nnx.eval_shape(lambda: GPT(cfg))  # shapes only, nothing allocated
+    assert count_params(model) == 124_439_808
+    p = nnx.state(model, nnx.Param)
+    assert p["wte"]["embedding"].shape == (50257, 768)
+    assert p["wpe"]["embedding"].shape == (1024, 768)
+    assert len(model.h) == 12
+    assert p["h"][0]["attn"]["c_attn"]["kernel"].shape == (768, 3 * 768)
+    assert p["h"][0]["mlp"]["c_fc"]["kernel"].shape == (768, 4 * 768)
+    assert p["h"][11]["mlp"]["c_proj"]["kernel"].shape == (4 * 768, 768)
+    assert "lm_head" not in p  # the head is tied to wte
+
+
+@pytest.mark.parametrize("name,n", [("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080)])
+def test_larger_presets_param_counts(name, n):
+    # the published (HF) parameter counts of GPT-2 medium/large/xl, tied head counted once
+    model = nnx.eval_shape(lambda: GPT(GPTConfig.from_preset(name)))
+    assert count_params(model) == n
+
+
+def test_output_shape_and_dtype():
+    model = GPT(TINY, seed=0)
+    ids = jnp.zeros((3, 17), jnp.int32)
+    logits = fwd(model, ids)
+    assert logits.shape == (3, 17, 97) and logits.dtype == jnp.float32
+
+
+def test_causal_mask_later_tokens_never_change_earlier_logits():
+    model = GPT(TINY, seed=1)
+    ids = jax.random.randint(jax.random.key(0), (2, 20), 0, 97)
+    changed = ids.at[:, 12:].set((ids[:, 12:] + 5) % 97)
+    a, b = fwd(model, ids), fwd(model, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :12]), np.asarray(b[:, :12]))
+    assert not np.allclose(np.asarray(a[:, 12:]), np.asarray(b[:, 12:]))
+
+
+def test_dropout_only_with_a_key():
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "dropout": 0.3}), seed=0)
+    ids = jnp.ones((2, 10), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(fwd(model, ids)), np.asarray(fwd(model, ids)))  # eval
+    k1 = fwd(model, ids, jax.random.key(1))
+    k2 = fwd(model, ids, jax.random.key(2))
+    assert not np.allclose(np.asarray(k1), np.asarray(fwd(model, ids)))
+    assert not np.allclose(np.asarray(k1), np.asarray(k2))
+
+
+def test_cached_decode_equals_full_forward():
+    model = GPT(TINY, seed=2)
+    ids = jax.random.randint(jax.random.key(3), (2, 24), 0, 97)
+    full = fwd(model, ids)
+    cache = init_cache(TINY, 2)
+    parts, cache_out = [], cache
+    for chunk in (ids[:, :9], ids[:, 9:10], ids[:, 10:23], ids[:, 23:]):
+        logits, cache_out = fwd_cached(model, chunk, cache_out)
+        parts.append(logits)
+    assert int(cache_out["index"]) == 24
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(parts, 1)), np.asarray(full), atol=1e-5)
+
+
+def test_bfloat16_computes_in_bf16_but_keeps_float32_params():
+    cfg = GPTConfig(**{**TINY.to_dict(), "dtype": "bfloat16"})
+    model = GPT(cfg, seed=0)
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    ids = jnp.arange(16)[None] % 97
+    lo, hi = fwd(model, ids), fwd(GPT(TINY, seed=0), ids)  # same init, different compute dtype
+    assert lo.dtype == jnp.float32
+    assert float(jnp.abs(lo - hi).max()) < 0.1 and not np.array_equal(np.asarray(lo), np.asarray(hi))
+
+
+@pytest.mark.parametrize("kw,msg", [({"n_embd": 30, "n_head": 4}, "divisible"),
+                                    ({"n_layer": 0}, "positive"), ({"dtype": "int8"}, "dtype")])
+def test_bad_configs_are_rejected(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        GPTConfig(**{**TINY.to_dict(), **kw})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        GPTConfig.from_preset("gpt5")

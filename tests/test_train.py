@@ -1,0 +1,195 @@
+"""Training end to end: outputs, exact resume after SIGTERM/SIGKILL, 1 vs N devices, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxgpt.config import TrainConfig
+from jaxgpt.train import main, parse_args, train
+
+from conftest import REPO, TINY, run_cli
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> dict:
+    """{(step, key): value} for every loss logged by a run."""
+    return {(r["step"], k): r[k] for r in rows(out) for k in ("train_loss", "val_loss") if k in r}
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under path with its size and mtime: to prove nothing was written."""
+    if not path.exists():
+        return {}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+# ---- a run and its outputs ----------------------------------------------------------------------
+def test_run_writes_metrics_plot_config_and_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = parse_args(["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "60",
+                      "--eval-interval", "30", "--ckpt-interval", "30", "--log-interval", "10",
+                      "--warmup-iters", "20"])
+    summary = train(cfg, log=lambda s: None)
+    assert summary["step"] == 60
+    r = rows(out)
+    assert [x["step"] for x in r if "val_loss" in x] == [0, 30, 60]
+    assert [x["step"] for x in r if "tokens_per_s" in x] == [10, 20, 30, 40, 50, 60]
+    assert {"step", "train_loss", "lr", "tokens_per_s", "grad_norm"} <= set(r[1])
+    assert r[-1]["val_loss"] < r[0]["val_loss"] - 0.5  # it learns
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train_config"]["max_iters"] == 60 and saved["model_config"]["n_embd"] == 32
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["30", "60"]
+    # the learning-rate schedule: linear warmup then cosine to lr/10
+    lr = {x["step"]: x["lr"] for x in r if "tokens_per_s" in x}
+    assert lr[10] == pytest.approx(1e-3 * 9 / 20, rel=1e-4)  # step index 9 of a 20-step warmup
+    assert lr[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + np.cos(np.pi * 39 / 40)), rel=1e-4)
+
+
+def test_same_seed_same_losses_and_grad_accum_matches(corpus, tmp_path):
+    base = ["--data", str(corpus), *TINY, "--max-iters", "20", "--eval-interval", "20",
+            "--ckpt-interval", "20", "--log-interval", "5"]
+    train(parse_args(base + ["--out", str(tmp_path / "a")]), log=lambda s: None)
+    train(parse_args(base + ["--out", str(tmp_path / "b")]), log=lambda s: None)
+    train(parse_args(base + ["--out", str(tmp_path / "c"), "--grad-accum", "4"]), log=lambda s: None)
+    a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
+    assert a == b  # bitwise deterministic
+    assert a.keys() == c.keys()
+    for k in a:  # 4 micro-batches of 2 == one batch of 8, up to float rounding
+        assert abs(a[k] - c[k]) < 1e-5, k
+
+
+# ---- exact resume -----------------------------------------------------------------------------
+RESUME = [*TINY, "--max-iters", "500", "--ckpt-interval", "100", "--eval-interval", "250",
+          "--log-interval", "10", "--dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    p = run_cli("jaxgpt.train", "--data", corpus, "--out", out, *RESUME)
+    assert p.returncode == 0, p.stderr
+    return losses(out)
+
+
+def _start_and_interrupt(corpus, out, sig) -> subprocess.Popen:
+    """Start a run, wait for its first checkpoint (step 100), then send `sig`."""
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.train", "--data", str(corpus), "--out",
+                             str(out), *RESUME], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "100").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_with_identical_losses(corpus, tmp_path, reference_run, sig):
+    out = tmp_path / "run"
+    proc = _start_and_interrupt(corpus, out, sig)
+    stopped_at = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+        assert "--resume" in proc.stderr.read()  # it says how to continue
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert stopped_at < 500, "the run finished before the signal; nothing was tested"
+    p = run_cli("jaxgpt.train", "--data", corpus, "--out", out, *RESUME, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert f"resuming at step {stopped_at}" in p.stderr
+    resumed = losses(out)
+    assert resumed == reference_run  # every logged loss, before and after the interruption
+
+
+# ---- data parallel: 1 device == 4 devices -------------------------------------------------------
+def test_one_device_equals_four_devices(corpus, tmp_path):
+    args = ["--data", corpus, *TINY, "--max-iters", "30", "--eval-interval", "15",
+            "--ckpt-interval", "30", "--log-interval", "5"]
+    one = run_cli("jaxgpt.train", *args, "--out", tmp_path / "one")
+    four = run_cli("jaxgpt.train", *args, "--out", tmp_path / "four",
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    assert "| 1 device(s)" in one.stderr and "| 4 device(s)" in four.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert a.keys() == b.keys() and len(a) > 5
+    for k in a:
+        assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+
+
+# ---- bad input: one line, exit 2, nothing written -----------------------------------------------
+def _bad(capsys, argv, out: Path, msg: str):
+    before = snapshot(out)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and msg in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(out) == before  # nothing written
+
+
+@pytest.mark.parametrize("make,extra,msg", [
+    (lambda d: d / "missing.txt", [], "not found"),
+    (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", [], "empty"),
+    (lambda d: (d / "short.txt").write_text("To be or not") and None or d / "short.txt", [], "too short"),
+    (lambda d: (d / "latin1.txt").write_bytes("café".encode("latin-1") * 99) and None or d / "latin1.txt",
+     [], "not UTF-8"),
+    (None, ["--preset", "gpt5"], "unknown preset"),
+    (None, ["--tokenizer", "bytes"], "unknown tokenizer"),
+    (None, ["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (None, ["--batch-size", "10", "--grad-accum", "3"], "divisible"),
+])
+def test_bad_inputs(capsys, corpus, tmp_path, make, extra, msg):
+    data = make(tmp_path) if make else corpus
+    out = tmp_path / "out"
+    _bad(capsys, ["--data", str(data), "--out", str(out), *TINY, "--max-iters", "5", *extra], out, msg)
+    assert not out.exists()
+
+
+def test_unwritable_out(capsys, corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _bad(capsys, ["--data", str(corpus), "--out", str(blocker / "out"), *TINY], blocker, "not writable")
+
+
+def test_bad_resumes(capsys, corpus, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "10",
+            "--ckpt-interval", "10", "--eval-interval", "10"]
+    _bad(capsys, args + ["--resume"], out, "no checkpoint found")  # nothing there yet
+    assert main(args) == 0
+    capsys.readouterr()
+    _bad(capsys, args + ["--resume", "--lr", "0.5"], out, "disagrees")  # another config
+    # corrupt every file of the checkpoint: refused, and the run directory is left untouched
+    for f in (out / "checkpoints" / "10").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    _bad(capsys, args + ["--resume"], out, "corrupt")
+
+
+def test_nan_loss_stops_with_a_message(capsys, corpus, tmp_path):
+    out = tmp_path / "out"
+    code = main(["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "100",
+                 "--lr", "1e4", "--warmup-iters", "0", "--grad-clip", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became nan" in err.splitlines()[-1]
+
+
+def test_help_explains_every_flag():
+    import dataclasses
+    p = run_cli("jaxgpt.train", "--help")
+    assert p.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in p.stdout, f.name
