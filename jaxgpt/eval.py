@@ -7,6 +7,7 @@ windows of the model's context length L; a window of n tokens scores its n-1 nex
 predictions (the last, shorter window included). With `--stride S` windows of L tokens start
 every S tokens and each token is scored once, by the first window that has it past the previous
 window's end (Hugging Face's sliding-window perplexity): more context per prediction, more compute.
+With S < L every token but the first is scored; S = L is the non-overlapping layout.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def windows(n_tokens: int, L: int, stride: int | None = None) -> list[tuple[int,
     return out
 
 
+def check_stride(stride: int | None, L: int) -> None:
+    if stride is not None and not 1 <= stride <= L:
+        raise ConfigError(f"--stride must be between 1 and the context length {L}, got {stride}")
+
+
 def window_arrays(ids: np.ndarray, L: int, wins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, targets and a score mask, each [n_windows, L]; short windows are zero-padded."""
     x = np.zeros((len(wins), L), np.int32)
@@ -77,8 +83,7 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int | None = Non
     """{"loss": mean nats/token, "perplexity": exp(loss), "tokens": number scored} for token ids."""
     ids = np.asarray(ids, np.int32).reshape(-1)
     L, V = model.config.block_size, model.config.vocab_size
-    if stride is not None and not 1 <= stride <= L:
-        raise ConfigError(f"--stride must be between 1 and the context length {L}, got {stride}")
+    check_stride(stride, L)
     if len(ids) < 2:
         raise ConfigError(f"the text has {len(ids)} token(s); at least 2 are needed to score one")
     x, y, mask = window_arrays(ids, L, windows(len(ids), L, stride))
@@ -120,12 +125,16 @@ def main(argv=None) -> int:
             raise ConfigError(f"--text {path}: no such file")
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_stride(args.stride, sys.maxsize)  # < 1 fails before the (slow) load
         lm = load(args.ckpt)
+        check_stride(args.stride, lm.config.block_size)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"--text {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
         ids = lm.encode(text)
+        if len(ids) < 2:
+            raise ConfigError(f"--text {path} has {len(ids)} token(s); at least 2 are needed")
         print(f"scoring {len(ids)} tokens in windows of {lm.config.block_size}"
               + (f", stride {args.stride}" if args.stride else ""), file=sys.stderr)
         result = evaluate(lm.model, ids, args.stride, args.batch_size)
