@@ -117,6 +117,7 @@ class TrainConfig:
     block_size: int | None = None
     dropout: float = 0.0
     dtype: str = "float32"
+    init_from: str | None = None  # fine-tune: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
     # optimisation
     batch_size: int = 12  # global batch, in sequences, per optimizer step
     grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it

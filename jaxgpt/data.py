@@ -79,10 +79,11 @@ class Dataset:
 
 
 def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_size: int = 1,
-            val_frac: float = 0.1, progress: bool = False) -> Dataset:
+            val_frac: float = 0.1, progress: bool = False, tok=None) -> Dataset:
     """Tokenize `data_path` into `cache_dir/{train,val}.bin` (+ meta.json), or reuse them.
 
     The cache is reused when the source file's sha256 and the tokenizer are unchanged.
+    `tok` (optional) is a ready tokenizer to use, e.g. the one of a model being fine-tuned.
     The first 90% of the tokens train, the last 10% validate (as nanoGPT's prepare.py).
     Both splits must hold more than one window of `block_size + 1` tokens; nothing is
     written when the corpus is too short.
@@ -95,8 +96,9 @@ def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            if (meta.get("source_sha256") == digest and meta.get("tokenizer", {}).get("type") == tokenizer
-                    and meta.get("val_frac") == val_frac):
+            same_tok = (meta.get("tokenizer") == tok.to_dict() if tok is not None
+                        else meta.get("tokenizer", {}).get("type") == tokenizer)
+            if meta.get("source_sha256") == digest and same_tok and meta.get("val_frac") == val_frac:
                 tok = tokenizer_from_dict(meta["tokenizer"])
                 dtype = np.dtype(meta["dtype"])
                 train = np.memmap(cache / "train.bin", dtype=dtype, mode="r")
@@ -106,7 +108,7 @@ def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_
                     return Dataset(train, val, tok)
         except (OSError, ValueError, KeyError):
             pass  # stale or damaged cache: rebuild it below
-    tok = get_tokenizer(tokenizer, text=text)
+    tok = tok if tok is not None else get_tokenizer(tokenizer, text=text)
     ids = tokenize(text, tok, progress=progress)
     n_train = int(len(ids) * (1 - val_frac))
     _check_long_enough(n_train, len(ids) - n_train, block_size, data_path)

@@ -23,6 +23,7 @@ from jaxgpt.data import get_batch, prepare, step_rng
 from jaxgpt.model import GPT, count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.sample import generate
+from jaxgpt.tokenizer import tokenizer_from_dict
 
 EVAL_SEED_OFFSET = 10_000_019  # eval batches come from their own fixed RNG stream
 
@@ -97,6 +98,34 @@ def _check_writable(out: Path) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"output directory {out} is not writable")
+
+
+def _init_from(cfg: TrainConfig):
+    """(model config, tokenizer, params) of the model named by --init-from, for fine-tuning.
+
+    The architecture comes from the loaded model; --dropout and --dtype apply, and a smaller
+    --block-size crops the learned positions (as nanoGPT's crop_block_size).
+    """
+    from jaxgpt.api import load
+
+    lm = load(cfg.init_from)
+    base = lm.config
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(base, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)} disagrees with "
+                              f"--init-from {cfg.init_from} ({name}={getattr(base, name)}); drop the flag")
+    block = cfg.block_size or base.block_size
+    if block > base.block_size:
+        raise ConfigError(f"--block-size {block} exceeds the context of {cfg.init_from} ({base.block_size})")
+    if lm.tokenizer is None:
+        raise ConfigError(f"{cfg.init_from} has no known tokenizer to tokenize --data with")
+    if lm.tokenizer.name != cfg.tokenizer:
+        raise ConfigError(f"{cfg.init_from} uses the {lm.tokenizer.name} tokenizer; "
+                          f"pass --tokenizer {lm.tokenizer.name}")
+    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.dtype)
+    params = nnx.state(lm.model, nnx.Param)
+    params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])
+    return model_cfg, lm.tokenizer, params
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -188,14 +217,24 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     resume_step, resume_meta = _resume_check(cfg) if cfg.resume else (0, None)
     mesh = parallel.make_mesh()
     parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
-    block = cfg.model_config(vocab_size=1).block_size
-    data = prepare(cfg.data, cfg.tokenizer, out / "data", block_size=block, progress=cfg.progress)
+    init_params, tok = None, None
+    if cfg.resume:  # the saved run fixes the model shape and the tokenizer
+        model_cfg = GPTConfig.from_dict(resume_meta["model_config"])
+        tok = tokenizer_from_dict(resume_meta["tokenizer"])
+    elif cfg.init_from:
+        model_cfg, tok, init_params = _init_from(cfg)
+    block = model_cfg.block_size if tok is not None else cfg.model_config(vocab_size=1).block_size
+    data = prepare(cfg.data, cfg.tokenizer, out / "data", block_size=block, progress=cfg.progress,
+                   tok=tok)
     tok = data.tokenizer
-    model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
+    if not cfg.resume and not cfg.init_from:  # from scratch: the vocabulary comes from the data
+        model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
 
     # 2. model, optimizer, state on the mesh (params replicated)
     model = GPT(model_cfg, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
+    if init_params is not None:  # fine-tuning: start from the loaded weights
+        params = jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype), params, init_params)
     tx = make_optimizer(cfg)
     rep = parallel.replicated(mesh)
     state = jax.device_put({"params": params, "opt_state": tx.init(params),
@@ -244,7 +283,7 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     log(f"jaxgpt: {n_params / 1e6:.2f}M params | {model_cfg.n_layer}L {model_cfg.n_head}H "
         f"{model_cfg.n_embd}C ctx {block} vocab {tok.vocab_size} | {len(jax.devices())} device(s) "
         f"[{jax.devices()[0].platform}] | batch {cfg.batch_size}x{block} | "
-        f"{'resuming at step ' + str(start) if cfg.resume else 'from scratch'}")
+        f"{'resuming at step ' + str(start) if cfg.resume else 'fine-tuning ' + cfg.init_from if cfg.init_from else 'from scratch'}")
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=start, disable=not cfg.progress, dynamic_ncols=True,
@@ -333,6 +372,8 @@ HELP = {
     "n_embd": "width of the residual stream (overrides the preset)",
     "block_size": "context length in tokens (overrides the preset)",
     "dropout": "dropout rate for training (0 disables; always off at evaluation)",
+    "init_from": "fine-tune from this model instead of a random init: a jaxgpt run dir, a Hugging "
+                 "Face GPT-2 folder, a hub name (gpt2, gpt2-medium, ...) or a nanoGPT ckpt.pt",
     "dtype": "compute dtype: float32, or bfloat16/float16 for activations and matmuls "
              "(params and optimizer state stay float32)",
     "batch_size": "global batch size in sequences per optimizer step (split over all devices)",

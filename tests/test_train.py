@@ -69,6 +69,22 @@ def test_same_seed_same_losses_and_grad_accum_matches(corpus, tmp_path):
         assert abs(a[k] - c[k]) < 1e-5, k
 
 
+def test_init_from_a_run_starts_from_its_weights(capsys, corpus, tmp_path):
+    base = ["--data", str(corpus), *TINY, "--eval-interval", "20", "--ckpt-interval", "20"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--max-iters", "20"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--max-iters", "20", "--init-from",
+                        str(tmp_path / "a")]) == 0
+    # same data, seed and eval batches: b's step-0 val loss is a's final one, then it improves
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert b[(0, "val_loss")] == pytest.approx(a[(20, "val_loss")], abs=1e-6)
+    assert b[(20, "val_loss")] < b[(0, "val_loss")]
+    capsys.readouterr()
+    _bad(capsys, base + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "a"),
+                         "--tokenizer", "gpt2"], tmp_path / "c", "pass --tokenizer char")
+    _bad(capsys, base + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "nowhere")],
+         tmp_path / "c", "no such file")
+
+
 # ---- exact resume -----------------------------------------------------------------------------
 RESUME = [*TINY, "--max-iters", "500", "--ckpt-interval", "100", "--eval-interval", "250",
           "--log-interval", "10", "--dropout", "0.1"]
