@@ -154,7 +154,9 @@ def config_from_hf(hf: dict, source: str) -> GPTConfig:
         return GPTConfig(vocab_size=hf.get("vocab_size", GPT2_VOCAB), block_size=hf.get("n_positions", 1024),
                          n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=C,
                          layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-    except TypeError as e:
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
         raise ConfigError(f"{source}: bad config.json value: {e}") from None
 
 
@@ -251,8 +253,12 @@ def read_nanogpt(path: str | Path, log: Callable[[str], None] = _stderr) -> tupl
     try:
         cfg = GPTConfig(vocab_size=args["vocab_size"], block_size=args["block_size"],
                         n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"])
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise ConfigError(f"{path}: model_args lacks {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: bad model_args value: {e}") from None
     tensors = _to_numpy(ckpt["model"])
     if args.get("bias", True) is False:
         # nanoGPT's bias=False drops every Linear/LayerNorm bias: the same as a bias of zeros
