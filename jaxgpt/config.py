@@ -122,7 +122,7 @@ class TrainConfig:
     batch_size: int = 12  # global batch, in sequences, per optimizer step
     grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
     max_iters: int = 2000
-    lr: float = 1e-3
+    lr: float = 3e-3  # nanoGPT uses 1e-3; 3e-3 reaches a lower val loss in the same 2000 steps
     min_lr: float | None = None  # default lr/10, as nanoGPT
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # default max_iters

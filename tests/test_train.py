@@ -52,8 +52,8 @@ def test_run_writes_metrics_plot_config_and_checkpoint(corpus, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["30", "60"]
     # the learning-rate schedule: linear warmup then cosine to lr/10
     lr = {x["step"]: x["lr"] for x in r if "tokens_per_s" in x}
-    assert lr[10] == pytest.approx(1e-3 * 9 / 20, rel=1e-4)  # step index 9 of a 20-step warmup
-    assert lr[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + np.cos(np.pi * 39 / 40)), rel=1e-4)
+    assert lr[10] == pytest.approx(3e-3 * 9 / 20, rel=1e-4)  # step index 9 of a 20-step warmup
+    assert lr[60] == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + np.cos(np.pi * 39 / 40)), rel=1e-4)
 
 
 def test_same_seed_same_losses_and_grad_accum_matches(corpus, tmp_path):
