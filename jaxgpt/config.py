@@ -132,6 +132,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     steps_per_call: int = 10  # optimizer steps fused into one jitted call (lax.scan)
+    # devices and processes
+    mesh: str = ""  # e.g. "data=2,fsdp=2"; empty: pure data parallel over every device
+    coordinator: str | None = None  # HOST:PORT of process 0, or "auto" (TPU/SLURM detection)
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout: int = 60  # seconds to wait for the coordinator
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 100

@@ -39,7 +39,7 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -135,9 +135,14 @@ def batch_indices(n_tokens: int, block_size: int, batch_size: int, rng: np.rando
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def get_batch(ids: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator):
-    """Random contiguous windows: x [B, T] and y = x shifted by one, both int32."""
-    ix = batch_indices(len(ids), block_size, batch_size, rng)
+def get_batch(ids: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator,
+              rows: slice = slice(None)):
+    """Random contiguous windows: x [B, T] and y = x shifted by one, both int32.
+
+    All B offsets are drawn (so every process agrees on the global batch), but only the
+    windows in `rows` are read: a process of a multi-process run loads just its own rows.
+    """
+    ix = batch_indices(len(ids), block_size, batch_size, rng)[rows]
     window = np.stack([np.asarray(ids[i:i + block_size + 1]) for i in ix]).astype(np.int32)
     return window[:, :-1], window[:, 1:]
 

@@ -34,13 +34,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig):
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig,
+                    state_shardings=None):
     """`train_step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
     state = {"params", "opt_state", "step"}. batch = (x, y), each int32 [K, grad_accum, B/accum, T]:
     K optimizer steps run inside one compiled `lax.scan`, so the host dispatches once per K
     steps (on a 2-core CPU this is ~30% faster for the baby model than one call per step).
     Gradients of the micro-batches are averaged in an inner scan. metrics have a leading [K].
+    `state_shardings` pins the output state to the input's layout (replicated or FSDP).
     """
     schedule = lr_schedule(cfg)
     base_key = jax.random.key(cfg.seed)
@@ -72,7 +74,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
     def train_step(state, batch):
         return jax.lax.scan(one_step, state, batch)
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def make_eval_fn(graphdef):
@@ -87,7 +90,8 @@ def make_eval_fn(graphdef):
 
 
 # ---- the run --------------------------------------------------------------------------------
-IGNORED_ON_RESUME = ("resume", "progress", "log_interval", "eval_interval", "eval_iters",
+IGNORED_ON_RESUME = ("resume", "progress", "log_interval", "eval_interval", "eval_iters", "mesh",
+                     "coordinator", "num_processes", "process_id", "init_timeout",
                      "sample_tokens", "ckpt_interval", "keep_checkpoints")
 
 
@@ -215,7 +219,11 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     _check_writable(out)
     cfg.model_config(vocab_size=1)  # preset / shape errors surface here
     resume_step, resume_meta = _resume_check(cfg) if cfg.resume else (0, None)
-    mesh = parallel.make_mesh()
+    parallel.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.init_timeout)
+    mesh = parallel.make_mesh(cfg.mesh)
+    main_process = parallel.is_main()  # only process 0 logs and writes run files
+    if not main_process:
+        log = lambda msg: None  # noqa: E731
     parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     init_params, tok = None, None
     if cfg.resume:  # the saved run fixes the model shape and the tokenizer
@@ -230,18 +238,23 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     if not cfg.resume and not cfg.init_from:  # from scratch: the vocabulary comes from the data
         model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
 
-    # 2. model, optimizer, state on the mesh (params replicated)
+    # 2. model, optimizer, state on the mesh (replicated, or split over `fsdp`)
     model = GPT(model_cfg, rngs=nnx.Rngs(cfg.seed))
     graphdef, params = nnx.split(model)
     if init_params is not None:  # fine-tuning: start from the loaded weights
         params = jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype), params, init_params)
     tx = make_optimizer(cfg)
     rep = parallel.replicated(mesh)
-    state = jax.device_put({"params": params, "opt_state": tx.init(params),
-                            "step": jnp.array(0, jnp.int32)}, rep)
+    shardings = {"params": parallel.state_shardings(mesh, params),
+                 "opt_state": parallel.state_shardings(mesh, jax.eval_shape(tx.init, params)),
+                 "step": rep}
+    params = parallel.put_global(params, shardings["params"])  # same seed => same init everywhere
+    state = {"params": params,
+             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+             "step": jax.device_put(jnp.array(0, jnp.int32), rep)}
     del model, params
     n_params = count_params(state["params"])
-    if cfg.resume:
+    if cfg.resume:  # every process restores its own shards
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 state)
         step, p, o, _ = checkpoint.restore(cfg.out, abstract["params"], abstract["opt_state"],
@@ -253,26 +266,35 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "tokenizer": tok.to_dict(), "data_seed": cfg.seed, "n_params": n_params}
-    _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
     metrics_path = out / "metrics.jsonl"
     rows = []
     if cfg.resume and metrics_path.exists():
         rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
         rows = [r for r in rows if r["step"] <= start]
-    _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    if main_process:
+        _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
+        _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     mngr = checkpoint.manager(cfg.out, keep=cfg.keep_checkpoints)
 
-    train_step = make_train_step(graphdef, tx, cfg)
+    train_step = make_train_step(graphdef, tx, cfg, shardings)
     eval_loss = make_eval_fn(graphdef)
+    # this process's rows of every global batch [steps, accum, B/accum, T] and eval batch [N, B, T]
+    B, A = cfg.batch_size, cfg.grad_accum
+    mine = parallel.local_rows(parallel.batch_sharding(mesh, 4, 2), (1, A, B // A, block), 2)
+    train_rows = np.arange(B).reshape(A, B // A)[:, mine].ravel()
+    eval_rows = parallel.local_rows(parallel.batch_sharding(mesh, 3, 1), (1, B, block), 1)
     erng = np.random.default_rng([cfg.seed, EVAL_SEED_OFFSET])
-    ev = [get_batch(data.val, block, cfg.batch_size, erng) for _ in range(cfg.eval_iters)]
-    ev_x = parallel.shard_batch(mesh, np.stack([e[0] for e in ev]), batch_axis=1)
-    ev_y = parallel.shard_batch(mesh, np.stack([e[1] for e in ev]), batch_axis=1)
-    tokens_per_step = cfg.batch_size * block
-    A = cfg.grad_accum
+    ev = [get_batch(data.val, block, B, erng, eval_rows) for _ in range(cfg.eval_iters)]
+    ev_shape = (cfg.eval_iters, B, block)
+    ev_x = parallel.shard_batch(mesh, np.stack([e[0] for e in ev]), 1, global_shape=ev_shape)
+    ev_y = parallel.shard_batch(mesh, np.stack([e[1] for e in ev]), 1, global_shape=ev_shape)
+    tokens_per_step = B * block
+    samples = cfg.sample_tokens if jax.process_count() == 1 else 0  # sampling is single-process
 
     def write_row(row):
         rows.append(row)
+        if not main_process:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -286,7 +308,7 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
         f"{'resuming at step ' + str(start) if cfg.resume else 'fine-tuning ' + cfg.init_from if cfg.init_from else 'from scratch'}")
 
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=start, disable=not cfg.progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_iters, initial=start, disable=not (cfg.progress and main_process), dynamic_ncols=True,
                unit="it", file=sys.stderr)
     K = cfg.steps_per_call
     every = (cfg.log_interval, cfg.eval_interval, cfg.ckpt_interval, K)
@@ -299,39 +321,41 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
             while True:
                 # evaluate (val loss + a sample) at step 0, every eval_interval and at the end
                 if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                    last_val = float(eval_loss(state["params"], ev_x, ev_y))
+                    last_val = float(parallel.to_host(eval_loss(state["params"], ev_x, ev_y)))
                     row = {"step": step, "val_loss": last_val, "lr": float(lr_schedule(cfg)(step))}
                     if step > start:
                         row["train_loss"] = last_loss
                     write_row(row)
                     log(f"step {step}: val loss {last_val:.4f}" + (
                         f", train loss {last_loss:.4f}" if step > start else ""))
-                    if cfg.sample_tokens and step > start:
+                    if samples and step > start:
                         text = sample_text(nnx.merge(graphdef, state["params"]), tok,
-                                           cfg.sample_tokens, cfg.seed)
+                                           samples, cfg.seed)
                         log("  sample: " + text.replace("\n", "\n          ")[:800])
                 if step > start and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
                     save(step)
                     last_good = step
                 if step >= cfg.max_iters:
                     break
-                if stop.signum is not None:
+                if parallel.any_process(stop.signum is not None):  # all processes stop together
                     if last_good != step:
                         save(step)
-                    stopped_by = signal.Signals(stop.signum).name
+                    stopped_by = signal.Signals(stop.signum or signal.SIGTERM).name
                     log(f"{stopped_by}: saved checkpoint at step {step} in {out}; "
                               f"continue with the same command plus --resume")
                     break
                 # n optimizer steps in one call, up to the next log/eval/checkpoint/K boundary
                 n = min([cfg.max_iters - step] + [e - step % e for e in every])
-                xs, ys = zip(*(get_batch(data.train, block, cfg.batch_size, step_rng(cfg.seed, s))
+                xs, ys = zip(*(get_batch(data.train, block, B, step_rng(cfg.seed, s), train_rows)
                                for s in range(step, step + n)))
-                x = parallel.shard_batch(mesh, np.stack(xs).reshape(n, A, -1, block), batch_axis=2)
-                y = parallel.shard_batch(mesh, np.stack(ys).reshape(n, A, -1, block), batch_axis=2)
+                gshape = (n, A, B // A, block)
+                x = parallel.shard_batch(mesh, np.stack(xs).reshape(n, A, -1, block), 2, gshape)
+                y = parallel.shard_batch(mesh, np.stack(ys).reshape(n, A, -1, block), 2, gshape)
                 t0 = time.perf_counter()
                 state, m = train_step(state, (x, y))
-                losses = np.asarray(m["loss"])  # syncs: the step is done, its loss checked
-                if compile_s is None and n == K:
+                m = {k: parallel.to_host(v) for k, v in m.items()}
+                losses = m["loss"]  # syncs: the step is done, its loss checked
+                if compile_s is None:  # the first call includes compilation
                     compile_s = time.perf_counter() - t0
                 else:
                     t_run += time.perf_counter() - t0
@@ -355,10 +379,11 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
         finally:
             bar.close()
 
-    plot_losses(rows, out / "loss.png")
+    if main_process:
+        plot_losses(rows, out / "loss.png")
     summary = {"step": step, "val_loss": last_val, "train_loss": last_loss, "params": n_params,
                "compile_s": compile_s, "stopped_by": stopped_by,
-               "ms_per_iter": 1000 * t_run / max(steps_since, 1)}
+               "ms_per_iter": 1000 * t_run / max(steps_since, 1), "state": state}
     return summary
 
 
@@ -390,6 +415,13 @@ HELP = {
     "seed": "seed of the initialisation, the data order and dropout",
     "steps_per_call": "optimizer steps fused into one jitted call (fewer host round trips; "
                       "logs, evals and checkpoints still land on their exact steps)",
+    "mesh": "device mesh, e.g. data=2,fsdp=2 (fsdp shards params and optimizer state; "
+            "default: all devices on data)",
+    "coordinator": "HOST:PORT of process 0 for a multi-process run (jax.distributed), or auto to "
+                   "detect a TPU pod / SLURM job",
+    "num_processes": "number of processes of a multi-process run",
+    "process_id": "index of this process (0 = the one that writes logs)",
+    "init_timeout": "seconds to wait for the coordinator before giving up",
     "eval_interval": "evaluate the val loss (and print a sample) every N steps",
     "eval_iters": "number of fixed val batches per evaluation",
     "log_interval": "write a metrics row every N steps",
@@ -437,12 +469,14 @@ def main(argv=None) -> int:
         return 2
     if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
+    if not parallel.is_main():
+        return 0
     print(f"done: {summary['step']} steps, val loss {summary['val_loss']:.4f}, "
           f"{summary['ms_per_iter']:.1f} ms/iter, compile {summary['compile_s'] or 0:.1f} s, "
           f"outputs in {cfg.out}/", file=sys.stderr)
-    if cfg.sample_tokens:
-        checkpoint_model = checkpoint.load_model(cfg.out)
-        print(sample_text(checkpoint_model[0], checkpoint_model[1], max(cfg.sample_tokens, 500), cfg.seed))
+    if cfg.sample_tokens and jax.process_count() == 1:
+        model, tok, _ = checkpoint.load_model(cfg.out)  # the final sample, from the saved checkpoint
+        print(sample_text(model, tok, max(cfg.sample_tokens, 500), cfg.seed))
     return 0
 
 
