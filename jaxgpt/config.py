@@ -140,7 +140,7 @@ class TrainConfig:
     init_timeout: int = 60  # seconds to wait for the coordinator
     # evaluation, logging, checkpoints
     eval_interval: int = 250
-    eval_iters: int = 100
+    eval_iters: int = 50  # nanoGPT's CPU recipe uses 20
     log_interval: int = 10
     sample_tokens: int = 200  # length of the text sample printed at each evaluation (0: none)
     out: str = "out"

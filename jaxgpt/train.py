@@ -210,7 +210,11 @@ def _log_stderr(msg: str) -> None:
 
 
 def train(cfg: TrainConfig, log=_log_stderr) -> dict:
-    """Train a GPT as `cfg` says; returns a summary dict. Raises ConfigError on bad input.
+    """Train a GPT as `cfg` says. Raises ConfigError on bad input.
+
+    Returns a summary: step, val_loss, train_loss, params (count), compile_s, ms_per_iter,
+    stopped_by (a signal name or None), state (params + optimizer state), and the trained
+    `model` and its `tokenizer`, ready to sample from in a notebook.
 
     `log(str)` receives the run's messages (evals, samples, interruptions); default: stderr.
     """
@@ -383,7 +387,8 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
         plot_losses(rows, out / "loss.png")
     summary = {"step": step, "val_loss": last_val, "train_loss": last_loss, "params": n_params,
                "compile_s": compile_s, "stopped_by": stopped_by,
-               "ms_per_iter": 1000 * t_run / max(steps_since, 1), "state": state}
+               "ms_per_iter": 1000 * t_run / max(steps_since, 1), "state": state,
+               "model": nnx.merge(graphdef, state["params"]), "tokenizer": tok}
     return summary
 
 
@@ -475,8 +480,8 @@ def main(argv=None) -> int:
           f"{summary['ms_per_iter']:.1f} ms/iter, compile {summary['compile_s'] or 0:.1f} s, "
           f"outputs in {cfg.out}/", file=sys.stderr)
     if cfg.sample_tokens and jax.process_count() == 1:
-        model, tok, _ = checkpoint.load_model(cfg.out)  # the final sample, from the saved checkpoint
-        print(sample_text(model, tok, max(cfg.sample_tokens, 500), cfg.seed))
+        # the final sample: same length as the in-training ones, so it reuses their compilation
+        print(sample_text(summary["model"], summary["tokenizer"], cfg.sample_tokens, cfg.seed + 1))
     return 0
 
 
