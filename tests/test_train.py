@@ -203,6 +203,19 @@ def test_nan_loss_stops_with_a_message(capsys, corpus, tmp_path):
     assert code == 2 and "loss became nan" in err.splitlines()[-1]
 
 
+def test_default_recipe_shortened(tmp_path):
+    """`python -m jaxgpt.train` with its defaults (baby model, shipped Tiny Shakespeare), cut to
+    150 of its 2000 steps: it learns, ends with a sample, and writes its outputs."""
+    out = tmp_path / "out"
+    p = run_cli("jaxgpt.train", "--out", out, "--max-iters", "150", "--eval-interval", "150",
+                "--no-progress")
+    assert p.returncode == 0, p.stderr
+    r = rows(out)
+    assert r[0]["val_loss"] > 4.0 and r[-1]["val_loss"] < 2.6  # from ln(65) ~ 4.17 to < 2.6
+    assert len(p.stdout.strip()) > 50  # the closing sample, on stdout
+    assert json.loads((out / "config.json").read_text())["model_config"]["n_layer"] == 4
+
+
 def test_help_explains_every_flag():
     import dataclasses
     p = run_cli("jaxgpt.train", "--help")
