@@ -6,6 +6,8 @@
     lm.generate("Hello, I'm", 20, temperature=0)   -> prompt + continuation
     lm.logits([[15496, 11]])              -> float32 [1, 2, vocab]
     lm.save("out2"); lm.to_hf("hf_out")
+    lm.quantize().save("out_int8")        # int8 weights (inference only); load it back with
+    jaxgpt.load("out_int8", allow_int8=True)   # (the default refuses, as fine-tuning needs floats)
 """
 
 from __future__ import annotations
@@ -84,22 +86,47 @@ class LoadedModel:
             new = new[:new.index(eot)]
         return self.tokenizer.decode(ids.tolist() + new)
 
+    @property
+    def is_int8(self) -> bool:
+        return self.config.quant is not None
+
+    def quantize(self, embedding: bool = True) -> "LoadedModel":
+        """An int8 copy (jaxgpt.quant): per-channel int8 matmul kernels and, unless
+        `embedding=False`, an int8 tied embedding. ConfigError if already quantized."""
+        from jaxgpt.quant import quant_meta, quantize_model
+
+        qmodel = quantize_model(self.model, embedding=embedding)
+        meta = {**self.meta, "model_config": qmodel.config.to_dict(), "quant": quant_meta(qmodel.config)}
+        return LoadedModel(qmodel, self.tokenizer, meta)
+
     def save(self, out: str | Path, force: bool = False) -> Path:
         """Write a jaxgpt checkpoint folder (weights + meta, no optimizer state)."""
         tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
         extra = {k: v for k, v in self.meta.items() if k not in ("model_config", "tokenizer", "train_config")}
+        extra.pop("quant", None)
+        if self.is_int8:
+            from jaxgpt.quant import quant_meta
+
+            extra["quant"] = quant_meta(self.config)
         return checkpoint.save_model(out, self.model, tok, extra, force=force)
 
     def to_hf(self, out: str | Path, force: bool = False) -> Path:
         """Write a Hugging Face folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+        if self.is_int8:
+            raise ConfigError("an int8-quantized model cannot be exported to Hugging Face; "
+                              "export the float32 model it was quantized from")
         tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
         from jaxgpt.convert import save_hf
 
         return save_hf(self.model, out, tok, force=force)
 
 
-def load(path: str | Path, step: int | None = None) -> LoadedModel:
-    """Load a jaxgpt run/checkpoint dir, an HF GPT-2 folder, a nanoGPT ckpt.pt, or a hub name."""
+def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False) -> LoadedModel:
+    """Load a jaxgpt run/checkpoint dir, an HF GPT-2 folder, a nanoGPT ckpt.pt, or a hub name.
+
+    An int8-quantized jaxgpt checkpoint (jaxgpt.quant) is inference-only: it is refused with a
+    ConfigError unless `allow_int8` (sample and eval pass it; fine-tuning must not).
+    """
     from jaxgpt import convert
 
     p = Path(path).expanduser()
@@ -110,6 +137,10 @@ def load(path: str | Path, step: int | None = None) -> LoadedModel:
     if p.is_dir():
         run, step = _jaxgpt_run(p, step)
         if run is not None:
+            _, meta = checkpoint.read_meta(run, step)
+            if meta["model_config"].get("quant") and not allow_int8:
+                raise ConfigError(f"{path} is an int8-quantized checkpoint, usable only for inference "
+                                  "(sample, eval); fine-tune the float32 checkpoint it was made from")
             model, tok, meta = checkpoint.load_model(run, step)
             return LoadedModel(model, tok, {**meta, "source": meta.get("source", str(run))})
         if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
@@ -121,6 +152,15 @@ def load(path: str | Path, step: int | None = None) -> LoadedModel:
     if HUB_NAME.match(str(path)) and not str(path).startswith("."):
         return LoadedModel(*_as_meta(convert.read_hf_folder(_download(str(path)))))
     raise ConfigError(f"{path}: no such file or folder")
+
+
+def load_for_inference(path: str | Path, int8: bool = False) -> LoadedModel:
+    """`load` for sample/eval: int8 checkpoints are accepted; `int8` quantizes a float model on
+    load (and is refused, as a ConfigError, for a checkpoint that is int8 already)."""
+    lm = load(path, allow_int8=True)
+    if int8 and lm.is_int8:
+        raise ConfigError(f"--int8: {path} is already int8-quantized; drop the flag")
+    return lm.quantize() if int8 else lm
 
 
 def _as_meta(loaded):

@@ -25,6 +25,8 @@ class GPTConfig:
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # compute dtype of activations/matmuls; params always stay float32
+    quant: str | None = None  # "int8": matmul kernels stored int8 + per-channel scales (inference)
+    quant_embedding: bool = True  # with quant: the tied embedding wte is int8 too (per-row scales)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -38,6 +40,8 @@ class GPTConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quant not in (None, "int8"):
+            raise ConfigError(f"quant must be None or 'int8', got {self.quant!r}")
 
     @property
     def head_dim(self) -> int:

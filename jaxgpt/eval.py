@@ -112,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "context length of history); default: non-overlapping windows")
     p.add_argument("--batch-size", type=int, default=None, help="windows per compiled call")
     p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"}')
+    p.add_argument("--int8", action="store_true",
+                   help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
+                        "load as they are, without this flag")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.api import load
+    from jaxgpt.api import load_for_inference
 
     try:
         path = Path(args.text)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         check_stride(args.stride, sys.maxsize)  # < 1 fails before the (slow) load
-        lm = load(args.ckpt)
+        lm = load_for_inference(args.ckpt, args.int8)
         check_stride(args.stride, lm.config.block_size)
         try:
             text = path.read_text(encoding="utf-8")

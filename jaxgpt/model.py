@@ -7,6 +7,10 @@ token embedding (tied head). Parameter names follow GPT-2/HF (`wte`, `h.0.attn.c
 Between blocks the activations are kept 2-D, `[B*T, C]`: on CPU this avoids XLA fusing the
 GELU backward with a transpose (measured ~30% faster on the baby model); attention reshapes
 to `[B, H, T, D]` internally.
+
+With `config.quant == "int8"` the Linear layers (and, unless `quant_embedding` is off, the tied
+embedding) are `Int8Linear` / `Int8Embed`: int8 weights plus float32 per-output-channel scales,
+dequantized inside the matmul, so no float copy of the model is kept (see jaxgpt/quant.py).
 """
 
 from __future__ import annotations
@@ -47,8 +51,53 @@ def _split(key: jax.Array | None, n: int) -> list:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
-    """A GPT-2 Linear (HF calls it Conv1D): kernel [in, out] ~ N(0, std), zero bias."""
+class Int8Linear(nnx.Module):
+    """y = (x @ W_int8^T) * scale + bias, with W stored int8 [out, in] and scale float32 [out].
+
+    The kernel is kept transposed relative to nnx.Linear ([out, in], one row per output channel):
+    for a single decoded token XLA's CPU matrix-vector product then reads the int8 rows directly,
+    whereas an int8 [in, out] operand is first converted to a float copy (measured ~2x slower).
+    """
+
+    def __init__(self, d_in: int, d_out: int, dtype):
+        self.kernel = nnx.Param(jnp.zeros((d_out, d_in), jnp.int8))  # [out, in]
+        self.scale = nnx.Param(jnp.ones((d_out,), jnp.float32))  # [out]
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32))  # [out]
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)  # [N, in]
+        y = x @ self.kernel[...].astype(self.dtype).T  # [N, out], dequantized inside the dot
+        return y * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+class Int8Embed(nnx.Module):
+    """A token embedding stored int8 [V, C] with one float32 scale per row (per vocabulary entry).
+
+    The row scale serves both uses: the lookup (`emb[id] * scale[id]`) and the tied head
+    (`attend`: logits[v] = (x . emb[v]) * scale[v], a per-output-channel scale).
+    """
+
+    def __init__(self, num: int, features: int, dtype):
+        self.embedding = nnx.Param(jnp.zeros((num, features), jnp.int8))  # [V, C]
+        self.scale = nnx.Param(jnp.ones((num,), jnp.float32))  # [V]
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        rows = self.embedding[...][ids].astype(self.dtype)  # [..., C]
+        return rows * self.scale[...][ids][..., None].astype(self.dtype)
+
+    def attend(self, x):
+        x = x.astype(self.dtype)  # [N, C]
+        return (x @ self.embedding[...].astype(self.dtype).T) * self.scale[...].astype(self.dtype)
+
+
+def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
+    """A GPT-2 Linear (HF calls it Conv1D): kernel [in, out] ~ N(0, std), zero bias.
+
+    With cfg.quant == "int8" an (unfilled) Int8Linear instead; jaxgpt.quant fills it."""
+    if cfg.quant == "int8":
+        return Int8Linear(d_in, d_out, jnp.dtype(cfg.dtype))
     return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
                       bias_init=nnx.initializers.zeros_init(), dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.float32, rngs=rngs)
@@ -133,8 +182,11 @@ class GPT(nnx.Module):
         self.config = config
         cfg, dtype = config, jnp.dtype(config.dtype)
         embed_init = nnx.initializers.normal(0.02)
-        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)  # token embedding, also the head
+        if cfg.quant == "int8" and cfg.quant_embedding:
+            self.wte = Int8Embed(cfg.vocab_size, cfg.n_embd, dtype)  # int8 rows + row scales
+        else:
+            self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
+                                 param_dtype=jnp.float32, rngs=rngs)  # token embedding, also the head
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)  # learned positions
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
@@ -164,6 +216,12 @@ class GPT(nnx.Module):
         if cache is None:
             return logits
         return logits, {"k": new_k, "v": new_v, "index": index + T}
+
+
+def param_bytes(model_or_state) -> int:
+    """Bytes of all parameters (int8 weights count 1 byte each, float32 4); works on abstract shapes."""
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
 def count_params(model_or_state) -> int:

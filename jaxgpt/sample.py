@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the whole context each step instead of using the KV cache")
     p.add_argument("--json", action="store_true",
                    help='print {"samples": [{"text", "tokens"}]} (tokens = prompt + generated ids)')
+    p.add_argument("--int8", action="store_true",
+                   help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
+                        "load as they are, without this flag")
     return p
 
 
@@ -209,11 +212,11 @@ def sample_cli(lm, args, log=lambda s: print(s, file=sys.stderr)) -> list[dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.api import load  # late: loading pulls in orbax and the converters
+    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax and the converters
 
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-        lm = load(args.ckpt)
+        lm = load_for_inference(args.ckpt, args.int8)
         samples = sample_cli(lm, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
