@@ -51,6 +51,13 @@ def _split(key: jax.Array | None, n: int) -> list:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+def _tie(x, w):
+    """(x, w) unchanged, but w now depends on x for XLA: inside a decode loop the int8 -> float
+    conversion of w would otherwise be hoisted out as loop-invariant, materialising a float copy
+    of every weight (4x the memory, and the loop then reads float32 weights)."""
+    return jax.lax.optimization_barrier((x, w))
+
+
 class Int8Linear(nnx.Module):
     """y = (x @ W_int8^T) * scale + bias, with W stored int8 [out, in] and scale float32 [out].
 
@@ -66,8 +73,8 @@ class Int8Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        x = x.astype(self.dtype)  # [N, in]
-        y = x @ self.kernel[...].astype(self.dtype).T  # [N, out], dequantized inside the dot
+        x, kernel = _tie(x.astype(self.dtype), self.kernel[...])  # [N, in], [out, in] int8
+        y = x @ kernel.astype(self.dtype).T  # [N, out], dequantized inside the dot
         return y * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
@@ -88,8 +95,8 @@ class Int8Embed(nnx.Module):
         return rows * self.scale[...][ids][..., None].astype(self.dtype)
 
     def attend(self, x):
-        x = x.astype(self.dtype)  # [N, C]
-        return (x @ self.embedding[...].astype(self.dtype).T) * self.scale[...].astype(self.dtype)
+        x, table = _tie(x.astype(self.dtype), self.embedding[...])  # [N, C], [V, C] int8
+        return (x @ table.astype(self.dtype).T) * self.scale[...].astype(self.dtype)  # [N, V]
 
 
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
