@@ -141,6 +141,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _resume_check(cfg: TrainConfig) -> tuple[int, dict]:
     """The saved (step, meta) to resume from; refuses a config that disagrees with the saved one."""
     step, meta = checkpoint.read_meta(cfg.out)
+    if meta.get("quant"):
+        raise ConfigError(f"{cfg.out} is an int8-quantized model: it cannot be trained further "
+                          f"(fine-tune the float model, then quantize)")
+    if "train_config" not in meta:
+        raise ConfigError(f"{cfg.out} holds weights only (a converted model), not a training run "
+                          f"to resume; start a new run with --init-from {cfg.out}")
     saved, now = meta["train_config"], cfg.to_dict()
     diff = [k for k in now if k not in IGNORED_ON_RESUME and saved.get(k) != now[k]]
     if diff:

@@ -193,6 +193,13 @@ def test_bad_resumes(capsys, corpus, tmp_path):
         if f.is_file():
             f.write_bytes(b"\x00garbage")
     _bad(capsys, args + ["--resume"], out, "corrupt")
+    # a weights-only folder (converted model) is not a run to resume
+    from jaxgpt import GPT, GPTConfig
+    from jaxgpt.checkpoint import save_model
+    weights = tmp_path / "weights"
+    save_model(weights, GPT(GPTConfig(vocab_size=59, block_size=32, n_layer=1, n_head=2, n_embd=8)),
+               {"type": "gpt2"})
+    _bad(capsys, ["--data", str(corpus), "--out", str(weights), "--resume"], weights, "weights only")
 
 
 def test_nan_loss_stops_with_a_message(capsys, corpus, tmp_path):
