@@ -38,7 +38,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so readers see the old content or the whole new one, never a part."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
     with open(tmp, "wb") as f:
         f.write(data)
@@ -113,12 +114,12 @@ def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_
     n_train = int(len(ids) * (1 - val_frac))
     _check_long_enough(n_train, len(ids) - n_train, block_size, data_path)
     cache.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(cache / "train.bin", ids[:n_train].tobytes())
-    _atomic_write_bytes(cache / "val.bin", ids[n_train:].tobytes())
+    atomic_write(cache / "train.bin", ids[:n_train].tobytes())
+    atomic_write(cache / "val.bin", ids[n_train:].tobytes())
     meta = {"source": str(src.resolve()), "source_sha256": digest, "tokenizer": tok.to_dict(),
             "dtype": ids.dtype.name, "vocab_size": tok.vocab_size, "val_frac": val_frac,
             "train_tokens": n_train, "val_tokens": len(ids) - n_train}
-    _atomic_write_bytes(meta_path, json.dumps(meta).encode())  # written last: marks the cache valid
+    atomic_write(meta_path, json.dumps(meta).encode())  # written last: marks the cache valid
     return Dataset(np.memmap(cache / "train.bin", dtype=ids.dtype, mode="r"),
                    np.memmap(cache / "val.bin", dtype=ids.dtype, mode="r"), tok)
 

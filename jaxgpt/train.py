@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from flax import nnx
 
 from jaxgpt import checkpoint, parallel
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
-from jaxgpt.data import get_batch, prepare, step_rng
+from jaxgpt.data import atomic_write, get_batch, prepare, step_rng
 from jaxgpt.model import GPT, count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.sample import generate
@@ -132,12 +133,6 @@ def _init_from(cfg: TrainConfig):
     return model_cfg, lm.tokenizer, params
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _resume_check(cfg: TrainConfig) -> tuple[int, dict]:
     """The saved (step, meta) to resume from; refuses a config that disagrees with the saved one."""
     step, meta = checkpoint.read_meta(cfg.out)
@@ -204,10 +199,10 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, png.getvalue())
 
 
 def _log_stderr(msg: str) -> None:
@@ -227,7 +222,7 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     out = Path(cfg.out)
     # 1. validate everything that can be validated before writing a byte
     _check_writable(out)
-    cfg.model_config(vocab_size=1)  # preset / shape errors surface here
+    shape_cfg = cfg.model_config(vocab_size=1)  # preset / shape errors surface here
     resume_step, resume_meta = _resume_check(cfg) if cfg.resume else (0, None)
     parallel.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.init_timeout)
     mesh = parallel.make_mesh(cfg.mesh)
@@ -241,7 +236,7 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
         tok = tokenizer_from_dict(resume_meta["tokenizer"])
     elif cfg.init_from:
         model_cfg, tok, init_params = _init_from(cfg)
-    block = model_cfg.block_size if tok is not None else cfg.model_config(vocab_size=1).block_size
+    block = model_cfg.block_size if tok is not None else shape_cfg.block_size
     data = prepare(cfg.data, cfg.tokenizer, out / "data", block_size=block, progress=cfg.progress,
                    tok=tok)
     tok = data.tokenizer
@@ -282,8 +277,8 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
         rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
         rows = [r for r in rows if r["step"] <= start]
     if main_process:
-        _atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
-        _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(out / "config.json", json.dumps(meta, indent=2).encode())
+        atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     mngr = checkpoint.manager(cfg.out, keep=cfg.keep_checkpoints)
 
     train_step = make_train_step(graphdef, tx, cfg, shardings)
