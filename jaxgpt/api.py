@@ -3,6 +3,7 @@
     lm = jaxgpt.load("gpt2")              # hub name (downloaded once, then from the HF cache)
     lm = jaxgpt.load("out")               # a jaxgpt run dir (newest checkpoint) or checkpoints/<step>
     lm = jaxgpt.load("hf_folder")         # config.json + model.safetensors / pytorch_model.bin
+    lm = jaxgpt.load("lora_out")          # a LoRA adapter (jaxgpt.sft): its base, adapter merged
     lm.generate("Hello, I'm", 20, temperature=0)   -> prompt + continuation
     lm.logits([[15496, 11]])              -> float32 [1, 2, vocab]
     lm.save("out2"); lm.to_hf("hf_out")
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint
+from jaxgpt import checkpoint, lora
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model import GPT
 from jaxgpt.tokenizer import tokenizer_from_dict
@@ -134,6 +135,8 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
         if p.suffix in (".pt", ".pth", ".ckpt"):
             return LoadedModel(*_as_meta(convert.read_nanogpt(p)))
         raise ConfigError(f"{p}: expected a folder (jaxgpt run or Hugging Face model) or a nanoGPT ckpt.pt")
+    if p.is_dir() and lora.is_adapter(p):
+        return _load_adapter(p)
     if p.is_dir():
         run, step = _jaxgpt_run(p, step)
         if run is not None:
@@ -152,6 +155,16 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
     if HUB_NAME.match(str(path)) and not str(path).startswith("."):
         return LoadedModel(*_as_meta(convert.read_hf_folder(_download(str(path)))))
     raise ConfigError(f"{path}: no such file or folder")
+
+
+def _load_adapter(p: Path) -> LoadedModel:
+    """A LoRA adapter folder (jaxgpt.sft --lora-rank): its base with the adapter merged in."""
+    meta = lora.read_adapter_meta(p)
+    base = load(meta["base"])
+    lora.load_adapter(p, base.model)
+    extra = {k: meta[k] for k in ("template", "sft") if k in meta}
+    return LoadedModel(lora.merge(base.model), base.tokenizer,
+                       {**base.meta, **extra, "source": f"{p} (LoRA) on {meta['base']}"})
 
 
 def load_for_inference(path: str | Path, int8: bool = False) -> LoadedModel:

@@ -184,3 +184,23 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def add_dataclass_flags(parser, cls, helps: dict[str, str], positional: tuple[str, ...] = ()) -> None:
+    """One CLI flag per field of dataclass `cls`: --field-name, typed and defaulted from the field;
+    bools become --x/--no-x; names in `positional` become optional positional arguments."""
+    import argparse
+
+    defaults = cls()
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        typ = types.get(str(f.type).split(" |")[0], str)
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="?", type=typ, default=default, help=helps[f.name])
+        elif f.type in ("bool", bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=default, help=helps[f.name])
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=typ, default=default,
+                                help=helps[f.name], metavar=f.name.upper())

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from jaxgpt import checkpoint, parallel
-from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
+from jaxgpt.config import ConfigError, GPTConfig, TrainConfig, add_dataclass_flags
 from jaxgpt.data import atomic_write, get_batch, prepare, step_rng
 from jaxgpt.model import GPT, count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
@@ -447,17 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GPT from scratch. With no flags: the baby model, char-level, on Tiny "
                     "Shakespeare (nanoGPT's CPU recipe), writing to out/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
-            continue
-        typ = {"int": int, "float": float, "str": str}
-        base = str(f.type).split(" |")[0]
-        p.add_argument(flag, type=typ.get(base, str), default=default, help=HELP[f.name],
-                       metavar=f.name.upper())
+    add_dataclass_flags(p, TrainConfig, HELP)
     return p
 
 

@@ -28,4 +28,5 @@ def run_cli(module: str, *args, env=None, timeout=600, **kw) -> subprocess.Compl
     """Run `python -m module args...` in a fresh interpreter; returns the completed process."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
+                          text=True, env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO),
+                          input=kw.get("input"))

@@ -1,0 +1,167 @@
+"""LoRA: low-rank adapters on chosen Linear layers, frozen base weights, save/load/merge of adapters.
+
+    y = x @ W + b + (alpha / r) * (x @ A) @ B        A: [in, r] ~ N(0, 1/in), B: [r, out] = 0
+
+so before training the adapted model computes exactly what the base does. A and B are
+`nnx.LoRAParam`s: the optimizer is built with `wrt=nnx.LoRAParam` and holds state for them only,
+while every base `nnx.Param` stays bit-identical. `merge` folds (alpha/r) * A @ B into W and
+gives back a plain GPT, with the same parameter tree as the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxgpt import checkpoint
+from jaxgpt.config import ConfigError
+
+ADAPTER_META = "adapter.json"
+ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+
+
+class LoRALinear(nnx.Module):
+    """A frozen nnx.Linear plus a trainable low-rank update (alpha / rank) * A @ B."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+        d_in, d_out = base.kernel.shape
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.lora_a = nnx.LoRAParam(jax.random.normal(rngs.params(), (d_in, rank)) / np.sqrt(d_in))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out)))  # zero: starts as the base model
+
+    def __call__(self, x):  # x: [N, in]
+        delta = (x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)  # [N, out]
+        return self.base(x) + (self.alpha / self.rank) * delta
+
+    def merged_kernel(self) -> jax.Array:
+        """W + (alpha / r) * A @ B, float32 [in, out]."""
+        return self.base.kernel[...] + (self.alpha / self.rank) * (self.lora_a[...] @ self.lora_b[...])
+
+
+def _linears(model) -> list[tuple[str, nnx.Module, str]]:
+    """(dotted path, parent module, attribute) of every Linear (plain or LoRA) in the model."""
+    found = []
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and not isinstance(module, LoRALinear):
+            for name, child in vars(module).items():
+                if isinstance(child, (nnx.Linear, LoRALinear)):
+                    prefix = ".".join(map(str, path))
+                    found.append((f"{prefix}.{name}" if prefix else name, module, name))
+    return sorted(set(found), key=lambda t: t[0])
+
+
+def parse_targets(spec: str | list[str]) -> list[str]:
+    targets = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not targets:
+        raise ConfigError("--lora-targets is empty; name layers such as c_attn,c_proj,c_fc")
+    return targets
+
+
+def matches(path: str, target: str) -> bool:
+    """`c_proj` matches h.3.attn.c_proj and h.3.mlp.c_proj; `attn.c_proj` only the first."""
+    return path == target or path.endswith("." + target)
+
+
+def apply_lora(model, rank: int, alpha: float, targets, seed: int = 0) -> list[str]:
+    """Replace every Linear whose path matches a target by a LoRALinear, in place.
+
+    Returns the adapted paths. ConfigError for a bad rank or a target that matches nothing.
+    """
+    targets = parse_targets(targets)
+    if model.config.quant:
+        raise ConfigError("LoRA needs float weights; this model is int8-quantized")
+    if rank < 1:
+        raise ConfigError(f"--lora-rank must be >= 1, got {rank}")
+    linears = _linears(model)
+    for t in targets:
+        if not any(matches(p, t) for p, _, _ in linears):
+            names = sorted({p.split(".", 2)[-1] for p, _, _ in linears})
+            raise ConfigError(f"LoRA target {t!r} matches no layer; layers are: {', '.join(names)}")
+    rngs = nnx.Rngs(params=seed)
+    adapted = []
+    for path, parent, attr in linears:
+        if not any(matches(path, t) for t in targets):
+            continue
+        base = getattr(parent, attr)
+        d_in, d_out = base.kernel.shape
+        if rank > min(d_in, d_out):
+            raise ConfigError(f"--lora-rank {rank} is larger than layer {path} allows "
+                              f"(min(in, out) = {min(d_in, d_out)})")
+        setattr(parent, attr, LoRALinear(base, rank, alpha, rngs=rngs))
+        adapted.append(path)
+    return adapted
+
+
+def merge(model):
+    """A plain GPT (no LoRA modules) with every adapter folded into its base kernel. The input
+    model is left unchanged."""
+    model = nnx.clone(model)
+    for _, parent, attr in _linears(model):
+        layer = getattr(parent, attr)
+        if isinstance(layer, LoRALinear):
+            layer.base.kernel[...] = layer.merged_kernel()
+            setattr(parent, attr, layer.base)
+    return model
+
+
+def count(model) -> tuple[int, int]:
+    """(trainable LoRA params, all params including the frozen base)."""
+    lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return lora, total
+
+
+# ---- adapter files -----------------------------------------------------------------------------
+def save_adapter(out: str | Path, model, meta: dict, force: bool = False) -> Path:
+    """Write only the LoRA params (A, B) and `meta` (base, rank, alpha, targets, ...) to `out`."""
+    state = nnx.state(model, nnx.LoRAParam)
+    with checkpoint.atomic_dir(out, force) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "lora", state)
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    return Path(out)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_META).is_file()
+
+
+def read_adapter_meta(path: str | Path) -> dict:
+    try:
+        meta = json.loads((Path(path) / ADAPTER_META).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable LoRA adapter ({e})") from None
+    for k in ("base", "rank", "alpha", "targets", "model_config"):
+        if k not in meta:
+            raise ConfigError(f"{path}/{ADAPTER_META}: missing {k!r}")
+    return meta
+
+
+def load_adapter(path: str | Path, base_model) -> None:
+    """Add the adapter at `path` to `base_model` in place (apply_lora + restore A, B).
+
+    ConfigError if the base has another shape than the one the adapter was trained on."""
+    meta = read_adapter_meta(path)
+    want, have = meta["model_config"], base_model.config.to_dict()
+    keys = ("vocab_size", "n_layer", "n_head", "n_embd")
+    if any(want[k] != have[k] for k in keys):
+        shape = lambda d: " ".join(f"{k}={d[k]}" for k in keys)
+        raise ConfigError(f"adapter {path} was trained on a base with {shape(want)}, "
+                          f"but this base has {shape(have)}")
+    apply_lora(base_model, meta["rank"], meta["alpha"], meta["targets"])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            nnx.state(base_model, nnx.LoRAParam))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(Path(path).resolve() / "lora", abstract)
+    except Exception as e:
+        raise ConfigError(f"adapter {path} is corrupt or does not match: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    nnx.update(base_model, restored)

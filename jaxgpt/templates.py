@@ -1,0 +1,125 @@
+"""Chat templates: how a conversation becomes the prompt text a model continues (SFT, chat, sample).
+
+Every instruction record is first normalised to a list of messages, `[{"role", "content"}]`
+(roles: system, user, assistant), ending with the assistant reply that SFT trains on. A template
+renders everything *before* that reply as the prompt; the reply follows it directly and is
+closed by `<|endoftext|>`, the stop token, which the tokenizer adds as its own id.
+
+  alpaca  the Alpaca / "LLMs from scratch" format (the default, exactly as below)
+  chatml  <|im_start|>role\\n...<|im_end|> blocks (plain text for GPT-2's vocabulary)
+  none    the prompt text as it is (for data that is already formatted)
+
+The template's name is saved with every SFT checkpoint, so `sample`/`chat` reuse it.
+"""
+
+from __future__ import annotations
+
+from jaxgpt.config import ConfigError
+
+ALPACA_HEADER = ("Below is an instruction that describes a task. Write a response that "
+                 "appropriately completes the request.")
+
+Message = dict[str, str]
+
+
+def _alpaca_turn(user: str, user_input: str = "") -> str:
+    """One instruction (plus its optional input) up to and including the response header."""
+    text = f"### Instruction:\n{user}"
+    if user_input:
+        text += f"\n\n### Input:\n{user_input}"
+    return text + "\n\n### Response:\n"
+
+
+def render_alpaca(messages: list[Message]) -> str:
+    """The Alpaca prompt. Earlier turns become Instruction/Response pairs; a system message
+    replaces the standard header line; a user message may carry an "input" (Alpaca's field)."""
+    header = next((m["content"] for m in messages if m["role"] == "system"), ALPACA_HEADER)
+    text = header
+    for m in messages:
+        if m["role"] == "user":
+            text += "\n\n" + _alpaca_turn(m["content"], m.get("input", ""))
+        elif m["role"] == "assistant":
+            text += m["content"]  # a previous reply, right after its "### Response:\n"
+    return text
+
+
+def render_chatml(messages: list[Message]) -> str:
+    """ChatML: each message as <|im_start|>role\\ncontent<|im_end|>\\n, then the assistant header."""
+    text = ""
+    for m in messages:
+        content = m["content"]
+        if m["role"] == "user" and m.get("input"):
+            content += "\n\n" + m["input"]
+        text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+    return text + "<|im_start|>assistant\n"
+
+
+def render_none(messages: list[Message]) -> str:
+    """The user text as it is (plus its input on the next line), earlier turns concatenated."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        parts.append(m["content"] + ("\n" + m["input"] if m.get("input") else ""))
+    return "".join(parts)
+
+
+TEMPLATES = {"alpaca": render_alpaca, "chatml": render_chatml, "none": render_none}
+DEFAULT = "alpaca"
+
+
+def check_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown template {name!r}; choose one of: {', '.join(TEMPLATES)}")
+    return name
+
+
+def render_prompt(name: str, messages: list[Message]) -> str:
+    """The prompt text for `messages` (which must not include the reply to be generated)."""
+    return TEMPLATES[check_template(name)](messages)
+
+
+# ---- records -> messages ---------------------------------------------------------------------
+def _need(record: dict, field: str, where: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        got = "missing" if field not in record else f"a {type(value).__name__}, not a string"
+        raise ConfigError(f"{where}: field {field!r} is {got}")
+    return value
+
+
+def to_messages(record, where: str) -> list[Message]:
+    """Normalise one record (Alpaca, prompt/completion, or chat) to messages ending with the reply.
+
+    `where` names the record in error messages, e.g. "data.json record 17".
+    """
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ConfigError(f"{where}: field 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise ConfigError(f"{where}: messages[{i}] is not an object")
+            role = _need(m, "role", f"{where} messages[{i}]")
+            if role not in ("system", "user", "assistant"):
+                raise ConfigError(f"{where}: messages[{i}] has role {role!r}; "
+                                  "expected system, user or assistant")
+            out.append({"role": role, "content": _need(m, "content", f"{where} messages[{i}]")})
+        if out[-1]["role"] != "assistant":
+            raise ConfigError(f"{where}: the last message must be the assistant's reply")
+        if not any(m["role"] == "user" for m in out):
+            raise ConfigError(f"{where}: no user message")
+        return out
+    if "instruction" in record:
+        user = {"role": "user", "content": _need(record, "instruction", where)}
+        if record.get("input"):
+            user["input"] = _need(record, "input", where)
+        return [user, {"role": "assistant", "content": _need(record, "output", where)}]
+    if "prompt" in record:
+        return [{"role": "user", "content": _need(record, "prompt", where)},
+                {"role": "assistant", "content": _need(record, "completion", where)}]
+    raise ConfigError(f"{where}: unknown record shape (keys {sorted(record)[:6]}); expected "
+                      "instruction/input/output, prompt/completion, or messages")

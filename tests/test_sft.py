@@ -1,0 +1,255 @@
+"""Instruction tuning: templates, loss masking vs transformers, LoRA, the sft/chat CLIs, bad input."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxgpt  # noqa: E402
+from jaxgpt import lora, sft, templates  # noqa: E402
+from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
+from jaxgpt.model import GPT  # noqa: E402
+from jaxgpt.tokenizer import get_tokenizer  # noqa: E402
+
+from conftest import REPO, run_cli  # noqa: E402
+
+torch.set_num_threads(2)
+DATA = REPO / "experiments" / "data" / "instruction-data.json"
+TOK = get_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return json.loads(DATA.read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random-init HF GPT-2 (GPT-2 vocabulary, tiny body, context 256) saved with save_pretrained."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, n_positions=256)).eval()
+    d = tmp_path_factory.mktemp("hf") / "base"
+    hf.save_pretrained(d)
+    return d
+
+
+# ---- templates -----------------------------------------------------------------------------------
+def test_alpaca_template_is_exact():
+    header = ("Below is an instruction that describes a task. Write a response that appropriately "
+              "completes the request.")
+    with_input = templates.to_messages({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "r")
+    assert templates.render_prompt("alpaca", with_input[:-1]) == (
+        header + "\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    no_input = templates.to_messages({"instruction": "Hi.", "input": "", "output": "Hello"}, "r")
+    assert templates.render_prompt("alpaca", no_input[:-1]) == header + "\n\n### Instruction:\nHi.\n\n### Response:\n"
+    # the three record shapes normalise to the same messages
+    assert templates.to_messages({"prompt": "Hi.", "completion": "Hello"}, "r") == no_input
+    chat = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello"}]}
+    assert templates.to_messages(chat, "r") == no_input
+    assert templates.render_prompt("chatml", no_input[:-1]) == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_collate_masks_exactly_the_reply():
+    enc, status = sft.encode(TOK, "alpaca", {"instruction": "Say hi.", "input": "", "output": "Hi there"}, 64)
+    n_reply = len(TOK.encode_ordinary("Hi there")) + 1  # + eot
+    x, y, m = sft.collate([enc], TOK.eot_token, 64)
+    assert status == "" and m.sum() == n_reply
+    assert y[0][m[0] == 1].tolist() == TOK.encode_ordinary("Hi there") + [TOK.eot_token]
+    _, _, m_all = sft.collate([enc], TOK.eot_token, 64, mask_prompt=False)
+    assert m_all.sum() == len(enc.ids) - 1
+    # too long: the prompt loses tokens from the left, the reply survives whole; a reply that
+    # alone does not fit is skipped
+    enc2, status2 = sft.encode(TOK, "alpaca", {"instruction": "word " * 100, "output": "ok"}, 20)
+    assert status2 == "truncated" and len(enc2.ids) == 21 and enc2.ids[-2:] == [TOK.encode_ordinary("ok")[0], TOK.eot_token]
+    assert sft.encode(TOK, "alpaca", {"instruction": "a", "output": "word " * 50}, 20) == (None, "skipped")
+
+
+def test_masked_loss_matches_hf_labels(hf_dir, records):
+    """jaxgpt's masked batch loss == GPT2LMHeadModel's loss with labels -100 on prompt and padding."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    lm = jaxgpt.load(hf_dir)
+    recs = [records[i] for i in (0, 1, 2, 5, 20)]  # unequal lengths, with and without input
+    enc = [sft.encode(TOK, "alpaca", r, 256)[0] for r in recs]
+    lengths = {len(e.ids) for e in enc}
+    assert len(lengths) >= 4  # a padded batch of unequal lengths
+    T = max(lengths)
+    x, y, m = sft.collate(enc, TOK.eot_token, T - 1)
+    ours = float(sft.masked_loss(lm.model(jnp.asarray(x)), jnp.asarray(y), jnp.asarray(m)))
+    # HF: the full sequences, right-padded, labels = ids with -100 on prompt and padding
+    ids = np.full((len(enc), T), TOK.eot_token)
+    labels = np.full((len(enc), T), -100)
+    attn = np.zeros((len(enc), T))
+    for b, e in enumerate(enc):
+        ids[b, :len(e.ids)] = e.ids
+        labels[b, e.n_prompt:len(e.ids)] = e.ids[e.n_prompt:]
+        attn[b, :len(e.ids)] = 1
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids), attention_mask=torch.tensor(attn), labels=torch.tensor(labels)).loss.item()
+    assert abs(ours - theirs) <= 1e-5, (ours, theirs)
+    # and it is the mean over tokens, not a mean of per-example means
+    per_row = [float(sft.masked_loss(lm.model(jnp.asarray(x[b:b + 1])), jnp.asarray(y[b:b + 1]), jnp.asarray(m[b:b + 1])))
+               for b in range(len(enc))]
+    assert abs(np.mean(per_row) - ours) > 1e-4
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+def test_lora_param_count_identity_and_bad_targets():
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
+    model = GPT(cfg)
+    ids = jnp.arange(12)[None]
+    base_logits = model(ids)
+    r = 4
+    adapted = lora.apply_lora(model, r, 8.0, "c_attn,c_fc")
+    assert adapted == ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn", "h.1.mlp.c_fc"]
+    n_lora, _ = lora.count(model)
+    C = cfg.n_embd
+    # A [in, r] and B [r, out]: r * (in + out) per adapted layer
+    assert n_lora == cfg.n_layer * (r * (C + 3 * C) + r * (C + 4 * C))
+    assert jnp.array_equal(model(ids), base_logits)  # B = 0: the adapted model is the base
+    with pytest.raises(ConfigError, match="matches no layer"):
+        lora.apply_lora(GPT(cfg), 4, 8.0, "q_proj")
+    with pytest.raises(ConfigError, match="larger than layer"):
+        lora.apply_lora(GPT(cfg), 33, 8.0, "c_attn")
+    with pytest.raises(ConfigError, match=">= 1"):
+        lora.apply_lora(GPT(cfg), 0, 8.0, "c_attn")
+
+
+def test_lora_training_freezes_base_and_merges_exactly(records):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
+    model = GPT(cfg, seed=1)
+    base_state = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    lora.apply_lora(model, 4, 16.0, "c_attn,c_proj,c_fc")
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    import optax
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(trainable)
+    # the optimizer holds state for the adapters only (Adam: mu and nu, each adapter-shaped)
+    n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+    assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * n_lora
+    step = sft.make_step(graphdef, tx)
+    ex = [sft.encode(TOK, "alpaca", r, 128)[0] for r in records[:16]]
+    for x, y, m in sft.batches(ex, 8, 128, TOK.eot_token, True):
+        for _ in range(3):
+            trainable, opt_state, loss = step(trainable, frozen, opt_state, x, y, m)
+    trained = nnx.merge(graphdef, trainable, frozen)
+    # frozen base weights are bit-identical after training; the adapters moved
+    after = nnx.state(trained, nnx.Param)
+    for path, v in nnx.to_flat_state(after):
+        if not isinstance(v, nnx.LoRAParam):
+            base_path = tuple(p for p in path if p != "base")
+            want = dict(nnx.to_flat_state(base_state))[base_path]
+            assert np.array_equal(np.asarray(v[...]), np.asarray(want[...])), path
+    assert any(float(jnp.abs(b).max()) > 0 for b in jax.tree.leaves(nnx.state(trained, nnx.LoRAParam)))
+    merged = lora.merge(trained)
+    assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))  # a plain GPT again
+    ids = jnp.asarray([ex[0].ids[:100]])
+    diff = float(jnp.abs(merged(ids) - trained(ids)).max())
+    assert diff <= 1e-5, diff
+    assert float(jnp.abs(merged(ids) - GPT(cfg, seed=1)(ids)).max()) > 1e-3  # training changed it
+
+
+# ---- CLIs --------------------------------------------------------------------------------------
+def test_sft_cli_full_then_chat(hf_dir, tmp_path):
+    """A short full SFT on the reference data lowers masked val loss and raises the fraction of
+    test answers that end with <|endoftext|>; chat then answers with the saved template."""
+    data = tmp_path / "data.jsonl"
+    recs = json.loads(DATA.read_text())[:300]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))  # JSONL this time
+    out = tmp_path / "sft"
+    r = run_cli("jaxgpt.sft", hf_dir, "--data", data, "--out", out, "--max-iters", "60",
+                "--lr", "2e-3", "--batch-size", "8", "--max-test", "6", "--gen-tokens", "24",
+                "--eval-interval", "30", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["after"]["val_loss"] < s["before"]["val_loss"] - 0.5
+    assert s["after"]["ends_with_eos"] > s["before"]["ends_with_eos"]
+    for f in ("report.md", "test_generations.jsonl", "loss.png", "metrics.jsonl"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(l) for l in (out / "test_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"before", "after", "reference", "after_rouge_l"} <= set(rows[0])
+    assert "| masked val loss" in (out / "report.md").read_text()
+    lm = jaxgpt.load(out)
+    assert lm.meta["template"] == "alpaca"
+    # --eval-only --json on the fine-tuned model equals the report's after-loss on the same split
+    r = run_cli("jaxgpt.sft", out, "--data", data, "--eval-only", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads(r.stdout)
+    assert abs(ev["loss"] - s["after"]["val_loss"]) < 1e-5 and ev["tokens"] == s["after"]["val_tokens"]
+    # chat: greedy streamed reply == greedy generation of the rendered prompt
+    prompt = "Name a primary color."
+    r = run_cli("jaxgpt.chat", out, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = sft.generate_answers(lm.model, lm.tokenizer, "alpaca",
+                                [{"instruction": prompt, "output": ""}], 24)[0]["text"]
+    assert r.stdout == want + "\n"
+    r = run_cli("jaxgpt.chat", out, "--temperature", "0", "--max-new-tokens", "8",
+                input="Hi.\n/reset\nHi.\n/exit\n")
+    assert r.returncode == 0 and r.stdout.count("bot> ") == 2, r.stdout + r.stderr[-1000:]
+    a, b = [line.split("bot> ")[1] for line in r.stdout.split("you> ") if "bot> " in line]
+    assert a == b  # /reset: the second turn saw no history
+
+
+def test_sft_cli_lora_adapter_and_merge(hf_dir, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(DATA.read_text())[:120]))
+    out = tmp_path / "lora"
+    r = run_cli("jaxgpt.sft", hf_dir, "--data", data, "--out", out, "--lora-rank", "4",
+                "--lora-targets", "c_attn,mlp.c_proj", "--max-iters", "10", "--max-test", "2",
+                "--gen-tokens", "8", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trainable params: 4,608 of" in r.stderr  # 2 layers x (4*(64+192) + 4*(256+64))
+    adapter_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    base_bytes = sum(f.stat().st_size for f in Path(hf_dir).rglob("*") if f.is_file())
+    assert adapter_bytes < base_bytes / 20  # only A and B are saved
+    merged = tmp_path / "merged"
+    r = run_cli("jaxgpt.sft", "--merge", out, "--out", merged)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = [[50256, 464, 3290, 318, 257]]
+    a, b = jaxgpt.load(out).logits(ids), jaxgpt.load(merged).logits(ids)  # adapter on base vs merged
+    assert np.abs(a - b).max() <= 1e-5
+    assert np.abs(a - jaxgpt.load(hf_dir).logits(ids)).max() > 1e-4  # the adapter changed the model
+    # merging into a base of another shape is refused
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32)).save_pretrained(other)
+    r = run_cli("jaxgpt.sft", "--merge", out, "--base", other, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "trained on a base with" in r.stderr and not (tmp_path / "bad").exists()
+
+
+ONE = '[{"instruction": "a", "output": "b"}]'
+BAD = [
+    ('[{"instruction": "a", "input": ""}]', [], "record 0: field 'output' is missing"),
+    ("[]", [], "no records"),
+    ('[{"instruction": "a", "output": "b"},\n  {"instruction": }]', [], "malformed JSON at line 2"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion"}\n', [], "malformed JSONL at line 2"),
+    (ONE, ["--template", "vicuna"], "unknown template 'vicuna'"),
+    (ONE, ["--lora-rank", "0"], "--lora-rank must be >= 1"),
+    (ONE, ["--lora-rank", "999"], "larger than layer"),
+    (ONE, ["--lora-rank", "4", "--lora-targets", "q_proj"], "matches no layer"),
+]
+
+
+@pytest.mark.parametrize("content,flags,message", BAD, ids=[m for _, _, m in BAD])
+def test_sft_bad_input(hf_dir, tmp_path, content, flags, message):
+    data = tmp_path / "d.json"
+    data.write_text(content if content != ONE else json.dumps([{"instruction": "a", "output": "b"}] * 20))
+    r = run_cli("jaxgpt.sft", hf_dir, "--data", data, "--out", tmp_path / "o", *flags)
+    assert r.returncode == 2, r.stderr[-1500:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_rouge_and_normalize():
+    assert sft.normalize("  Hello, World! ") == "hello world"
+    assert sft.rouge_l("the cat sat", "the cat sat") == 1.0
+    assert sft.rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert sft.rouge_l("x y", "a b") == 0.0
