@@ -521,6 +521,21 @@ def report_markdown(cfg: SFTConfig, s: dict, recs, before, after, n_examples: in
     return "\n".join(md) + "\n"
 
 
+def summary_table(runs: dict[str, dict]) -> str:
+    """A markdown table comparing SFT runs (name -> run_sft summary): the base row once, then
+    each run's after-metrics, with its trainable params and training time."""
+    head = ("| model | masked val loss | test ROUGE-L F1 | test exact match | ends with EOS | "
+            "trainable params | train time |\n|---|---|---|---|---|---|---|\n")
+    first = next(iter(runs.values()))["before"]
+    rows = [f"| base (before SFT) | {_fmt(first['val_loss'])} | {first['rouge_l']:.3f} | "
+            f"{first['exact_match']:.3f} | {first['ends_with_eos']:.2f} | - | - |"]
+    for name, s in runs.items():
+        a = s["after"]
+        rows.append(f"| {name} | {_fmt(a['val_loss'])} | {a['rouge_l']:.3f} | {a['exact_match']:.3f} | "
+                    f"{a['ends_with_eos']:.2f} | {s['trainable_params']:,} | {s['train_seconds']:.0f} s |")
+    return head + "\n".join(rows) + "\n"
+
+
 # ---- other modes -------------------------------------------------------------------------------
 def eval_only(cfg: SFTConfig) -> dict:
     """{"loss", "tokens"}: masked loss of the base on the val split (or every record, unshuffled)."""
