@@ -29,12 +29,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="base model (default: the scratch base, trained if missing)")
     ap.add_argument("--out", default="out_sft_reference", help="folder for the runs and results.md")
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of each run")
-    ap.add_argument("--max-test", type=int, default=50, help="test records to generate answers for")
+    ap.add_argument("--scratch-base", default="out_scratch_base", help="where the scratch base is (trained if missing)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of each run")
+    ap.add_argument("--max-test", type=int, default=30, help="test records to generate answers for")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA run")
     ap.add_argument("--no-unmasked", action="store_true", help="skip the --no-mask-prompt run")
     args = ap.parse_args()
-    base = args.base or str(scratch_base(Path(args.out) / "base"))
+    base = args.base or str(scratch_base(args.scratch_base))
     common = dict(ckpt=base, data=str(DATA), epochs=args.epochs, max_test=args.max_test,
                   gen_tokens=96, force=True, eval_interval=40)
     runs = {"full fine-tuning": SFTConfig(out=f"{args.out}/full", lr=1e-3, **common)}

@@ -43,6 +43,7 @@ def main():
                     help="gpt2 (hub; needs internet or the HF cache), a local checkpoint/HF folder, "
                          "or 'scratch' to train a small base here first")
     ap.add_argument("--out", default="out_capstone", help="folder for the runs and the report")
+    ap.add_argument("--scratch-base", default="out_scratch_base", help="with --base scratch: its run dir (trained if missing)")
     ap.add_argument("--epochs", type=int, default=12, help="epochs of each SFT run (the data is small)")
     ap.add_argument("--lr", type=float, default=None, help="full SFT learning rate "
                     "(default: 5e-5 for GPT-2, 1e-3 for the scratch base)")
@@ -50,7 +51,7 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     scratch = args.base == "scratch"
-    base = str(scratch_base(out / "base")) if scratch else args.base
+    base = str(scratch_base(args.scratch_base)) if scratch else args.base
     lr_full = args.lr or (1e-3 if scratch else 5e-5)
     common = dict(ckpt=base, data=str(HERE / "data.json"), epochs=args.epochs, gen_tokens=96,
                   eval_interval=20, force=True)
