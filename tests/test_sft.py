@@ -190,6 +190,15 @@ def test_sft_cli_full_then_chat(hf_dir, tmp_path):
     want = sft.generate_answers(lm.model, lm.tokenizer, "alpaca",
                                 [{"instruction": prompt, "output": ""}], 24)[0]["text"]
     assert r.stdout == want + "\n"
+    # chat takes int8 weights (quantized on load) like sample and eval do
+    r = run_cli("jaxgpt.chat", out, "--int8", "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # sample reuses the saved template (prompt + continuation on stdout), --raw does not
+    r = run_cli("jaxgpt.sample", out, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == templates.render_prompt("alpaca", [{"role": "user", "content": prompt}]) + want + "\n"
+    r = run_cli("jaxgpt.sample", out, "--prompt", prompt, "--raw", "--max-new-tokens", "2")
+    assert r.returncode == 0 and r.stdout.startswith(prompt), r.stderr[-2000:]
     r = run_cli("jaxgpt.chat", out, "--temperature", "0", "--max-new-tokens", "8",
                 input="Hi.\n/reset\nHi.\n/exit\n")
     assert r.returncode == 0 and r.stdout.count("bot> ") == 2, r.stdout + r.stderr[-1000:]
