@@ -24,8 +24,8 @@ from flax import nnx
 
 from jaxgpt.config import GPTConfig
 
-# A KV cache is a plain pytree: {"k": L x [B, H, S, D], "v": L x [B, H, S, D], "index": int32[]}
-# (one buffer per layer, so a donated cache is updated in place).
+# A KV cache is a plain pytree: {"k": L x [B*H, S, D], "v": L x [B*H, S, D], "index": int32[]}
+# (one 3-D buffer per layer, updated in place inside a decode loop; see CausalSelfAttention).
 # `index` is how many positions are filled; it is passed in and returned, never hidden in the model.
 Cache = dict[str, Any]
 
@@ -33,7 +33,7 @@ Cache = dict[str, Any]
 def init_cache(config: GPTConfig, batch_size: int, max_len: int | None = None) -> Cache:
     """An empty KV cache for `batch_size` sequences of up to `max_len` (default: block_size)."""
     max_len = max_len or config.block_size
-    shape = (batch_size, config.n_head, max_len, config.head_dim)
+    shape = (batch_size * config.n_head, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layer)]
     return {"k": zeros(), "v": zeros(), "index": jnp.array(0, jnp.int32)}
 
@@ -125,27 +125,38 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, proj_std, rngs)
 
     def __call__(self, x, B: int, T: int, kv=None, index=None, key=None):
-        # x: [B*T, C]. kv: optional (k_cache, v_cache), each [B, H, S, D]; index: first position of x.
+        # x: [B*T, C]. kv: optional (k_cache, v_cache), each [B*H, S, D]; index: first position of x.
         C, H, D = x.shape[-1], self.n_head, self.head_dim
         k_attn, k_resid = _split(key, 2)
         qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # [B, T, 3, H, D]
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each [B, H, T, D]
+        scale, neg = 1.0 / math.sqrt(D), jnp.finfo(jnp.float32).min
         if kv is None:
             # Training / full forward: keys are exactly this chunk; query i sees keys j <= i.
-            q_pos, k_pos = jnp.arange(T), jnp.arange(T)
+            causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
+            att = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # [B, H, T, T]
+            att = jnp.where(causal, att.astype(jnp.float32), neg)
+            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+            att = dropout(att, self.dropout, k_attn)
+            y = jnp.einsum("bhts,bhsd->bhtd", att, v)  # [B, H, T, D]
         else:
-            # Decoding: write this chunk into the cache at `index`, attend over the whole cache.
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
-            kv = (k, v)  # [B, H, S, D]; positions >= index + T are masked out below
-            q_pos, k_pos = index + jnp.arange(T), jnp.arange(k.shape[2])
-        mask = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal mask
-        att = jnp.einsum("bhtd,bhsd->bhts", q, k) * (1.0 / math.sqrt(D))  # [B, H, T, S]
-        att = jnp.where(mask, att.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
-        att = dropout(att, self.dropout, k_attn)
-        y = jnp.einsum("bhts,bhsd->bhtd", att, v)  # [B, H, T, D]
+            # Decoding: write this chunk into the cache at `index`, attend over the cache.
+            # The cache is 3-D, [B*H, S, D]: with a 4-D [B, H, S, D] cache the reshape feeding
+            # the attention dot made XLA fuse the update into two consumers and copy every cache
+            # buffer 4x per layer per step (96 copies per token for GPT-2 small; none now).
+            k_cache, v_cache = kv  # [B*H, S, D]
+            S = k_cache.shape[1]
+            k = jax.lax.dynamic_update_slice(k_cache, k.reshape(B * H, T, D).astype(k_cache.dtype),
+                                             (0, index, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.reshape(B * H, T, D).astype(v_cache.dtype),
+                                             (0, index, 0))
+            kv = (k, v)  # [B*H, S, D]; positions >= index + T are masked out below
+            mask = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]  # [T, S] causal
+            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * H, T, D), k) * scale  # [B*H, T, S]
+            att = jnp.where(mask, att.astype(jnp.float32), neg)
+            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+            att = dropout(att, self.dropout, k_attn)
+            y = jnp.einsum("nts,nsd->ntd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # re-assemble heads: [B*T, C]
         y = dropout(self.c_proj(y), self.dropout, k_resid)
         return y, kv
@@ -199,11 +210,14 @@ class GPT(nnx.Module):
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
 
-    def __call__(self, ids: jax.Array, *, cache: Cache | None = None, key: jax.Array | None = None):
+    def __call__(self, ids: jax.Array, *, cache: Cache | None = None, key: jax.Array | None = None,
+                 logits_at: jax.Array | int | None = None):
         """ids: int [B, T]. Without a cache returns logits [B, T, V] (float32).
 
         With a cache, `ids` continue the sequences at position cache["index"]; returns
-        (logits, new_cache). `key` enables dropout (training only).
+        (logits, new_cache). `key` enables dropout (training only). `logits_at` (an int or a
+        traced int32 scalar, an index into the T positions) computes the head at that one
+        position only: logits [B, 1, V] (decoding needs just the last real position's logits).
         """
         B, T = ids.shape
         index = None if cache is None else cache["index"]
@@ -218,8 +232,10 @@ class GPT(nnx.Module):
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        x = self.ln_f(x)
-        logits = self.wte.attend(x).astype(jnp.float32).reshape(B, T, -1)  # tied head: [B, T, V]
+        if logits_at is not None:  # the head is T x cheaper at one position
+            x = jax.lax.dynamic_index_in_dim(x.reshape(B, T, -1), logits_at, axis=1, keepdims=False)
+        x = self.ln_f(x)  # [B*T, C], or [B, C] with logits_at
+        logits = self.wte.attend(x).astype(jnp.float32).reshape(B, -1, self.config.vocab_size)
         if cache is None:
             return logits
         return logits, {"k": new_k, "v": new_v, "index": index + T}

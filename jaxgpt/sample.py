@@ -56,14 +56,22 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
 
 
 # ---- decoding ---------------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                                   "eot", "use_cache"))
-def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p, eot,
-              use_cache):
+def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
+    """The smallest power of two >= max(n, lo), capped at `cap`: the padded lengths that decoding
+    compiles for, so prompts of 17..32 tokens (say) share one compiled function."""
+    b = max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+    return b if cap is None else min(b, cap)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "prefill", "temperature", "top_k", "top_p", "eot",
+                                   "use_cache"))
+def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, temperature, top_k, top_p,
+              eot, use_cache):
+    """buf: int32 [B, S], the prompt in buf[:, :prompt_len] (the rest is padding); fills
+    buf[:, prompt_len:total]. Only shapes (B, S), `prefill` (the padded prompt length) and the
+    sampling settings are compiled in: `prompt_len` and `total` are traced int32 scalars."""
     model = nnx.merge(graphdef, params)
-    B, T0 = prompt.shape
-    total = T0 + max_new_tokens
-    buf = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt)  # prompt + generated ids
+    B, S = buf.shape
     pick = partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     done0 = jnp.zeros((B,), bool)
 
@@ -75,41 +83,58 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
             done = done | (tok == eot)
         return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, t)), done
 
+    def loop(step, init, limit):
+        # run `step` while t < limit, the buffer is not full and some row has not produced eot
+        cond = lambda c: (c[-1] < jnp.minimum(limit, total)) & ~jnp.all(c[1])
+        return jax.lax.while_loop(cond, step, init)
+
     if use_cache:
-        # Prefill the cache with the whole prompt once, then decode one token per step.
-        cache = init_cache(model.config, B, total)
-        logits, cache = model(prompt, cache=cache)
-        buf, done = emit(buf, done0, logits[:, -1], T0)
+        # Prefill the cache with the prompt padded on the right to `prefill` tokens (the padding's
+        # keys/values land at positions >= prompt_len, which the causal mask hides and decoding
+        # overwrites), take the logits at the last real position, decode one token per step.
+        cache = init_cache(model.config, B, S)
+        logits, cache = model(buf[:, :prefill], cache=cache, logits_at=prompt_len - 1)
+        cache = {**cache, "index": jnp.asarray(prompt_len, jnp.int32)}
+        buf, done = emit(buf, done0, logits[:, 0], prompt_len)
 
         def step(carry):
             buf, done, cache, t = carry
             tok = jax.lax.dynamic_slice(buf, (0, t - 1), (B, 1))  # [B, 1] the last token
-            logits, cache = model(tok, cache=cache)
-            buf, done = emit(buf, done, logits[:, -1], t)
+            logits, cache = model(tok, cache=cache, logits_at=0)
+            buf, done = emit(buf, done, logits[:, 0], t)
             return buf, done, cache, t + 1
 
-        init = (buf, done, cache, jnp.int32(T0 + 1))
-    else:
-        # No cache: re-run the model over a window of the last W <= block_size tokens each step.
-        W = min(model.config.block_size, total)
+        return loop(step, (buf, done, cache, prompt_len + 1), S)[0]
 
-        def step(carry):
+    # No cache: every step re-runs the model over the whole prefix buf[:, :t] -- padded on the
+    # right to a power-of-two window w >= t (one compiled forward per window size), the head
+    # only at position t-1 -- and, past the context, over a sliding window of the last
+    # block_size tokens (as nanoGPT does).
+    L = model.config.block_size
+    carry = (buf, done0, jnp.asarray(prompt_len, jnp.int32))
+    w = prefill
+    while True:
+        w = min(w, L, S)
+
+        def step(carry, w=w):
             buf, done, t = carry
-            start = jnp.clip(t - W, 0, total - W)
-            window = jax.lax.dynamic_slice(buf, (0, start), (B, W))
-            logits = model(window)  # [B, W, V]; causal, so positions after t-1 don't matter
-            last = jax.lax.dynamic_index_in_dim(logits, t - 1 - start, axis=1, keepdims=False)
-            buf, done = emit(buf, done, last, t)
+            logits = model(buf[:, :w], logits_at=t - 1)
+            buf, done = emit(buf, done, logits[:, 0], t)
             return buf, done, t + 1
 
-        init = (buf, done0, jnp.int32(T0))
+        carry = loop(step, carry, w + 1)  # window w serves t <= w
+        if w == min(L, S):
+            break
+        w *= 2
+    if S > L:
+        def slide(carry):
+            buf, done, t = carry
+            logits = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1)
+            buf, done = emit(buf, done, logits[:, 0], t)
+            return buf, done, t + 1
 
-    def cond(carry):
-        # stop when the buffer is full or every row has produced eot
-        return (carry[-1] < total) & ~jnp.all(carry[1])
-
-    out = jax.lax.while_loop(cond, step, init)
-    return out[0]
+        carry = loop(slide, carry, S)
+    return carry[0]
 
 
 def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 1.0,
@@ -118,26 +143,34 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
 
     With a cache (default) the prompt is prefilled once and each new token costs one single-token
-    step; the whole loop is one compiled `lax.while_loop`. When the sequence would outgrow the
-    context (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead,
-    as nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
+    step; the whole loop is one compiled `lax.while_loop`. Prompt and buffer lengths are padded
+    to power-of-two buckets (`bucket`), so a new prompt length or max_new_tokens within the same
+    buckets reuses the compiled function. When the sequence would outgrow the context
+    (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
+    nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = np.asarray(prompt, np.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ConfigError(f"prompt must be non-empty token ids [B, T], got shape {list(prompt.shape)}")
     if max_new_tokens == 0:
-        return prompt
+        return jnp.asarray(prompt)
     key = jax.random.key(0) if key is None else key
-    total = prompt.shape[1] + max_new_tokens
-    use_cache = use_cache and total <= model.config.block_size
+    (B, T0), L = prompt.shape, model.config.block_size
+    total = T0 + int(max_new_tokens)
+    use_cache = use_cache and total <= L
+    S = bucket(total, cap=L if use_cache else None)
+    buf = np.full((B, S), 0 if eot is None else eot, np.int32)  # prompt, then generated ids
+    buf[:, :T0] = prompt
     graphdef, params = nnx.split(model)
-    return _generate(graphdef, params, prompt, key, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), top_k=None if top_k is None else int(top_k),
-                     top_p=None if top_p is None else float(top_p),
-                     eot=None if eot is None else int(eot), use_cache=use_cache)
+    out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key,
+                    prefill=min(bucket(T0, cap=L), S), temperature=float(temperature),
+                    top_k=None if top_k is None else int(top_k),
+                    top_p=None if top_p is None else float(top_p),
+                    eot=None if eot is None else int(eot), use_cache=use_cache)
+    return out[:, :total]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
@@ -175,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the whole context each step instead of using the KV cache")
     p.add_argument("--json", action="store_true",
                    help='print {"samples": [{"text", "tokens"}]} (tokens = prompt + generated ids)')
+    p.add_argument("--raw", action="store_true",
+                   help="send --prompt as it is, even to an instruction-tuned checkpoint (by default "
+                        "its saved chat template wraps the prompt)")
     p.add_argument("--int8", action="store_true",
                    help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
                         "load as they are, without this flag")
@@ -190,7 +226,15 @@ def sample_cli(lm, args, log=lambda s: print(s, file=sys.stderr)) -> list[dict]:
     if tok is None:
         raise ConfigError("this model has no known tokenizer, so it cannot sample from a text prompt")
     eot = getattr(tok, "eot_token", None)
-    ids = tok.encode(args.prompt) if args.prompt else ([eot] if eot is not None else tok.encode("\n"))
+    prompt = args.prompt
+    template = lm.meta.get("template")
+    if prompt and template and not getattr(args, "raw", False):
+        # an instruction-tuned checkpoint (jaxgpt.sft): ask it the way it was trained
+        from jaxgpt.templates import render_prompt
+
+        prompt = render_prompt(template, [{"role": "user", "content": prompt}])
+        log(f"(prompt wrapped in the model's {template} template; --raw to send it as is)")
+    ids = tok.encode(prompt) if prompt else ([eot] if eot is not None else tok.encode("\n"))
     if len(ids) > L:
         log(f"warning: the prompt has {len(ids)} tokens, more than the context ({L}); "
             f"keeping its last {L}")

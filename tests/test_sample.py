@@ -66,6 +66,43 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
     np.testing.assert_array_equal(uncached, ref)
 
 
+def hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        return model.generate(torch.tensor(prompt), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, eos_token_id=None, pad_token_id=EOT,
+                              attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+
+
+def test_new_prompt_length_and_length_reuse_the_compiled_decoder(tiny):
+    """Prompts are padded to power-of-two buckets and the buffer length too, and the real prompt
+    length and max_new_tokens are traced: prompts of 3..16 tokens with up to 32 tokens in all
+    share one compiled function per path (counted in jax.jit's cache), and still equal HF."""
+    from jaxgpt.sample import _generate, bucket
+
+    assert [bucket(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
+    assert bucket(100, cap=64) == 64
+    model, folder, _ = tiny
+    lm = jaxgpt.load(folder)
+    prompt = lambda T0: np.random.RandomState(T0).randint(0, 50257, (2, T0))
+    for use_cache in (True, False):
+        generate(lm.model, prompt(5), 20, temperature=0.0, use_cache=use_cache)  # compiles
+        before = _generate._cache_size()
+        for T0, n in [(3, 20), (9, 15), (16, 16), (12, 7)]:
+            out = np.asarray(generate(lm.model, prompt(T0), n, temperature=0.0, use_cache=use_cache))
+            np.testing.assert_array_equal(out, hf_greedy(model, prompt(T0), n))
+        assert _generate._cache_size() == before, f"recompiled (use_cache={use_cache})"
+    generate(lm.model, prompt(17), 5, temperature=0.0)  # a new prompt bucket (32) compiles once
+    assert _generate._cache_size() == before + 1
+
+
+def test_rows_that_stop_are_padded_with_eot(eot_model):
+    lm = jaxgpt.load(eot_model)
+    for use_cache in (True, False):  # every row stops at once: the loop ends, the rest is eot
+        out = np.asarray(generate(lm.model, np.zeros((3, 4), np.int32), 6, temperature=0.0,
+                                  eot=EOT, use_cache=use_cache))
+        assert out.shape == (3, 10) and (out[:, 4:] == EOT).all()
+
+
 def test_generate_past_the_context_slides_a_window(tiny):
     lm = jaxgpt.load(tiny[1])
     out = np.asarray(generate(lm.model, np.arange(60)[None], 10, temperature=0.0))
