@@ -22,11 +22,7 @@ from flax import nnx
 from jaxgpt import templates
 from jaxgpt.config import ConfigError
 from jaxgpt.model import init_cache
-from jaxgpt.sample import check_sampling, sample_token
-
-
-def _bucket(n: int, cap: int) -> int:
-    return min(cap, max(16, 1 << (n - 1).bit_length()))
+from jaxgpt.sample import bucket, check_sampling, sample_token
 
 
 class ChatSession:
@@ -53,15 +49,14 @@ class ChatSession:
             # ids: [1, Tb] prompt padded on the right; n: its real length
             model = nnx.merge(graphdef, state)
             cache = init_cache(model.config, 1)
-            logits, cache = model(ids, cache=cache)
+            logits, cache = model(ids, cache=cache, logits_at=n - 1)  # [1, 1, V]: the last real token
             cache["index"] = n  # the padding after n is overwritten as decoding goes
-            last = jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False)  # [1, V]
-            return pick(last, key), cache
+            return pick(logits[:, 0], key), cache
 
         @partial(jax.jit, donate_argnums=(1,))
         def step(state, cache, tok_id, key):
             model = nnx.merge(graphdef, state)
-            logits, cache = model(tok_id[:, None], cache=cache)  # [1, 1, V]
+            logits, cache = model(tok_id[:, None], cache=cache, logits_at=0)  # [1, 1, V]
             return pick(logits[:, -1], key), cache
 
         self._prefill, self._step = prefill, step
@@ -91,7 +86,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self._prompt_ids()
         L, eot = self.lm.config.block_size, self.tok.eot_token
-        padded = np.full((1, _bucket(len(ids), L)), eot, np.int32)
+        padded = np.full((1, bucket(len(ids), L)), eot, np.int32)
         padded[0, :len(ids)] = ids
         self.turn += 1
         key = jax.random.fold_in(self.key, self.turn)

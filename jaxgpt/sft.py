@@ -35,6 +35,7 @@ from jaxgpt import checkpoint, lora, templates
 from jaxgpt.config import ConfigError, add_dataclass_flags
 from jaxgpt.data import atomic_write
 from jaxgpt.optim import make_optimizer
+from jaxgpt.sample import bucket  # padded lengths: powers of two, so few shapes compile
 
 IGNORE = 0  # mask value of positions that do not count in the loss
 
@@ -188,11 +189,6 @@ def encode_all(tok, template: str, records: list, max_len: int, log=None) -> lis
         log(f"{counts['truncated']} examples longer than {max_len + 1} tokens had their prompt cut "
             f"from the left; {counts['skipped']} whose reply alone is longer were skipped")
     return out
-
-
-def bucket(n: int, cap: int) -> int:
-    """Pad lengths to a power of two >= 16 (capped at the context): few shapes, few compiles."""
-    return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
 def collate(examples: list[Encoded], pad_id: int, length: int, mask_prompt: bool = True,
