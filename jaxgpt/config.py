@@ -27,6 +27,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype of activations/matmuls; params always stay float32
     quant: str | None = None  # "int8": matmul kernels stored int8 + per-channel scales (inference)
     quant_embedding: bool = True  # with quant: the tied embedding wte is int8 too (per-row scales)
+    remat: bool = False  # training: recompute each block's activations in the backward pass
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -121,6 +122,7 @@ class TrainConfig:
     block_size: int | None = None
     dropout: float = 0.0
     dtype: str = "float32"
+    remat: bool = False  # activation rematerialisation per block: less memory, ~1/3 more compute
     init_from: str | None = None  # fine-tune: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
     # optimisation
     batch_size: int = 12  # global batch, in sequences, per optimizer step
@@ -177,7 +179,7 @@ class TrainConfig:
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
                      if getattr(self, k) is not None}
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, dropout=self.dropout,
-                                     dtype=self.dtype, **overrides)
+                                     dtype=self.dtype, remat=self.remat, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -228,6 +228,14 @@ class GPT(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            if self.config.remat and cache is None:
+                # activation rematerialisation: the backward pass recomputes the block's
+                # internals from its input instead of keeping them (a pure function of the
+                # block's state, so it works under any outer transform)
+                gdef, bstate = nnx.split(block)
+                run = jax.checkpoint(lambda s, h, k: nnx.merge(gdef, s)(h, B, T, key=k)[0])
+                x = run(bstate, x, keys[i + 1])
+                continue
             x, kv = block(x, B, T, kv, index, keys[i + 1])
             if cache is not None:
                 new_k.append(kv[0])

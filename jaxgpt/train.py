@@ -91,8 +91,8 @@ def make_eval_fn(graphdef):
 
 
 # ---- the run --------------------------------------------------------------------------------
-IGNORED_ON_RESUME = ("resume", "progress", "log_interval", "eval_interval", "eval_iters", "mesh",
-                     "coordinator", "num_processes", "process_id", "init_timeout",
+IGNORED_ON_RESUME = ("resume", "progress", "remat", "log_interval", "eval_interval", "eval_iters",
+                     "mesh", "coordinator", "num_processes", "process_id", "init_timeout",
                      "sample_tokens", "ckpt_interval", "keep_checkpoints")
 
 
@@ -127,7 +127,8 @@ def _init_from(cfg: TrainConfig):
     if lm.tokenizer.name != cfg.tokenizer:
         raise ConfigError(f"{cfg.init_from} uses the {lm.tokenizer.name} tokenizer; "
                           f"pass --tokenizer {lm.tokenizer.name}")
-    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.dtype)
+    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.dtype,
+                                    remat=cfg.remat)
     params = nnx.state(lm.model, nnx.Param)
     params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])
     return model_cfg, lm.tokenizer, params
@@ -232,7 +233,8 @@ def train(cfg: TrainConfig, log=_log_stderr) -> dict:
     parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     init_params, tok = None, None
     if cfg.resume:  # the saved run fixes the model shape and the tokenizer
-        model_cfg = GPTConfig.from_dict(resume_meta["model_config"])
+        model_cfg = dataclasses.replace(GPTConfig.from_dict(resume_meta["model_config"]),
+                                        remat=cfg.remat)  # remat changes memory, not the math
         tok = tokenizer_from_dict(resume_meta["tokenizer"])
     elif cfg.init_from:
         model_cfg, tok, init_params = _init_from(cfg)
@@ -403,6 +405,8 @@ HELP = {
     "n_embd": "width of the residual stream (overrides the preset)",
     "block_size": "context length in tokens (overrides the preset)",
     "dropout": "dropout rate for training (0 disables; always off at evaluation)",
+    "remat": "activation rematerialisation: recompute each block's activations in the backward "
+             "pass instead of storing them (less memory, about a third more compute)",
     "init_from": "fine-tune from this model instead of a random init: a jaxgpt run dir, a Hugging "
                  "Face GPT-2 folder, a hub name (gpt2, gpt2-medium, ...) or a nanoGPT ckpt.pt",
     "dtype": "compute dtype: float32, or bfloat16/float16 for activations and matmuls "
