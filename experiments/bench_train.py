@@ -1,32 +1,78 @@
 """Train-step speed: jaxgpt's real train step vs HF GPT2LMHeadModel + torch.optim.AdamW.
 
-Same model shape, batch and sequence length; A and B alternated over several rounds; the table
-shows medians (min-max) of ms/step and tokens/s, plus jaxgpt's first-call compile time.
+Same model shape, batch and sequence length; the implementations are alternated over several
+rounds in one process; the tables show medians (min-max) of ms/step, tokens/s, system CPU time
+per step, jaxgpt's compile time, and model FLOPs utilisation (MFU) against this machine's float32
+GEMM peak, measured at the start of the same run.
 
-    python experiments/bench_train.py            # baby config, batch 12 x 64
-    python experiments/bench_train.py --gpt2     # also the 124M shape at batch 4 x 256 (slow)
+    python experiments/bench_train.py             # baby (12 x 64) and the 124M shape (4 x 256), ~6 min
+    python experiments/bench_train.py --no-gpt2   # baby only, ~1.5 min
+
+Model FLOPs per step = (6 N + 12 L C T) x B x T: N = parameters that take part in matmuls (all
+but the position embedding; the tied embedding counts once, as the head), the 12 L C T term is
+the attention scores and weighted values (forward + backward, no discount for the causal mask),
+as in nanoGPT's `estimate_mfu` and the PaLM paper. The GEMM peak is the best median GFLOP/s of a
+jitted float32 matmul over two shapes: 2048^3 and the 124M model's MLP matmul (1024 x 768 x 3072).
+
+The script re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages
+for malloc; see experiments/PERF.md) unless --no-thp; both implementations run in the same
+process, so torch gets the same setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+THP = "glibc.malloc.hugetlb=1"
+if __name__ == "__main__" and "--no-thp" not in sys.argv and THP not in os.environ.get("GLIBC_TUNABLES", ""):
+    tun = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), THP]))
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tun})
 
-from jaxgpt.config import TrainConfig
-from jaxgpt.model import GPT
-from jaxgpt.optim import make_optimizer
-from jaxgpt.train import make_train_step
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxgpt.config import TrainConfig  # noqa: E402
+from jaxgpt.model import GPT, count_params  # noqa: E402
+from jaxgpt.optim import make_optimizer  # noqa: E402
+from jaxgpt.train import make_train_step  # noqa: E402
+
+
+def gemm_peak(reps: int = 10) -> dict[str, float]:
+    """GFLOP/s (median of `reps`) of a jitted float32 matmul, for two shapes."""
+    out = {}
+    for name, (m, k, n) in {"2048^3": (2048, 2048, 2048), "1024x768x3072": (1024, 768, 3072)}.items():
+        a = jax.random.normal(jax.random.key(0), (m, k))
+        b = jax.random.normal(jax.random.key(1), (k, n))
+        f = jax.jit(jnp.matmul)
+        f(a, b).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(a, b).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        out[name] = 2 * m * k * n / statistics.median(ts) / 1e9
+    return out
+
+
+def model_flops_per_step(cfg: TrainConfig, vocab: int) -> float:
+    """(6 N + 12 L C T) x tokens: see the module docstring."""
+    mc = cfg.model_config(vocab)
+    n = count_params(nnx.state(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(0))), nnx.Param))
+    n -= mc.block_size * mc.n_embd  # the position embedding is a lookup, not a matmul
+    T = mc.block_size
+    return (6 * n + 12 * mc.n_layer * mc.n_embd * T) * cfg.batch_size * T
 
 
 def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int):
-    """A closure running `steps_per_call` optimizer steps of jaxgpt's train step; + compile time."""
+    """A closure running `steps_per_call` optimizer steps of jaxgpt's train step, and the seconds
+    that tracing + lowering + compiling it took."""
     model_cfg = cfg.model_config(vocab)
     graphdef, params = nnx.split(GPT(model_cfg, rngs=nnx.Rngs(0)))
     tx = make_optimizer(cfg)
@@ -36,23 +82,25 @@ def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int):
     x = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (steps_per_call, 1, B, T + 1)), jnp.int32)
     batch = (x[..., :-1], x[..., 1:])
     t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
+    compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     box = [state]
 
     def run():
-        box[0], m = step(box[0], batch)
+        box[0], m = compiled(box[0], batch)
         jax.block_until_ready(m)
 
+    run()  # warm up (first execution allocates)
     return run, compile_s
 
 
 def torch_runner(cfg: TrainConfig, vocab: int):
-    """A closure running one HF GPT-2 training step (forward, backward, AdamW)."""
+    """A closure running one HF GPT-2 training step (forward, backward, clipping, AdamW)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()
     torch.manual_seed(0)
     mc = cfg.model_config(vocab)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=mc.block_size, n_embd=mc.n_embd,
@@ -73,50 +121,81 @@ def torch_runner(cfg: TrainConfig, vocab: int):
     return run
 
 
-def bench(name: str, cfg: TrainConfig, vocab: int, rounds: int, steps: int, k: int):
+def cpu_seconds() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def bench(name: str, cfg: TrainConfig, vocab: int, rounds: int, steps: int, ks: list[int],
+          peak: float):
+    """Alternate jaxgpt (one row per steps-per-call in ks) and HF torch; print one table."""
     import torch
 
     torch.set_num_threads(os.cpu_count())  # torch uses every core, as XLA does
-    tokens = cfg.batch_size * cfg.model_config(vocab).block_size
-    jrun, compile_s = jax_runner(cfg, vocab, k)
-    jrun1, compile1 = jax_runner(cfg, vocab, 1)
-    trun = torch_runner(cfg, vocab)
-    res = {"jaxgpt (scan of %d)" % k: [], "jaxgpt (1 step/call)": [], "HF torch": []}
-    for _ in range(rounds):  # alternate A / B / C
-        t = time.perf_counter()
-        for _ in range(max(1, steps // k)):
-            jrun()
-        res["jaxgpt (scan of %d)" % k].append((time.perf_counter() - t) / (max(1, steps // k) * k))
-        t = time.perf_counter()
-        for _ in range(steps):
-            jrun1()
-        res["jaxgpt (1 step/call)"].append((time.perf_counter() - t) / steps)
-        t = time.perf_counter()
-        for _ in range(steps):
-            trun()
-        res["HF torch"].append((time.perf_counter() - t) / steps)
+    mc = cfg.model_config(vocab)
+    tokens = cfg.batch_size * mc.block_size
+    flops = model_flops_per_step(cfg, vocab)
+    runners, compiles = {}, {}
+    for k in ks:
+        label = f"jaxgpt (scan of {k})" if k > 1 else "jaxgpt (1 step/call)"
+        run, compiles[label] = jax_runner(cfg, vocab, k)
+        runners[label] = (run, k)
+    runners["HF torch"] = (torch_runner(cfg, vocab), 1)
+    res = {k: [] for k in runners}
+    sys_cpu = {k: [] for k in runners}
+    for _ in range(rounds):  # alternate A / B (/ C)
+        for label, (run, k) in runners.items():
+            calls = max(1, steps // k)
+            u0, s0 = cpu_seconds()
+            t = time.perf_counter()
+            for _ in range(calls):
+                run()
+            res[label].append((time.perf_counter() - t) / (calls * k))
+            sys_cpu[label].append((cpu_seconds()[1] - s0) / (calls * k))
     torch_med = statistics.median(res["HF torch"])
-    print(f"\n{name}: batch {cfg.batch_size} x {cfg.model_config(vocab).block_size}, "
-          f"{rounds} rounds of {steps} steps (compile: scan {compile_s:.1f} s, single {compile1:.1f} s)")
-    print(f"| {'implementation':<24} | {'ms/step median (min-max)':<26} | {'tokens/s':>9} | vs torch |")
-    print(f"|{'-' * 26}|{'-' * 28}|{'-' * 11}|{'-' * 10}|")
+    comp = ", ".join(f"{k.split(' ', 1)[1][1:-1]} {v:.1f} s" for k, v in compiles.items())
+    print(f"\n{name}: batch {cfg.batch_size} x {mc.block_size}, {rounds} rounds of {steps} steps "
+          f"per implementation; model FLOPs/step {flops / 1e9:.1f} G; jaxgpt compile "
+          f"(trace + lower + compile): {comp}", flush=True)
+    print(f"| {'implementation':<24} | {'ms/step median (min-max)':<28} | {'tokens/s':>9} | "
+          f"vs torch | {'MFU':>5} | sys CPU ms/step |")
+    print(f"|{'-' * 26}|{'-' * 30}|{'-' * 11}|{'-' * 10}|{'-' * 7}|{'-' * 17}|")
     for k_, v in res.items():
         med = statistics.median(v)
         rng = f"{1000 * med:.1f} ({1000 * min(v):.1f}-{1000 * max(v):.1f})"
-        print(f"| {k_:<24} | {rng:<26} | {tokens / med:>9,.0f} | {torch_med / med:>7.2f}x |")
+        mfu = flops / med / (peak * 1e9)
+        print(f"| {k_:<24} | {rng:<28} | {tokens / med:>9,.0f} | {torch_med / med:>7.2f}x | "
+              f"{100 * mfu:>4.0f}% | {1000 * statistics.median(sys_cpu[k_]):>15.1f} |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5, help="alternated measurement rounds")
-    ap.add_argument("--steps", type=int, default=30, help="steps per round (baby)")
-    ap.add_argument("--gpt2", action="store_true", help="also bench the 124M shape at batch 4 x 256")
+    ap.add_argument("--rounds", type=int, default=5, help="alternated measurement rounds (baby)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per implementation per round (baby)")
+    ap.add_argument("--gpt2-rounds", type=int, default=3, help="alternated rounds (124M shape)")
+    ap.add_argument("--gpt2-steps", type=int, default=2, help="steps per round (124M shape)")
+    ap.add_argument("--gpt2", action=argparse.BooleanOptionalAction, default=True,
+                    help="also bench the 124M shape at batch 4 x 256")
+    ap.add_argument("--no-thp", action="store_true",
+                    help="don't re-execute with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     args = ap.parse_args()
-    print(f"machine: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}")
-    bench("baby (4L/4H/128, char vocab 65)", TrainConfig(), 65, args.rounds, args.steps, 10)
+    t_start = time.perf_counter()
+    import torch
+
+    print(f"machine: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}, "
+          f"torch {torch.__version__}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    gemm = gemm_peak()
+    peak = max(gemm.values())
+    print("float32 GEMM, jitted, median GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items())
+          + f" -> peak {peak:.0f} GFLOP/s (the MFU denominator)", flush=True)
+    bench("baby (4L/4H/128, char vocab 65)", TrainConfig(), 65, args.rounds, args.steps, [10, 1], peak)
     if args.gpt2:
-        bench("gpt2 124M shape", TrainConfig(preset="gpt2", batch_size=4, block_size=256), 50257,
-              max(2, args.rounds // 2), 3, 3)
+        # one step per call: at ~10 s per step the host's dispatch cost is negligible, and a
+        # scan of 10 would make each call take minutes
+        bench("gpt2 124M shape (12L/12H/768, vocab 50257)",
+              TrainConfig(preset="gpt2", batch_size=4, block_size=256), 50257,
+              args.gpt2_rounds, args.gpt2_steps, [1], peak)
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
