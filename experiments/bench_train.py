@@ -5,7 +5,7 @@ rounds in one process; the tables show medians (min-max) of ms/step, tokens/s, s
 per step, jaxgpt's compile time, and model FLOPs utilisation (MFU) against this machine's float32
 GEMM peak, measured at the start of the same run.
 
-    python experiments/bench_train.py             # baby (12 x 64) and the 124M shape (4 x 256), ~6 min
+    python experiments/bench_train.py             # baby (12 x 64) and the 124M shape (4 x 256), ~4 min
     python experiments/bench_train.py --no-gpt2   # baby only, ~1.5 min
 
 Model FLOPs per step = (6 N + 12 L C T) x B x T: N = parameters that take part in matmuls (all
