@@ -8,6 +8,7 @@ compiles it, runs `--steps` optimizer steps, and reports
 
     python experiments/bench_memory.py                  # batch 8 x 1024, remat off and on (~5 min)
     python experiments/bench_memory.py --compile-only   # XLA's numbers only, no step run (~1 min)
+    python experiments/bench_memory.py --grad-accum 2   # the same batch as 2 micro-batches of 4
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 GiB = 2 ** 30
 
 
-def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool) -> dict:
+def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool,
+          accum: int = 1) -> dict:
     import resource
 
     import jax
@@ -36,13 +38,13 @@ def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool) -
     from jaxgpt.train import make_train_step
 
     cfg = TrainConfig(preset="gpt2", batch_size=batch, block_size=block, remat=remat,
-                      steps_per_call=1)
+                      steps_per_call=1, grad_accum=accum)
     mc = cfg.model_config(50257)
     graphdef, params = nnx.split(GPT(mc, rngs=nnx.Rngs(0)))
     tx = make_optimizer(cfg)
     step = make_train_step(graphdef, tx, cfg)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
-    x = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, 1, batch, block + 1)), jnp.int32)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, accum, batch // accum, block + 1)), jnp.int32)
     b = (x[..., :-1], x[..., 1:])
     t0 = time.perf_counter()
     compiled = step.lower(state, b).compile()
@@ -72,19 +74,23 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--block", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=1, help="steps run per configuration")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per step (the same global batch in less memory)")
     ap.add_argument("--compile-only", action="store_true", help="only compile: XLA's numbers")
     ap.add_argument("--child", choices=["remat", "no-remat"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = child(args.child == "remat", args.batch, args.block, args.steps, args.compile_only)
+        res = child(args.child == "remat", args.batch, args.block, args.steps, args.compile_only,
+                    args.grad_accum)
         print("RESULT " + json.dumps(res), flush=True)
         return
     print(f"GPT-2 124M train step (AdamW, fp32), batch {args.batch} x {args.block}, "
-          f"{os.cpu_count()} cores; each row is a fresh process", flush=True)
+          f"grad accum {args.grad_accum}, {os.cpu_count()} cores; each row is a fresh process", flush=True)
     rows = {}
     for mode in ("no-remat", "remat"):
         cmd = [sys.executable, __file__, "--child", mode, "--batch", str(args.batch),
-               "--block", str(args.block), "--steps", str(args.steps)]
+               "--block", str(args.block), "--steps", str(args.steps),
+               "--grad-accum", str(args.grad_accum)]
         cmd += ["--compile-only"] if args.compile_only else []
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]

@@ -35,6 +35,29 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def head_loss(model: GPT, h: jax.Array, targets: jax.Array, chunk_rows: int = 1024,
+              min_logits: int = 2 ** 27) -> jax.Array:
+    """Mean cross-entropy of the tied head at final hidden states h [N, C] against targets [N].
+
+    When the logits would be large (N * vocab >= min_logits: 0.5 GiB in float32; GPT-2 at
+    8 x 1024 has 1.5 GiB, and the head's backward makes several such copies) they are computed
+    `chunk_rows` rows at a time in a `lax.map`, with the chunk's forward recomputed in the
+    backward pass (`jax.checkpoint`): only one chunk of logits is ever alive. Same value and
+    gradients as `cross_entropy(model(x), y)`; small runs (the baby model) use one chunk.
+    """
+    def chunk_sum(hc, yc):  # summed loss of one chunk of rows
+        logits = model.wte.attend(hc).astype(jnp.float32)  # [rows, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yc).sum()
+
+    N = h.shape[0]
+    targets = targets.reshape(N)
+    if N * model.config.vocab_size < min_logits or N % chunk_rows or N == chunk_rows:
+        return chunk_sum(h, targets) / N
+    sums = jax.lax.map(jax.checkpoint(lambda a: chunk_sum(*a)),
+                       (h.reshape(N // chunk_rows, chunk_rows, -1), targets.reshape(-1, chunk_rows)))
+    return sums.sum() / N
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig,
                     state_shardings=None):
     """`train_step(state, batch) -> (state, metrics)`, jitted, with the state donated.
@@ -50,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
 
     def loss_fn(params, x, y, key):
         model = nnx.merge(graphdef, params)
-        return cross_entropy(model(x, key=key if cfg.dropout > 0 else None), y)
+        return head_loss(model, model(x, key=key if cfg.dropout > 0 else None, hidden=True), y)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
