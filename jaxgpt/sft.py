@@ -89,6 +89,8 @@ class SFTConfig:
         for name in ("epochs", "batch_size", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2 tokens, got {self.max_length}")
         if self.max_iters is not None and self.max_iters < 1:
             raise ConfigError(f"--max-iters must be >= 1, got {self.max_iters}")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -100,6 +102,10 @@ class SFTConfig:
         if self.eval_split not in ("val", "all"):
             raise ConfigError(f"--eval-split must be val or all, got {self.eval_split!r}")
 
+    def length_limit(self, context: int) -> int:
+        """Longest training sequence: --max-length, never more than the model's context."""
+        return min(self.max_length or context, context)
+
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.lora_rank else 5e-5)
@@ -108,6 +114,8 @@ class SFTConfig:
 # ---- records ---------------------------------------------------------------------------------
 def read_records(path: str | Path) -> list[dict]:
     """A JSON list of records, or JSONL (one record per line). ConfigError names the bad line."""
+    if not path:
+        raise ConfigError("--data FILE is required")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--data {path}: no such file")
@@ -283,7 +291,7 @@ def generate_answers(model, tok, template: str, records: list, max_new: int, pro
     out = []
     for rec in records:
         msgs = templates.to_messages(rec, "record")[:-1]
-        ids = prompt_ids(tok, template, msgs)[-(L - max_new):] if L > max_new else prompt_ids(tok, template, msgs)[-1:]
+        ids = prompt_ids(tok, template, msgs)[-max(L - max_new, 1):]  # room for the answer
         new = min(max_new, L - len(ids))
         row = np.asarray(generate(model, np.asarray([ids], np.int32), new, temperature=0.0,
                                   eot=tok.eot_token))[0, len(ids):].tolist()
@@ -351,12 +359,10 @@ def run_sft(cfg: SFTConfig, log=_log) -> dict:
     if not cfg.out:
         raise ConfigError("--out DIR is required (where the model and report go)")
     checkpoint.check_writable(cfg.out, cfg.force)
-    records = read_records(cfg.data) if cfg.data else None
-    if records is None:
-        raise ConfigError("--data FILE is required")
+    records = read_records(cfg.data)
     lm = load_base(cfg)
     tok, template = lm.tokenizer, cfg.template
-    max_len = min(cfg.max_length or lm.config.block_size, lm.config.block_size)
+    max_len = cfg.length_limit(lm.config.block_size)
     parts = split(records, cfg.val_frac, cfg.test_frac, cfg.seed)
     if not parts["train"]:
         raise ConfigError("the train split is empty; use a bigger dataset or smaller --val-frac/--test-frac")
@@ -535,15 +541,13 @@ def summary_table(runs: dict[str, dict]) -> str:
 # ---- other modes -------------------------------------------------------------------------------
 def eval_only(cfg: SFTConfig) -> dict:
     """{"loss", "tokens"}: masked loss of the base on the val split (or every record, unshuffled)."""
-    records = read_records(cfg.data) if cfg.data else None
-    if records is None:
-        raise ConfigError("--data FILE is required")
+    records = read_records(cfg.data)
     lm = load_base(cfg)
     recs = records if cfg.eval_split == "all" else split(records, cfg.val_frac, cfg.test_frac, cfg.seed)["val"]
     if not recs:
         raise ConfigError("the val split is empty; use --eval-split all or a larger --val-frac")
     template = lm.meta.get("template", cfg.template) if cfg.template == templates.DEFAULT else cfg.template
-    max_len = min(cfg.max_length or lm.config.block_size, lm.config.block_size)
+    max_len = cfg.length_limit(lm.config.block_size)
     ex = encode_all(lm.tokenizer, template, recs, max_len, _log)
     loss, tokens = evaluate_loss(lm.model, ex, cfg.batch_size, lm.tokenizer.eot_token, cfg.mask_prompt)
     return {"loss": loss, "tokens": tokens}
