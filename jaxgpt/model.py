@@ -46,6 +46,16 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def fused_attention(dtype) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation to use for full (uncached) causal
+    attention, or None for the plain masked softmax below. cuDNN's fused (flash) attention on a GPU
+    in 16-bit compute; None elsewhere: on CPU the XLA implementation materialises the same
+    [B, H, T, T] scores as the plain code and was measured slower (experiments/PERF.md)."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return None
+
+
 def _split(key: jax.Array | None, n: int) -> list:
     """n independent dropout keys, or n Nones when there is no key."""
     return [None] * n if key is None else list(jax.random.split(key, n))
@@ -159,7 +169,14 @@ class CausalSelfAttention(nnx.Module):
         qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # [B, T, 3, H, D]
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each [B, H, T, D]
         scale, neg = 1.0 / math.sqrt(D), jnp.finfo(jnp.float32).min
-        if kv is None:
+        fused = fused_attention(q.dtype) if self.dropout == 0.0 or k_attn is None else None
+        if kv is None and fused:
+            # GPU, 16-bit, no attention dropout: one fused kernel that never materialises the
+            # [B, H, T, T] scores. It takes [B, T, H, D]; XLA cancels the transposes in and out.
+            y = jax.nn.dot_product_attention(*(a.transpose(0, 2, 1, 3) for a in (q, k, v)),
+                                             scale=scale, is_causal=True, implementation=fused)
+            y = y.transpose(0, 2, 1, 3)  # [B, H, T, D]
+        elif kv is None:
             # Training / full forward: keys are exactly this chunk; query i sees keys j <= i.
             causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
             att = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # [B, H, T, T]

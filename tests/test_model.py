@@ -120,3 +120,37 @@ def test_remat_gives_the_same_loss_and_grads():
     assert abs(float(l0) - float(l1)) <= 1e-5
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_fused_attention_path_equals_the_masked_softmax(monkeypatch):
+    """On a GPU in 16-bit the model calls jax.nn.dot_product_attention (cuDNN). Its plumbing
+    (layouts, causal flag, scale) is checked here on CPU with the XLA implementation of the same
+    call, in float32: logits and gradients equal the plain masked-softmax path, and the cached
+    decode path does not take it."""
+    import jaxgpt.model as model_mod
+
+    ids = jnp.arange(2 * 24).reshape(2, 24) % 97
+    calls = []
+
+    def xla_fused(dtype):
+        calls.append(dtype)
+        return "xla"
+
+    out = []
+    for patch in (None, xla_fused):
+        if patch:
+            monkeypatch.setattr(model_mod, "fused_attention", patch)
+        graphdef, params = nnx.split(GPT(TINY, seed=0))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(ids[:, :-1])
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).mean()
+
+        logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids))(params)  # a fresh trace each time
+        out.append((jax.jit(jax.value_and_grad(loss))(params), np.asarray(logits)))
+    assert calls, "the patched selector was never consulted"
+    ((l0, g0), y0), ((l1, g1), y1) = out
+    np.testing.assert_allclose(y0, y1, atol=1e-5)
+    assert abs(float(l0) - float(l1)) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
