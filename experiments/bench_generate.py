@@ -56,7 +56,7 @@ def build(seed: int = 0, **shape):
 
 def contestants(hf, jx, prompt: np.ndarray, new: int, jq=None) -> dict:
     """name -> zero-argument function generating `new` tokens greedily for `prompt` [B, T0]."""
-    pt = torch.tensor(prompt)
+    pt = torch.tensor(prompt, device=hf.device)
     mask = torch.ones_like(pt)
 
     def jax_run(use_cache, model=jx):
@@ -65,7 +65,7 @@ def contestants(hf, jx, prompt: np.ndarray, new: int, jq=None) -> dict:
     def hf_run():
         with torch.inference_mode():
             return hf.generate(pt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, use_cache=True, pad_token_id=50256).numpy()
+                               do_sample=False, use_cache=True, pad_token_id=50256).cpu().numpy()
 
     fns = {"jaxgpt (KV cache)": jax_run(True), "jaxgpt (no cache)": jax_run(False),
            "HF generate (KV cache)": hf_run}
@@ -117,12 +117,14 @@ def main():
     repeats = args.repeats or (2 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
     hf, jx = build()  # GPT2Config() defaults: GPT-2 small, 124M
+    if torch.cuda.is_available():  # on a GPU machine both run on the GPU
+        hf = hf.cuda()
     jq = None if args.no_int8 else quantize_model(jx)
     print(f"GPT-2 124M (random weights), greedy, 16-token prompt, {new} new tokens, {repeats} "
           f"timed repeats after warm-up (no cache: {args.no_cache_repeats or 'first call minus compile'}) | "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} [{jax.devices()[0].platform}], torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, attention {hf.config._attn_implementation}), "
+          f"({"cuda" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"}, attention {hf.config._attn_implementation}), "
           f"transformers {transformers.__version__}", flush=True)
     t_start = time.perf_counter()
     print(f"| batch | implementation         | tokens/s (median) | min-max         | same ids as HF |")
