@@ -16,6 +16,7 @@ dequantized inside the matmul, so no float copy of the model is kept (see jaxgpt
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -51,7 +52,10 @@ def fused_attention(dtype) -> str | None:
     attention, or None for the plain masked softmax below. cuDNN's fused (flash) attention on a GPU
     in 16-bit compute; None elsewhere: on CPU the XLA implementation materialises the same
     [B, H, T, T] scores as the plain code and was measured slower (experiments/PERF.md)."""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    # XLA's deterministic-ops mode (which jaxgpt.train asks for) fails to compile the cuDNN call
+    deterministic = "xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and not deterministic:
         return "cudnn"
     return None
 

@@ -187,6 +187,7 @@ def test_bad_resumes(capsys, corpus, tmp_path):
     _bad(capsys, args + ["--resume"], out, "no checkpoint found")  # nothing there yet
     assert main(args) == 0
     capsys.readouterr()
+    _bad(capsys, args, out, "already holds a training run")  # the same command again, no --resume
     _bad(capsys, args + ["--resume", "--lr", "0.5"], out, "disagrees")  # another config
     # corrupt every file of the checkpoint: refused, and the run directory is left untouched
     for f in (out / "checkpoints" / "10").rglob("*"):
