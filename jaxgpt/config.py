@@ -154,6 +154,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
+    deterministic: bool = True  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
 
     def __post_init__(self):
         positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
