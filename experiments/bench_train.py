@@ -14,9 +14,11 @@ the attention scores and weighted values (forward + backward, no discount for th
 as in nanoGPT's `estimate_mfu` and the PaLM paper. The GEMM peak is the best median GFLOP/s of a
 jitted float32 matmul over two shapes: 2048^3 and the 124M model's MLP matmul (1024 x 768 x 3072).
 
-The script re-executes itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages
-for malloc; see experiments/PERF.md) unless --no-thp; both implementations run in the same
-process, so torch gets the same setting.
+The script re-executes itself with the glibc malloc settings that `python -m jaxgpt.train` also
+runs with (jaxgpt.train.MALLOC_TUNABLES: one arena, no mmap/trim, so freed temporaries are reused
+instead of faulted in again each step, and transparent huge pages; see experiments/PERF.md)
+unless --default-malloc; both implementations run in the same process, so torch gets the same
+setting.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import statistics
 import sys
 import time
 
-THP = "glibc.malloc.hugetlb=1"
-if __name__ == "__main__" and "--no-thp" not in sys.argv and THP not in os.environ.get("GLIBC_TUNABLES", ""):
-    tun = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), THP]))
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tun})
+from jaxgpt.train import MALLOC_TUNABLES, reexec_with_malloc_tunables
+
+if __name__ == "__main__" and not {"--default-malloc", "--no-thp"} & set(sys.argv):
+    reexec_with_malloc_tunables(sys.argv)  # the train CLI's malloc settings (see the docstring)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -176,8 +178,8 @@ def main():
     ap.add_argument("--gpt2-steps", type=int, default=2, help="steps per round (124M shape)")
     ap.add_argument("--gpt2", action=argparse.BooleanOptionalAction, default=True,
                     help="also bench the 124M shape at batch 4 x 256")
-    ap.add_argument("--no-thp", action="store_true",
-                    help="don't re-execute with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    ap.add_argument("--default-malloc", "--no-thp", action="store_true",
+                    help=f"don't re-execute with GLIBC_TUNABLES={MALLOC_TUNABLES}")
     args = ap.parse_args()
     t_start = time.perf_counter()
     import torch
