@@ -241,6 +241,19 @@ class Block(nnx.Module):
         return x, kv
 
 
+def head_rows(wte: nnx.Embed, x: jax.Array) -> jax.Array:
+    """The tied head for a few rows (decoding): x [N, C] -> logits [N, V], as `wte.attend(x)`.
+
+    Computed as (wte @ x^T)^T: with the table [V, C] as the dot's left operand, XLA:CPU runs a
+    row-major matrix-vector product over wte as stored. `x @ wte.T` (attend) instead becomes a
+    loop fusion that reads wte transposed and recomputes ln_f inside it (batch-1 decode of the
+    124M shape: ~3 ms/token more; experiments/PERF.md "Decode (batch 1)"). Same products, same
+    dtype promotion as nnx.Embed.attend; only the summation order may differ.
+    """
+    x, table = wte.promote_dtype((x, wte.embedding[...]), dtype=wte.dtype)  # [N, C], [V, C]
+    return jnp.dot(table, x.T).T  # [V, N] -> [N, V]
+
+
 class GPT(nnx.Module):
     """GPT-2: `model(ids)` -> logits [B, T, vocab]; `model(ids, cache=c)` -> (logits, cache)."""
 
@@ -296,7 +309,11 @@ class GPT(nnx.Module):
         x = self.ln_f(x)  # [B*T, C], or [B, C] with logits_at
         if hidden and cache is None:
             return x
-        logits = self.wte.attend(x).astype(jnp.float32).reshape(B, -1, self.config.vocab_size)
+        if logits_at is not None and isinstance(self.wte, nnx.Embed):
+            logits = head_rows(self.wte, x)  # [B, V]: one row per sequence, decoding
+        else:
+            logits = self.wte.attend(x)  # [B*T, V] (or int8 table rows, Int8Embed)
+        logits = logits.astype(jnp.float32).reshape(B, -1, self.config.vocab_size)
         if cache is None:
             return logits
         return logits, {"k": new_k, "v": new_v, "index": index + T}
