@@ -120,11 +120,12 @@ def main():
     if torch.cuda.is_available():  # on a GPU machine both run on the GPU
         hf = hf.cuda()
     jq = None if args.no_int8 else quantize_model(jx)
+    hf_where = "cuda" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"
     print(f"GPT-2 124M (random weights), greedy, 16-token prompt, {new} new tokens, {repeats} "
           f"timed repeats after warm-up (no cache: {args.no_cache_repeats or 'first call minus compile'}) | "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} [{jax.devices()[0].platform}], torch {torch.__version__} "
-          f"({"cuda" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"}, attention {hf.config._attn_implementation}), "
+          f"({hf_where}, attention {hf.config._attn_implementation}), "
           f"transformers {transformers.__version__}", flush=True)
     t_start = time.perf_counter()
     print(f"| batch | implementation         | tokens/s (median) | min-max         | same ids as HF |")
