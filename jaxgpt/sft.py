@@ -31,12 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt import checkpoint, lora, templates
+from jaxgpt import checkpoint, lora, parallel, templates
 from jaxgpt.config import ConfigError, add_dataclass_flags
 from jaxgpt.data import atomic_write
 from jaxgpt.optim import make_optimizer
 from jaxgpt.sample import bucket  # padded lengths: powers of two, so few shapes compile
-from jaxgpt.train import deterministic_gpu_ops
 
 IGNORE = 0  # mask value of positions that do not count in the loss
 
@@ -622,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    deterministic_gpu_ops()
+    parallel.deterministic_gpu_ops()
     args = build_parser().parse_args(argv)
     try:
         cfg = SFTConfig(**vars(args))

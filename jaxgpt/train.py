@@ -522,22 +522,11 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(args))
 
 
-def deterministic_gpu_ops():
-    """Same seed, same losses on a GPU too: XLA's GPU scatter-add (the embedding gradient) uses
-    atomics by default, so two identical runs drifted apart in the 4th digit within 300 steps
-    (measured on an H200, README "Performance"). This asks XLA for its deterministic kernels. It
-    only works before JAX starts its backends, so the CLIs call it first (train: unless
-    --no-deterministic); XLA_FLAGS that already name the option win. No effect on CPU."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_deterministic_ops" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
-
-
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         if cfg.deterministic:  # before JAX starts its backends
-            deterministic_gpu_ops()
+            parallel.deterministic_gpu_ops()
         summary = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
