@@ -26,82 +26,17 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxgpt.config import TrainConfig
-from jaxgpt.model import GPT
-from jaxgpt.optim import make_optimizer
-from jaxgpt.train import make_train_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])  # experiments/ on the path, for bench_train
-from bench_train import model_flops_per_step  # noqa: E402
+from bench_train import jax_runner, matmul_gflops, model_flops_per_step, torch_runner  # noqa: E402
 
 
-def matmul_peak(dtype: str, n: int, reps: int = 10) -> float:
+def matmul_peak(dtype: str, n: int) -> float:
     """Median TFLOP/s of a jitted n x n x n matmul in `dtype` (float32 uses JAX's default
     precision, which is what the model's float32 matmuls get: TF32 on recent NVIDIA GPUs)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts) / 1e12
-
-
-def jax_runner(cfg: TrainConfig, vocab: int, x: np.ndarray, k: int):
-    """(run, compile seconds): `run()` does `k` steps of the real train step, returns the loss."""
-    graphdef, params = nnx.split(GPT(cfg.model_config(vocab), rngs=nnx.Rngs(0)))
-    tx = make_optimizer(cfg)
-    step = make_train_step(graphdef, tx, cfg)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
-    xs = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (k, 1, *x.shape))  # same batch every step
-    batch = (xs[..., :-1], xs[..., 1:])
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    box = [state]
-
-    def run():
-        box[0], m = compiled(box[0], batch)
-        return float(m["loss"][-1])  # the host sync that ends the timed interval
-
-    run()  # warm-up: the first execution allocates
-    return run, compile_s
-
-
-def torch_runner(cfg: TrainConfig, vocab: int, x: np.ndarray, k: int, bf16: bool):
-    """`run()` does `k` HF GPT-2 training steps (autocast bf16 if asked), returns the loss."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    mc = cfg.model_config(vocab)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=mc.block_size, n_embd=mc.n_embd,
-                                    n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0)).to(dev)
-    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
-    xt = torch.as_tensor(x[:, :-1], device=dev)
-
-    def run():
-        for _ in range(k):
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-                loss = hf(xt, labels=xt).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return float(loss.detach())  # syncs the device
-
-    run()
-    return run
+    return matmul_gflops(n, n, n, dtype) / 1e3
 
 
 def main():
@@ -133,13 +68,13 @@ def main():
     runners, compiles = {}, {}
     for d in ("float32", "bfloat16"):
         cfg = TrainConfig(**{**base.__dict__, "dtype": d})
-        runners[f"jaxgpt {d}"], compiles[d] = jax_runner(cfg, vocab, x, args.steps)
+        runners[f"jaxgpt {d}"], compiles[d] = jax_runner(cfg, vocab, args.steps, x)
     if args.plain_attention:  # the same step traced with the fused-attention selector off
         import jaxgpt.model as model_mod
 
         selector, model_mod.fused_attention = model_mod.fused_attention, lambda dtype: None
         cfg = TrainConfig(**{**base.__dict__, "dtype": "bfloat16"})
-        runners["jaxgpt bfloat16 plain attn"], compiles["bf16 plain attn"] = jax_runner(cfg, vocab, x, args.steps)
+        runners["jaxgpt bfloat16 plain attn"], compiles["bf16 plain attn"] = jax_runner(cfg, vocab, args.steps, x)
         model_mod.fused_attention = selector
     if args.torch:
         for bf in (False, True):

@@ -46,21 +46,24 @@ from jaxgpt.optim import make_optimizer  # noqa: E402
 from jaxgpt.train import make_train_step  # noqa: E402
 
 
+def matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
+    """GFLOP/s (median of `reps`) of a jitted [m, k] x [k, n] matmul in `dtype`."""
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * m * k * n / statistics.median(ts) / 1e9
+
+
 def gemm_peak(reps: int = 10) -> dict[str, float]:
     """GFLOP/s (median of `reps`) of a jitted float32 matmul, for two shapes."""
-    out = {}
-    for name, (m, k, n) in {"2048^3": (2048, 2048, 2048), "1024x768x3072": (1024, 768, 3072)}.items():
-        a = jax.random.normal(jax.random.key(0), (m, k))
-        b = jax.random.normal(jax.random.key(1), (k, n))
-        f = jax.jit(jnp.matmul)
-        f(a, b).block_until_ready()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f(a, b).block_until_ready()
-            ts.append(time.perf_counter() - t)
-        out[name] = 2 * m * k * n / statistics.median(ts) / 1e9
-    return out
+    shapes = {"2048^3": (2048, 2048, 2048), "1024x768x3072": (1024, 768, 3072)}
+    return {name: matmul_gflops(*mkn, reps=reps) for name, mkn in shapes.items()}
 
 
 def model_flops_per_step(cfg: TrainConfig, vocab: int) -> float:
@@ -72,16 +75,19 @@ def model_flops_per_step(cfg: TrainConfig, vocab: int) -> float:
     return (6 * n + 12 * mc.n_layer * mc.n_embd * T) * cfg.batch_size * T
 
 
-def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int):
-    """A closure running `steps_per_call` optimizer steps of jaxgpt's train step, and the seconds
-    that tracing + lowering + compiling it took."""
+def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int, x: np.ndarray | None = None):
+    """A closure running `steps_per_call` optimizer steps of jaxgpt's train step (it returns the
+    last loss), and the seconds that tracing + lowering + compiling it took. `x` [B, T + 1]: one
+    batch used for every step; default a fresh random batch per step."""
     model_cfg = cfg.model_config(vocab)
     graphdef, params = nnx.split(GPT(model_cfg, rngs=nnx.Rngs(0)))
     tx = make_optimizer(cfg)
     step = make_train_step(graphdef, tx, cfg)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
     T, B = model_cfg.block_size, cfg.batch_size
-    x = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (steps_per_call, 1, B, T + 1)), jnp.int32)
+    if x is None:
+        x = np.random.default_rng(0).integers(0, vocab, (steps_per_call, 1, B, T + 1))
+    x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (steps_per_call, 1, B, T + 1))
     batch = (x[..., :-1], x[..., 1:])
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -90,34 +96,45 @@ def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int):
 
     def run():
         box[0], m = compiled(box[0], batch)
-        jax.block_until_ready(m)
+        return float(m["loss"][-1])  # the host sync that ends the timed interval
 
     run()  # warm up (first execution allocates)
     return run, compile_s
 
 
-def torch_runner(cfg: TrainConfig, vocab: int):
-    """A closure running one HF GPT-2 training step (forward, backward, clipping, AdamW)."""
+def torch_runner(cfg: TrainConfig, vocab: int, x: np.ndarray | None = None, steps: int = 1,
+                 bf16: bool = False):
+    """A closure running `steps` HF GPT-2 training steps (forward, backward, clipping, AdamW; under
+    `torch.autocast(bfloat16)` if `bf16`) on the GPU if there is one; it returns the last loss.
+    `x` [B, T + 1]: the batch (its first T columns); default random."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     mc = cfg.model_config(vocab)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=mc.block_size, n_embd=mc.n_embd,
                                     n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0))
+                                    embd_pdrop=0.0, attn_pdrop=0.0)).to(dev)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
-    x = torch.randint(0, vocab, (cfg.batch_size, mc.block_size))
+    if x is None:
+        x = torch.randint(0, vocab, (cfg.batch_size, mc.block_size))
+    else:
+        x = torch.as_tensor(x[:, :-1])
+    x = x.to(dev)
 
     def run():
-        loss = hf(x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                loss = hf(x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # syncs the device
 
     run()  # warm up
     return run
