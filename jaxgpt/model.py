@@ -280,8 +280,9 @@ class GPT(nnx.Module):
         (logits, new_cache). `key` enables dropout (training only). `logits_at` (an int or a
         traced int32 scalar, an index into the T positions) computes the head at that one
         position only: logits [B, 1, V] (decoding needs just the last real position's logits).
-        `hidden=True` (no cache) skips the head: returns the final hidden states [B*T, C] (after
-        ln_f), for a loss that applies the head itself (jaxgpt.train.head_loss, in chunks).
+        `hidden=True` skips the head: returns the final hidden states (after ln_f) in place of the
+        logits, [B*T, C] (or [B, C] with `logits_at`), for a loss that applies the head itself
+        (jaxgpt.train.head_loss, in chunks) or a decoder that picks tokens from them (`head`).
         """
         B, T = ids.shape
         index = None if cache is None else cache["index"]
@@ -307,16 +308,18 @@ class GPT(nnx.Module):
         if logits_at is not None:  # the head is T x cheaper at one position
             x = jax.lax.dynamic_index_in_dim(x.reshape(B, T, -1), logits_at, axis=1, keepdims=False)
         x = self.ln_f(x)  # [B*T, C], or [B, C] with logits_at
-        if hidden and cache is None:
-            return x
-        if logits_at is not None and isinstance(self.wte, nnx.Embed):
-            logits = head_rows(self.wte, x)  # [B, V]: one row per sequence, decoding
-        else:
-            logits = self.wte.attend(x)  # [B*T, V] (or int8 table rows, Int8Embed)
-        logits = logits.astype(jnp.float32).reshape(B, -1, self.config.vocab_size)
-        if cache is None:
-            return logits
-        return logits, {"k": new_k, "v": new_v, "index": index + T}
+        new_cache = None if cache is None else {"k": new_k, "v": new_v, "index": index + T}
+        if hidden:
+            return x if cache is None else (x, new_cache)
+        logits = self.head(x, rows=logits_at is not None).reshape(B, -1, self.config.vocab_size)
+        return logits if cache is None else (logits, new_cache)
+
+    def head(self, x: jax.Array, rows: bool = False) -> jax.Array:
+        """The tied output head: final hidden states x [N, C] -> float32 logits [N, V].
+        `rows=True` says N is a handful of decoded rows (one per sequence): see head_rows."""
+        if rows and isinstance(self.wte, nnx.Embed):
+            return head_rows(self.wte, x).astype(jnp.float32)  # [N, V]
+        return self.wte.attend(x).astype(jnp.float32)  # [N, V] (or int8 table rows, Int8Embed)
 
 
 def param_bytes(model_or_state) -> int:

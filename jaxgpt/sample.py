@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import weakref
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +57,90 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# ---- exact greedy head for batch-1 decoding ----------------------------------------------------
+# At batch 1 a decoded token costs one pass over the weights, and the tied head is 154 of the 494
+# MB of GPT-2 124M. Greedy decoding only needs the argmax, so it can screen the vocabulary with an
+# int8 copy of the table (a quarter of the bytes) and recompute in float32 only the rows that
+# could still be the maximum. The copy is made once per embedding array and kept (`_screen_for`).
+SCREEN_K = 256  # rows recomputed in float32; more candidates than this fall back to the full head
+
+
+class GreedyScreen(NamedTuple):
+    """An int8 copy of a [V, C] head table w with per-row bounds on its error.
+
+    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (symmetric, per row); err [V] is
+    ||w[v] - q[v] * scale[v]||_2 exactly and norm [V] is ||w[v]||_2, so for any x
+    |x . w[v] - (x . q[v]) * scale[v]| <= ||x||_2 * err[v]  (Cauchy-Schwarz).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    err: jax.Array
+    norm: jax.Array
+
+
+@jax.jit
+def greedy_screen(table: jax.Array) -> GreedyScreen:
+    """The GreedyScreen of a float head table [V, C]."""
+    table = table.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(table), axis=1), 1e-30) / 127.0  # [V]
+    q = jnp.round(table / scale[:, None]).astype(jnp.int8)  # [V, C]
+    err = jnp.linalg.norm(table - q.astype(jnp.float32) * scale[:, None], axis=1)  # [V]
+    return GreedyScreen(q, scale, err, jnp.linalg.norm(table, axis=1))
+
+
+_SCREENS: dict[int, tuple] = {}  # id(table) -> (weakref to the table, its GreedyScreen)
+
+
+def _screen_for(table: jax.Array) -> GreedyScreen:
+    """greedy_screen(table), computed once per table array while it is alive (training replaces
+    the array on every update, so a stale copy is never used)."""
+    hit = _SCREENS.get(id(table))
+    if hit is not None and hit[0]() is table:
+        return hit[1]
+    for key in [k for k, (ref, _) in _SCREENS.items() if ref() is None]:
+        del _SCREENS[key]  # tables that are gone
+    screen = greedy_screen(table)
+    _SCREENS[id(table)] = (weakref.ref(table), screen)
+    return screen
+
+
+def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
+                    k: int = SCREEN_K) -> jax.Array:
+    """argmax over v of x . table[v] for final hidden rows x [B, C], reading mostly int8.
+
+    approx[v] = (x . q[v]) * scale[v] is within b[v] = ||x|| * err[v] (plus a float32 rounding
+    margin) of the exact logit, so the maximum is among the candidates whose upper bound
+    approx + b reaches the largest lower bound max(approx - b). Those (at most k, in index order)
+    are recomputed in float32 from `table` and the best one wins; with more than k candidates the
+    full float32 head decides. The result is the argmax of float32 logits, as `sample_token` at
+    temperature 0 would pick from the full head, up to float32 rounding (a tie closer than
+    ~1e-6 relative may resolve either way, as it may between any two matmul orders).
+    """
+    x = x.astype(jnp.float32)
+    x, q = jax.lax.optimization_barrier((x, screen.q))  # keep the int8 -> f32 convert in the loop
+    approx = (x @ q.astype(jnp.float32).T) * screen.scale  # [B, V], reads the int8 rows
+    xnorm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # [B, 1]
+    # error bound: quantization (Cauchy-Schwarz) + float32 accumulation over C terms (<= ~C * 2^-24
+    # relative to sum |x_i w_i| <= ||x|| ||w||; 1e-4 covers C up to ~1600 with room)
+    bound = xnorm * (screen.err * 1.001 + 1e-4 * screen.norm)  # [B, V]
+    floor = jnp.max(approx - bound, axis=-1, keepdims=True)  # [B, 1] the best lower bound
+    cand = approx + bound >= floor  # [B, V] rows that may hold the maximum
+
+    def recompute():
+        idx = jax.vmap(lambda c: jnp.nonzero(c, size=k, fill_value=0)[0])(cand)  # [B, k]
+        real = jnp.take_along_axis(cand, idx, axis=1)  # [B, k] False on the fill slots
+        logits = jnp.einsum("bkc,bc->bk", table[idx].astype(jnp.float32), x)  # [B, k]
+        best = jnp.argmax(jnp.where(real, logits, NEG_INF), axis=-1)  # [B]
+        return jnp.take_along_axis(idx, best[:, None], axis=1)[:, 0]
+
+    def full():
+        return jnp.argmax(jnp.dot(table.astype(jnp.float32), x.T).T, axis=-1)  # [B]
+
+    many = jnp.max(jnp.sum(cand, axis=-1)) > k
+    return jax.lax.cond(many, full, recompute).astype(jnp.int32)
+
+
 # ---- decoding ---------------------------------------------------------------------------------
 def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
     """The smallest power of two >= max(n, lo), capped at `cap`: the padded lengths that decoding
@@ -65,19 +151,24 @@ def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
 
 @partial(jax.jit, static_argnames=("graphdef", "prefill", "temperature", "top_k", "top_p", "eot",
                                    "use_cache"))
-def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, temperature, top_k, top_p,
-              eot, use_cache):
+def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill, temperature, top_k,
+              top_p, eot, use_cache):
     """buf: int32 [B, S], the prompt in buf[:, :prompt_len] (the rest is padding); fills
     buf[:, prompt_len:total]. Only shapes (B, S), `prefill` (the padded prompt length) and the
-    sampling settings are compiled in: `prompt_len` and `total` are traced int32 scalars."""
+    sampling settings are compiled in: `prompt_len` and `total` are traced int32 scalars.
+    `screen` (a GreedyScreen of the head, or None) makes greedy decoding use screened_argmax."""
     model = nnx.merge(graphdef, params)
     B, S = buf.shape
     pick = partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     done0 = jnp.zeros((B,), bool)
 
-    def emit(buf, done, logits, t):
-        # t: index in buf of the token being generated; rows already finished repeat eot
-        tok = pick(logits, jax.random.fold_in(key, t))
+    def emit(buf, done, x, t):
+        # x: [B, C] final hidden state of the last position; t: index in buf of the token being
+        # generated; rows already finished repeat eot
+        if screen is not None:
+            tok = screened_argmax(x, model.wte.embedding[...], screen)
+        else:
+            tok = pick(model.head(x, rows=True), jax.random.fold_in(key, t))
         if eot is not None:
             tok = jnp.where(done, eot, tok)
             done = done | (tok == eot)
@@ -93,15 +184,15 @@ def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, tempera
         # keys/values land at positions >= prompt_len, which the causal mask hides and decoding
         # overwrites), take the logits at the last real position, decode one token per step.
         cache = init_cache(model.config, B, S)
-        logits, cache = model(buf[:, :prefill], cache=cache, logits_at=prompt_len - 1)
+        x, cache = model(buf[:, :prefill], cache=cache, logits_at=prompt_len - 1, hidden=True)
         cache = {**cache, "index": jnp.asarray(prompt_len, jnp.int32)}
-        buf, done = emit(buf, done0, logits[:, 0], prompt_len)
+        buf, done = emit(buf, done0, x, prompt_len)
 
         def step(carry):
             buf, done, cache, t = carry
             tok = jax.lax.dynamic_slice(buf, (0, t - 1), (B, 1))  # [B, 1] the last token
-            logits, cache = model(tok, cache=cache, logits_at=0)
-            buf, done = emit(buf, done, logits[:, 0], t)
+            x, cache = model(tok, cache=cache, logits_at=0, hidden=True)  # x: [B, C]
+            buf, done = emit(buf, done, x, t)
             return buf, done, cache, t + 1
 
         return loop(step, (buf, done, cache, prompt_len + 1), S)[0]
@@ -118,8 +209,8 @@ def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, tempera
 
         def step(carry, w=w):
             buf, done, t = carry
-            logits = model(buf[:, :w], logits_at=t - 1)
-            buf, done = emit(buf, done, logits[:, 0], t)
+            x = model(buf[:, :w], logits_at=t - 1, hidden=True)  # [B, C]
+            buf, done = emit(buf, done, x, t)
             return buf, done, t + 1
 
         carry = loop(step, carry, w + 1)  # window w serves t <= w
@@ -129,8 +220,8 @@ def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, tempera
     if S > L:
         def slide(carry):
             buf, done, t = carry
-            logits = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1)
-            buf, done = emit(buf, done, logits[:, 0], t)
+            x = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1, hidden=True)
+            buf, done = emit(buf, done, x, t)
             return buf, done, t + 1
 
         carry = loop(slide, carry, S)
@@ -139,7 +230,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, *, prefill, tempera
 
 def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eot: int | None = None,
-             use_cache: bool = True):
+             use_cache: bool = True, screen: bool = True):
     """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
 
     With a cache (default) the prompt is prefilled once and each new token costs one single-token
@@ -148,6 +239,12 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     buckets reuses the compiled function. When the sequence would outgrow the context
     (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
     nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
+
+    Greedy decoding (temperature 0) of a single float32 sequence picks each token with
+    `screened_argmax`: an int8 copy of the head (made once per model and kept) screens the
+    vocabulary and only the candidates are recomputed in float32 -- the same ids as the full
+    head, with ~115 MB less read per token at GPT-2 124M. `screen=False` reads the full head.
+    (Batched rows keep the full head: there the int8 matrix product is slower than float32.)
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     prompt = np.asarray(prompt, np.int32)
@@ -164,8 +261,13 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     S = bucket(total, cap=L if use_cache else None)
     buf = np.full((B, S), 0 if eot is None else eot, np.int32)  # prompt, then generated ids
     buf[:, :T0] = prompt
+    table = getattr(model.wte, "embedding", None)
+    greedy_screen_applies = (screen and temperature == 0.0 and B == 1 and type(model.wte) is nnx.Embed
+                             and jnp.dtype(model.config.dtype) == jnp.float32
+                             and table[...].dtype == jnp.float32)
+    head_screen = _screen_for(table[...]) if greedy_screen_applies else None
     graphdef, params = nnx.split(model)
-    out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key,
+    out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key, head_screen,
                     prefill=min(bucket(T0, cap=L), S), temperature=float(temperature),
                     top_k=None if top_k is None else int(top_k),
                     top_p=None if top_p is None else float(top_p),

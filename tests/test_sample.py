@@ -66,6 +66,59 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
     np.testing.assert_array_equal(uncached, ref)
 
 
+def test_batch1_greedy_screened_head_matches_transformers(tiny):
+    """Batch-1 greedy decoding picks tokens through the int8 screen of the head (screened_argmax)
+    and gives the same ids as HF and as the full float32 head, with and without the cache."""
+    from jaxgpt.sample import _SCREENS
+
+    model, folder, _ = tiny
+    lm = jaxgpt.load(folder)
+    prompt = np.random.RandomState(3).randint(0, 50257, (1, 7))
+    n = 40
+    ref = hf_greedy(model, prompt, n)
+    _SCREENS.clear()
+    screened = np.asarray(generate(lm.model, prompt, n, temperature=0.0))
+    assert len(_SCREENS) == 1  # the screen was built (and is kept for the next call)
+    uncached = np.asarray(generate(lm.model, prompt, n, temperature=0.0, use_cache=False))
+    full = np.asarray(generate(lm.model, prompt, n, temperature=0.0, screen=False))
+    assert len(_SCREENS) == 1
+    for out in (screened, uncached, full):
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_screened_argmax_is_the_float32_argmax():
+    """screened_argmax == argmax of the float32 logits, including near-ties that the int8 copy
+    alone gets wrong, rows with outliers, and the fallback when more than k rows are candidates."""
+    from jaxgpt.sample import greedy_screen, screened_argmax
+
+    pick = jax.jit(screened_argmax, static_argnames="k")
+    rng = np.random.RandomState(0)
+    V, C = 2000, 64
+    int8_wrong = 0
+    for trial in range(40):
+        table = rng.randn(V, C).astype(np.float32) * 0.02
+        table[rng.randint(V, size=20), rng.randint(C, size=20)] = 0.5  # outlier weights
+        x = rng.randn(3, C).astype(np.float32)
+        x[:, rng.randint(C)] *= 30  # an outlier activation dimension, as in trained GPT-2s
+        best = (table @ x.T).argmax(0)
+        for b in range(3):  # near-ties: rows within ~1e-4 of each row's maximum logit
+            for r in rng.randint(V, size=5):
+                table[r] = table[best[b]] + rng.randn(C).astype(np.float32) * 1e-5
+        exact = table.astype(np.float64) @ x.T.astype(np.float64)  # [V, 3]
+        want = exact.argmax(0)
+        # float32 rounding of a C-term dot, relative to sum |x_i w_i|: picks closer than this to
+        # the maximum are ties that any float32 matmul order may resolve either way
+        tol = 1e-6 * (np.abs(table) @ np.abs(x).T).max(0)  # [3]
+        screen = greedy_screen(jnp.asarray(table))
+        approx = (x @ np.asarray(screen.q, np.float32).T) * np.asarray(screen.scale)
+        int8_wrong += int((exact.max(0) - exact[approx.argmax(1), range(3)] > tol).sum())
+        for k in (256, 2):  # 2: more candidates than k -> the full float32 head decides
+            got = np.asarray(pick(jnp.asarray(x), jnp.asarray(table), screen, k=k))
+            short = exact.max(0) - exact[got, range(3)]  # how far below the maximum the pick is
+            assert (short <= tol).all(), f"trial {trial}, k={k}: picked {got}, best {want}, {short}"
+    assert int8_wrong > 0  # the screen alone would have been wrong: the recompute is tested
+
+
 def hf_greedy(model, prompt, n):
     with torch.no_grad():
         return model.generate(torch.tensor(prompt), max_new_tokens=n, min_new_tokens=n,
