@@ -10,7 +10,11 @@ The no-cache row (every step re-runs the model over the whole prefix) is ~10-30x
 default it is timed once, on its first call, minus the compile time that jax.monitoring reports
 for that call (--no-cache-repeats adds ordinary timed repeats). The int8 row is the same model through
 jaxgpt.quant (int8 matmul kernels and embedding); its ids may differ from HF's where random
-weights leave near-tied logits.
+weights leave near-tied logits. On a CPU "jaxgpt (KV cache)" is the default decode, through the
+model's decode copy (`jaxgpt.sample.decode_copy`: layer kernels kept transposed, and at batch 1
+an int8 screen of the head with a float32 recompute of the candidates, exact:
+`screened_argmax`); "jaxgpt (plain weights)" is the same decode over the model's own arrays
+(`generate(..., fast_decode=False)`).
 
 On a CPU the no-cache row is by default timed at batch 1 only: at batch 8 it re-runs 8 prefixes
 per token and alone takes ~4.5 minutes on the 2-core development machine (3.8 tokens/s), which
@@ -64,8 +68,9 @@ def contestants(hf, jx, prompt: np.ndarray, new: int, jq=None) -> dict:
     pt = torch.tensor(prompt, device=hf.device)
     mask = torch.ones_like(pt)
 
-    def jax_run(use_cache, model=jx):
-        return lambda: np.asarray(generate(model, prompt, new, temperature=0.0, use_cache=use_cache))
+    def jax_run(use_cache, model=jx, fast=None):
+        return lambda: np.asarray(generate(model, prompt, new, temperature=0.0, use_cache=use_cache,
+                                           fast_decode=fast))
 
     def hf_run():
         with torch.inference_mode():
@@ -74,6 +79,8 @@ def contestants(hf, jx, prompt: np.ndarray, new: int, jq=None) -> dict:
 
     fns = {"jaxgpt (KV cache)": jax_run(True), "jaxgpt (no cache)": jax_run(False),
            "HF generate (KV cache)": hf_run}
+    if jax.default_backend() == "cpu":  # the same decode without the decode copy (CPU default)
+        fns["jaxgpt (plain weights)"] = jax_run(True, fast=False)
     if jq is not None:
         fns["jaxgpt int8 (KV cache)"] = jax_run(True, jq)
     return fns

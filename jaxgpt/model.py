@@ -120,6 +120,26 @@ class Int8Linear(nnx.Module):
         return y * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
+class RowLinear(nnx.Module):
+    """y = (W @ x^T)^T + bias with the kernel W stored [out, in] (PyTorch's layout): the decode copy.
+
+    For a few rows (decoding), XLA:CPU runs `W @ x^T` as a row-major matrix-vector product that
+    streams W as stored, ~15-20% faster than the column-major product over nnx.Linear's [in, out]
+    kernel (batch-1 and batch-8 decode of GPT-2 124M; experiments/PERF.md). jaxgpt.sample builds
+    these from nnx.Linear layers for decoding; training keeps nnx.Linear.
+    """
+
+    def __init__(self, kernel_t: jax.Array, bias: jax.Array, dtype):
+        self.kernel = nnx.Param(kernel_t)  # [out, in]
+        self.bias = nnx.Param(bias)  # [out]
+        self.dtype = dtype
+
+    def __call__(self, x):
+        dtype = self.dtype or jnp.result_type(x, self.kernel[...])
+        kernel, bias = self.kernel[...].astype(dtype), self.bias[...].astype(dtype)
+        return jnp.dot(kernel, x.astype(dtype).T).T + bias  # [N, out]
+
+
 class Int8Embed(nnx.Module):
     """A token embedding stored int8 [V, C] with one float32 scale per row (per vocabulary entry).
 

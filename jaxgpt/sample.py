@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.config import ConfigError
-from jaxgpt.model import init_cache
+from jaxgpt.model import RowLinear, init_cache
+from jaxgpt.quant import LINEARS, dequantize_rows, quantize_rows
 
 NEG_INF = -jnp.inf
 
@@ -57,18 +58,53 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# ---- exact greedy head for batch-1 decoding ----------------------------------------------------
-# At batch 1 a decoded token costs one pass over the weights, and the tied head is 154 of the 494
-# MB of GPT-2 124M. Greedy decoding only needs the argmax, so it can screen the vocabulary with an
-# int8 copy of the table (a quarter of the bytes) and recompute in float32 only the rows that
-# could still be the maximum. The copy is made once per embedding array and kept (`_screen_for`).
+# ---- the decode copy: weights laid out for reading them once per token --------------------------
+# Decoding a few rows at a time on a CPU costs one pass over the weights per token (GPT-2 124M:
+# 340 MB of layer kernels + the 154 MB tied head), so what is read, and in which order, sets the
+# speed. The decode copy holds two derived arrays per model, made once (~0.7 s at 124M) and kept
+# exactly as long as the arrays they come from (training replaces those on every update, so a
+# stale copy is never used): every float Linear kernel transposed to [out, in] (RowLinear: a
+# row-major matrix-vector product, ~15-20% faster), and an int8 screen of the tied head that lets
+# batch-1 greedy decoding read a quarter of the head's bytes (screened_argmax). Extra memory:
+# about the layer kernels' size again plus a quarter of the embedding (~380 MB at 124M).
 SCREEN_K = 256  # rows recomputed in float32; more candidates than this fall back to the full head
+
+_DERIVED: dict[tuple, tuple] = {}  # (what, id(source)) -> (weakref to source, derived array)
+
+
+def _derived(what: str, source: jax.Array, make):
+    """make(source), computed once and kept while `source` is alive (dropped when it dies)."""
+    key = (what, id(source))
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is source:
+        return hit[1]
+    ref = weakref.ref(source, lambda _, key=key: _DERIVED.pop(key, None))
+    _DERIVED[key] = (ref, make(source))
+    return _DERIVED[key][1]
+
+
+def decode_copy(model):
+    """`model` with every float nnx.Linear replaced by a RowLinear over a cached [out, in] copy of
+    its kernel. All other arrays (embeddings, LayerNorms, biases) are shared, not copied; int8 and
+    LoRA layers are left as they are. The same outputs as `model`, up to float32 summation order."""
+    twin = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for block in twin.h:
+        for sub, name in LINEARS:
+            parent = getattr(block, sub)
+            lin = getattr(parent, name)
+            if type(lin) is nnx.Linear and lin.kernel[...].dtype == jnp.float32:
+                kernel_t = _derived("kernel.T", lin.kernel[...], _transpose)
+                setattr(parent, name, RowLinear(kernel_t, lin.bias[...], lin.dtype))
+    return twin
+
+
+_transpose = jax.jit(lambda w: w.T)
 
 
 class GreedyScreen(NamedTuple):
     """An int8 copy of a [V, C] head table w with per-row bounds on its error.
 
-    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (symmetric, per row); err [V] is
+    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (jaxgpt.quant.quantize_rows); err [V] is
     ||w[v] - q[v] * scale[v]||_2 exactly and norm [V] is ||w[v]||_2, so for any x
     |x . w[v] - (x . q[v]) * scale[v]| <= ||x||_2 * err[v]  (Cauchy-Schwarz).
     """
@@ -83,26 +119,9 @@ class GreedyScreen(NamedTuple):
 def greedy_screen(table: jax.Array) -> GreedyScreen:
     """The GreedyScreen of a float head table [V, C]."""
     table = table.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(table), axis=1), 1e-30) / 127.0  # [V]
-    q = jnp.round(table / scale[:, None]).astype(jnp.int8)  # [V, C]
-    err = jnp.linalg.norm(table - q.astype(jnp.float32) * scale[:, None], axis=1)  # [V]
+    q, scale = quantize_rows(table)
+    err = jnp.linalg.norm(table - dequantize_rows(q, scale), axis=1)  # [V]
     return GreedyScreen(q, scale, err, jnp.linalg.norm(table, axis=1))
-
-
-_SCREENS: dict[int, tuple] = {}  # id(table) -> (weakref to the table, its GreedyScreen)
-
-
-def _screen_for(table: jax.Array) -> GreedyScreen:
-    """greedy_screen(table), computed once per table array while it is alive (training replaces
-    the array on every update, so a stale copy is never used)."""
-    hit = _SCREENS.get(id(table))
-    if hit is not None and hit[0]() is table:
-        return hit[1]
-    for key in [k for k, (ref, _) in _SCREENS.items() if ref() is None]:
-        del _SCREENS[key]  # tables that are gone
-    screen = greedy_screen(table)
-    _SCREENS[id(table)] = (weakref.ref(table), screen)
-    return screen
 
 
 def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
@@ -230,7 +249,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill,
 
 def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eot: int | None = None,
-             use_cache: bool = True, screen: bool = True):
+             use_cache: bool = True, fast_decode: bool | None = None):
     """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
 
     With a cache (default) the prompt is prefilled once and each new token costs one single-token
@@ -240,11 +259,13 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
     nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
 
-    Greedy decoding (temperature 0) of a single float32 sequence picks each token with
-    `screened_argmax`: an int8 copy of the head (made once per model and kept) screens the
-    vocabulary and only the candidates are recomputed in float32 -- the same ids as the full
-    head, with ~115 MB less read per token at GPT-2 124M. `screen=False` reads the full head.
-    (Batched rows keep the full head: there the int8 matrix product is slower than float32.)
+    `fast_decode` (default: on a CPU) decodes through the model's decode copy (`decode_copy`:
+    layer kernels kept transposed, made once per model and kept while its weights live, ~380 MB
+    extra at GPT-2 124M), and greedy decoding (temperature 0) of a single float32 sequence picks
+    each token with `screened_argmax`: an int8 copy of the head screens the vocabulary and only the
+    candidates are recomputed in float32 -- the same ids as the full head, reading ~115 MB less
+    per token at 124M. (Batched rows keep the full head: there the int8 product is slower.)
+    `fast_decode=False` decodes with the model as it is.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     prompt = np.asarray(prompt, np.int32)
@@ -261,11 +282,15 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     S = bucket(total, cap=L if use_cache else None)
     buf = np.full((B, S), 0 if eot is None else eot, np.int32)  # prompt, then generated ids
     buf[:, :T0] = prompt
-    table = getattr(model.wte, "embedding", None)
-    greedy_screen_applies = (screen and temperature == 0.0 and B == 1 and type(model.wte) is nnx.Embed
-                             and jnp.dtype(model.config.dtype) == jnp.float32
-                             and table[...].dtype == jnp.float32)
-    head_screen = _screen_for(table[...]) if greedy_screen_applies else None
+    if fast_decode is None:
+        fast_decode = jax.default_backend() == "cpu"
+    head_screen = None
+    if fast_decode:
+        model = decode_copy(model)
+        table = model.wte.embedding[...] if type(model.wte) is nnx.Embed else None
+        if (temperature == 0.0 and B == 1 and table is not None and table.dtype == jnp.float32
+                and jnp.dtype(model.config.dtype) == jnp.float32):
+            head_screen = _derived("screen", table, greedy_screen)
     graphdef, params = nnx.split(model)
     out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key, head_screen,
                     prefill=min(bucket(T0, cap=L), S), temperature=float(temperature),

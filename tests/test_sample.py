@@ -66,24 +66,51 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
     np.testing.assert_array_equal(uncached, ref)
 
 
-def test_batch1_greedy_screened_head_matches_transformers(tiny):
-    """Batch-1 greedy decoding picks tokens through the int8 screen of the head (screened_argmax)
-    and gives the same ids as HF and as the full float32 head, with and without the cache."""
-    from jaxgpt.sample import _SCREENS
+def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
+    """Batch-1 greedy decoding through the decode copy (transposed kernels + the int8 screen of the
+    head, the CPU default) gives the same ids as HF, as the model's own weights and as no cache."""
+    from jaxgpt.sample import _DERIVED
 
     model, folder, _ = tiny
     lm = jaxgpt.load(folder)
     prompt = np.random.RandomState(3).randint(0, 50257, (1, 7))
     n = 40
     ref = hf_greedy(model, prompt, n)
-    _SCREENS.clear()
-    screened = np.asarray(generate(lm.model, prompt, n, temperature=0.0))
-    assert len(_SCREENS) == 1  # the screen was built (and is kept for the next call)
+    fast = np.asarray(generate(lm.model, prompt, n, temperature=0.0, fast_decode=True))
+    assert ("screen", id(lm.model.wte.embedding[...])) in _DERIVED  # the screen was used
+    plain = np.asarray(generate(lm.model, prompt, n, temperature=0.0, fast_decode=False))
     uncached = np.asarray(generate(lm.model, prompt, n, temperature=0.0, use_cache=False))
-    full = np.asarray(generate(lm.model, prompt, n, temperature=0.0, screen=False))
-    assert len(_SCREENS) == 1
-    for out in (screened, uncached, full):
+    for out in (fast, plain, uncached):
         np.testing.assert_array_equal(out, ref)
+
+
+def test_decode_copy_follows_the_weights(tiny):
+    """The decode copy shares the untransposed arrays, reuses its cached kernels while the source
+    arrays live, and never serves a stale copy after a weight changes (as training does)."""
+    import gc
+
+    from flax import nnx
+
+    from jaxgpt.model import RowLinear
+    from jaxgpt.sample import _DERIVED, decode_copy
+
+    lm = jaxgpt.load(tiny[1])
+    a = decode_copy(lm.model)
+    assert type(a.h[0].mlp.c_fc) is RowLinear and type(lm.model.h[0].mlp.c_fc) is nnx.Linear
+    assert a.wte.embedding[...] is lm.model.wte.embedding[...]  # shared, not copied
+    assert decode_copy(lm.model).h[1].attn.c_attn.kernel[...] is a.h[1].attn.c_attn.kernel[...]
+    old_id = id(lm.model.h[0].mlp.c_fc.kernel[...])
+    new = np.asarray(lm.model.h[0].mlp.c_fc.kernel[...]) * -2.0
+    lm.model.h[0].mlp.c_fc.kernel[...] = jnp.asarray(new)  # an update replaces the array
+    b = decode_copy(lm.model)
+    np.testing.assert_array_equal(np.asarray(b.h[0].mlp.c_fc.kernel[...]), new.T)
+    del a
+    gc.collect()
+    assert ("kernel.T", old_id) not in _DERIVED  # the copy of the replaced kernel was dropped
+    prompt = np.random.RandomState(4).randint(0, 50257, (2, 5))
+    np.testing.assert_array_equal(  # batch 2: transposed kernels, full head
+        np.asarray(generate(lm.model, prompt, 33, temperature=0.0, fast_decode=True)),
+        np.asarray(generate(lm.model, prompt, 33, temperature=0.0, fast_decode=False)))
 
 
 def test_screened_argmax_is_the_float32_argmax():
