@@ -16,7 +16,6 @@ dequantized inside the matmul, so no float copy of the model is kept (see jaxgpt
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.parallel import gpu_ops_deterministic
 
 # A KV cache is a plain pytree: {"k": L x [B*H, S, D], "v": L x [B*H, S, D], "index": int32[]}
 # (one 3-D buffer per layer, updated in place inside a decode loop; see CausalSelfAttention).
@@ -53,9 +53,8 @@ def fused_attention(dtype) -> str | None:
     in 16-bit compute; None elsewhere: on CPU the XLA implementation materialises the same
     [B, H, T, T] scores as the plain code and was measured slower (experiments/PERF.md)."""
     # XLA's deterministic-ops mode (which jaxgpt.train asks for) fails to compile the cuDNN call
-    deterministic = "xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-            and not deterministic:
+            and not gpu_ops_deterministic():
         return "cudnn"
     return None
 

@@ -198,4 +198,12 @@ def deterministic_gpu_ops():
     --no-deterministic); XLA_FLAGS that already name the option win. No effect on CPU."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_deterministic_ops" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --{DETERMINISTIC_FLAG}".strip()
+
+
+DETERMINISTIC_FLAG = "xla_gpu_deterministic_ops=true"
+
+
+def gpu_ops_deterministic() -> bool:
+    """Whether XLA_FLAGS ask for deterministic GPU kernels (set by deterministic_gpu_ops or by hand)."""
+    return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "")
