@@ -140,9 +140,10 @@ def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
     x, q = jax.lax.optimization_barrier((x, screen.q))  # keep the int8 -> f32 convert in the loop
     approx = (x @ q.astype(jnp.float32).T) * screen.scale  # [B, V], reads the int8 rows
     xnorm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # [B, 1]
-    # error bound: quantization (Cauchy-Schwarz) + float32 accumulation over C terms (<= ~C * 2^-24
-    # relative to sum |x_i w_i| <= ||x|| ||w||; 1e-4 covers C up to ~1600 with room)
-    bound = xnorm * (screen.err * 1.001 + 1e-4 * screen.norm)  # [B, V]
+    # error bound: quantization (Cauchy-Schwarz) + float32 accumulation of the C-term dot, at most
+    # ~C * 2^-24 relative to sum |x_i w_i| <= ||x|| ||w|| (doubled for the scale and the norms)
+    rounding = 2.0 * x.shape[-1] * 2.0 ** -24
+    bound = xnorm * (screen.err * 1.001 + rounding * screen.norm)  # [B, V]
     floor = jnp.max(approx - bound, axis=-1, keepdims=True)  # [B, 1] the best lower bound
     cand = approx + bound >= floor  # [B, V] rows that may hold the maximum
 
@@ -259,7 +260,7 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
     nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
 
-    `fast_decode` (default: on a CPU) decodes through the model's decode copy (`decode_copy`:
+    `fast_decode` (default: on a CPU) makes the cached decode run through the model's decode copy (`decode_copy`:
     layer kernels kept transposed, made once per model and kept while its weights live, ~380 MB
     extra at GPT-2 124M), and greedy decoding (temperature 0) of a single float32 sequence picks
     each token with `screened_argmax`: an int8 copy of the head screens the vocabulary and only the
@@ -285,7 +286,7 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     if fast_decode is None:
         fast_decode = jax.default_backend() == "cpu"
     head_screen = None
-    if fast_decode:
+    if fast_decode and use_cache:  # (the no-cache path, for comparison, runs the model as it is)
         model = decode_copy(model)
         table = model.wte.embedding[...] if type(model.wte) is nnx.Embed else None
         if (temperature == 0.0 and B == 1 and table is not None and table.dtype == jnp.float32
