@@ -68,10 +68,11 @@ class LoadedModel:
 
     def generate(self, prompt_or_ids, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_at_eot: bool = True, use_cache: bool = True):
+                 stop_at_eot: bool = True, use_cache: bool = True, fast_decode: bool | None = None):
         """Continue a prompt. A string gives back a string (prompt + continuation, cut at
         `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
-        prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot)."""
+        prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot).
+        `fast_decode`: see jaxgpt.sample.generate (default: the decode copy on a CPU)."""
         from jaxgpt.sample import generate
 
         as_text = isinstance(prompt_or_ids, str)
@@ -79,7 +80,7 @@ class LoadedModel:
         eot = getattr(self.tokenizer, "eot_token", None) if stop_at_eot else None
         out = np.asarray(generate(self.model, ids, max_new_tokens, key=jax.random.key(seed),
                                   temperature=temperature, top_k=top_k, top_p=top_p, eot=eot,
-                                  use_cache=use_cache))
+                                  use_cache=use_cache, fast_decode=fast_decode))
         if not as_text:
             return out[0] if ids.ndim == 1 else out
         new = out[0, ids.shape[-1]:].tolist()

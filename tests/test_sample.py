@@ -252,6 +252,11 @@ def test_cli_text_and_json(tiny, capsys):
     assert sample["text"] == tok.decode(sample["tokens"])
     lm = jaxgpt.load(jx)  # the API agrees with the CLI
     assert lm.generate("Hello world", 6, temperature=0, stop_at_eot=False) == sample["text"]
+    assert lm.generate("Hello world", 6, temperature=0, stop_at_eot=False,
+                       fast_decode=False) == sample["text"]
+    assert main([jx, "--prompt", "Hello world", "--max-new-tokens", "6", "--temperature", "0",
+                 "--json", "--no-stop", "--no-decode-copy"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"][0] == sample
 
 
 def test_cli_stops_at_endoftext(eot_model, capsys):
