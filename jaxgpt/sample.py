@@ -1,5 +1,6 @@
-"""Text generation: logit filters (temperature, top-k, top-p), batched decoding with a KV cache,
-and the sampling CLI, `python -m jaxgpt.sample CKPT --prompt TEXT`."""
+"""Text generation: logit filters (temperature, top-k, top-p), batched decoding with a KV cache
+(on a CPU through a decode copy of the weights, with an exact int8-screened greedy head), and the
+sampling CLI, `python -m jaxgpt.sample CKPT --prompt TEXT`."""
 
 from __future__ import annotations
 
