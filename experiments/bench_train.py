@@ -1,9 +1,9 @@
 """Train-step speed: jaxgpt's real train step vs HF GPT2LMHeadModel + torch.optim.AdamW.
 
 Same model shape, batch and sequence length; the implementations are alternated over several
-rounds, each in its own worker process (below); the tables show medians (min-max) of ms/step, tokens/s, system CPU time
-per step, jaxgpt's compile time, and model FLOPs utilisation (MFU) against this machine's float32
-GEMM peak, measured at the start of the same run.
+rounds, each in its own worker process (below); the tables show medians (min-max) of ms/step,
+tokens/s, system CPU time per step, jaxgpt's compile time, and model FLOPs utilisation (MFU)
+against this machine's float32 GEMM peak, measured at the start of the same run.
 
     python experiments/bench_train.py             # baby (12 x 64) and the 124M shape (4 x 256), ~4 min
     python experiments/bench_train.py --no-gpt2   # baby only, ~1.5 min
@@ -23,7 +23,7 @@ Each implementation runs in its own persistent worker process (multiprocessing, 
 method), as users run them (one framework per process): a jaxgpt worker (holding every jaxgpt
 row of a table) and a torch worker each build the model and optimizer and compile / warm up once;
 the parent then alternates them over the rounds (A B, B A, ...): it tells one worker to run N
-steps and waits for its per-call wall times and its own user/system CPU seconds for those steps
+steps and waits for its per-call wall times and its own system CPU seconds for those steps
 (getrusage(RUSAGE_SELF) in the worker), then the other; the idle worker blocks on its pipe. The
 workers inherit the parent's environment, so they run with the same GLIBC_TUNABLES (each worker
 reports its value and the parent checks it). The GEMM peak is measured in the parent before the
@@ -182,18 +182,17 @@ def build_runners(kind: str, cfg: TrainConfig, vocab: int, ks: list[int]):
     return runners, compiles
 
 
-def timed(run, k: int, steps: int) -> tuple[list[float], float, float]:
+def timed(run, k: int, steps: int) -> tuple[list[float], float]:
     """Run max(1, steps // k) calls of `run` (k steps each): per-call wall seconds, and this
-    process's user and system CPU seconds over them."""
+    process's system CPU seconds over them."""
     calls = max(1, steps // k)
-    u0, s0 = cpu_seconds()
+    s0 = cpu_seconds()[1]
     walls = []
     for _ in range(calls):
         t = time.perf_counter()
         run()
         walls.append(time.perf_counter() - t)
-    u1, s1 = cpu_seconds()
-    return walls, u1 - u0, s1 - s0
+    return walls, cpu_seconds()[1] - s0
 
 
 def worker(conn, kind: str, cfg: TrainConfig, vocab: int, ks: list[int]):
@@ -281,7 +280,7 @@ def bench(name: str, cfg: TrainConfig, vocab: int, rounds: int, steps: int, ks: 
         for r in range(rounds):  # alternate A B, B A, ... (same process: A B, A B, as before)
             order = list(calls) if same_process or r % 2 == 0 else list(calls)[::-1]
             for label in order:
-                walls, _, s = calls[label](steps)
+                walls, s = calls[label](steps)
                 n = len(walls) * ks_of[label]
                 res[label].append(sum(walls) / n)
                 sys_cpu[label].append(s / n)

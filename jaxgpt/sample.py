@@ -261,9 +261,9 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
     nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
 
-    `fast_decode` (default: on a CPU) makes the cached decode run through the model's decode copy (`decode_copy`:
-    layer kernels kept transposed, made once per model and kept while its weights live, ~380 MB
-    extra at GPT-2 124M), and greedy decoding (temperature 0) of a single float32 sequence picks
+    `fast_decode` (default: on a CPU) makes the cached decode run through the model's decode copy
+    (`decode_copy`: layer kernels kept transposed, made once per model and kept while its weights
+    live, ~380 MB extra at GPT-2 124M), and greedy decoding (temperature 0) of a single float32 sequence picks
     each token with `screened_argmax`: an int8 copy of the head screens the vocabulary and only the
     candidates are recomputed in float32 -- the same ids as the full head, reading ~115 MB less
     per token at 124M. (Batched rows keep the full head: there the int8 product is slower.)
