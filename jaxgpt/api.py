@@ -62,7 +62,7 @@ class LoadedModel:
             raise ConfigError(f"{ids.shape[-1]} tokens exceed the context length {self.config.block_size}")
         if self._logits_fn is None:
             graphdef = nnx.graphdef(self.model)
-            self._logits_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+            self._logits_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x)[0])
         out = self._logits_fn(nnx.state(self.model), ids[None] if ids.ndim == 1 else ids)
         return np.asarray(out[0] if ids.ndim == 1 else out)
 

@@ -74,7 +74,7 @@ def window_arrays(ids: np.ndarray, L: int, wins) -> tuple[np.ndarray, np.ndarray
 @partial(jax.jit, static_argnames="graphdef")
 def _nll_sum(graphdef, params, x, y, mask):
     """Sum of next-token negative log-likelihoods over the masked positions of x/y [B, L]."""
-    logits = nnx.merge(graphdef, params)(x)  # [B, L, V] float32
+    logits, _ = nnx.merge(graphdef, params)(x)  # [B, L, V] float32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # [B, L]
     return jnp.sum(jnp.where(mask, nll, 0.0))
 

@@ -274,7 +274,7 @@ def head_rows(wte: nnx.Embed, x: jax.Array) -> jax.Array:
 
 
 class GPT(nnx.Module):
-    """GPT-2: `model(ids)` -> logits [B, T, vocab]; `model(ids, cache=c)` -> (logits, cache)."""
+    """GPT-2: `model(ids)` -> (logits [B, T, vocab], None); `model(ids, cache=c)` -> (logits, cache)."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
@@ -293,15 +293,16 @@ class GPT(nnx.Module):
 
     def __call__(self, ids: jax.Array, *, cache: Cache | None = None, key: jax.Array | None = None,
                  logits_at: jax.Array | int | None = None, hidden: bool = False):
-        """ids: int [B, T]. Without a cache returns logits [B, T, V] (float32).
+        """ids: int [B, T] -> (out, cache | None): one shape of result whatever the arguments.
 
-        With a cache, `ids` continue the sequences at position cache["index"]; returns
-        (logits, new_cache). `key` enables dropout (training only). `logits_at` (an int or a
-        traced int32 scalar, an index into the T positions) computes the head at that one
-        position only: logits [B, 1, V] (decoding needs just the last real position's logits).
-        `hidden=True` skips the head: returns the final hidden states (after ln_f) in place of the
-        logits, [B*T, C] (or [B, C] with `logits_at`), for a loss that applies the head itself
-        (jaxgpt.train.head_loss, in chunks) or a decoder that picks tokens from them (`head`).
+        out is float32 logits [B, T, V]. Without a cache the second item is None; with one, `ids`
+        continue the sequences at position cache["index"] and it is the new cache. `key`
+        enables dropout (training only). `logits_at` (an int or a traced int32 scalar, an index
+        into the T positions) computes the head at that one position only: logits [B, 1, V]
+        (decoding needs just the last real position's logits). `hidden=True` skips the head: out
+        is then the final hidden states (after ln_f) in place of the logits, [B*T, C] (or [B, C]
+        with `logits_at`), for a loss that applies the head itself (jaxgpt.train.head_loss, in
+        chunks) or a decoder that picks tokens from them (`head`).
         """
         B, T = ids.shape
         index = None if cache is None else cache["index"]
@@ -329,9 +330,9 @@ class GPT(nnx.Module):
         x = self.ln_f(x)  # [B*T, C], or [B, C] with logits_at
         new_cache = None if cache is None else {"k": new_k, "v": new_v, "index": index + T}
         if hidden:
-            return x if cache is None else (x, new_cache)
+            return x, new_cache
         logits = self.head(x, rows=logits_at is not None).reshape(B, -1, self.config.vocab_size)
-        return logits if cache is None else (logits, new_cache)
+        return logits, new_cache
 
     def head(self, x: jax.Array, rows: bool = False) -> jax.Array:
         """The tied output head: final hidden states x [N, C] -> float32 logits [N, V].

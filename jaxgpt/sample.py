@@ -230,7 +230,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill,
 
         def step(carry, w=w):
             buf, done, t = carry
-            x = model(buf[:, :w], logits_at=t - 1, hidden=True)  # [B, C]
+            x, _ = model(buf[:, :w], logits_at=t - 1, hidden=True)  # [B, C]
             buf, done = emit(buf, done, x, t)
             return buf, done, t + 1
 
@@ -241,7 +241,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill,
     if S > L:
         def slide(carry):
             buf, done, t = carry
-            x = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1, hidden=True)
+            x, _ = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1, hidden=True)
             buf, done = emit(buf, done, x, t)
             return buf, done, t + 1
 

@@ -250,7 +250,7 @@ def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int,
     fn = _EVAL_CACHE.get(graphdef)
     if fn is None:
         fn = _EVAL_CACHE[graphdef] = jax.jit(
-            lambda s, x, y, m: masked_loss_sum(nnx.merge(graphdef, s)(x), y, m))
+            lambda s, x, y, m: masked_loss_sum(nnx.merge(graphdef, s)(x)[0], y, m))
     total, count = 0.0, 0.0
     cap = model.config.block_size
     for x, y, m in batches(examples, batch_size, cap, pad_id, mask_prompt):
@@ -321,7 +321,7 @@ def make_step(graphdef, tx):
     trainable params and optimizer state donated; `frozen` (the base under LoRA) is read only."""
 
     def loss_fn(trainable, frozen, x, y, mask):
-        return masked_loss(nnx.merge(graphdef, trainable, frozen)(x), y, mask)
+        return masked_loss(nnx.merge(graphdef, trainable, frozen)(x)[0], y, mask)
 
     def step(trainable, frozen, opt_state, x, y, mask):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, y, mask)

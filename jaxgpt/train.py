@@ -74,7 +74,7 @@ def head_loss(model: GPT, h: jax.Array, targets: jax.Array, chunk_rows: int = 10
     8 x 1024 has 1.5 GiB, and the head's backward makes several such copies) they are computed
     `chunk_rows` rows at a time in a `lax.map`, with the chunk's forward recomputed in the
     backward pass (`jax.checkpoint`): only one chunk of logits is ever alive. Same value and
-    gradients as `cross_entropy(model(x), y)`; small runs (the baby model) use one chunk.
+    gradients as `cross_entropy(model(x)[0], y)`; small runs (the baby model) use one chunk.
     """
     def chunk_sum(hc, yc):  # summed loss of one chunk of rows
         logits = model.wte.attend(hc).astype(jnp.float32)  # [rows, V]
@@ -104,7 +104,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
 
     def loss_fn(params, x, y, key):
         model = nnx.merge(graphdef, params)
-        return head_loss(model, model(x, key=key if cfg.dropout > 0 else None, hidden=True), y)
+        return head_loss(model, model(x, key=key if cfg.dropout > 0 else None, hidden=True)[0], y)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -139,7 +139,7 @@ def make_eval_fn(graphdef):
     @jax.jit
     def eval_loss(params, xs, ys):
         model = nnx.merge(graphdef, params)
-        return jax.lax.map(lambda b: cross_entropy(model(b[0]), b[1]), (xs, ys)).mean()
+        return jax.lax.map(lambda b: cross_entropy(model(b[0])[0], b[1]), (xs, ys)).mean()
 
     return eval_loss
 

@@ -82,7 +82,7 @@ def test_masked_loss_matches_hf_labels(hf_dir, records):
     assert len(lengths) >= 4  # a padded batch of unequal lengths
     T = max(lengths)
     x, y, m = sft.collate(enc, TOK.eot_token, T - 1)
-    ours = float(sft.masked_loss(lm.model(jnp.asarray(x)), jnp.asarray(y), jnp.asarray(m)))
+    ours = float(sft.masked_loss(lm.model(jnp.asarray(x))[0], jnp.asarray(y), jnp.asarray(m)))
     # HF: the full sequences, right-padded, labels = ids with -100 on prompt and padding
     ids = np.full((len(enc), T), TOK.eot_token)
     labels = np.full((len(enc), T), -100)
@@ -95,7 +95,7 @@ def test_masked_loss_matches_hf_labels(hf_dir, records):
         theirs = hf(torch.tensor(ids), attention_mask=torch.tensor(attn), labels=torch.tensor(labels)).loss.item()
     assert abs(ours - theirs) <= 1e-5, (ours, theirs)
     # and it is the mean over tokens, not a mean of per-example means
-    per_row = [float(sft.masked_loss(lm.model(jnp.asarray(x[b:b + 1])), jnp.asarray(y[b:b + 1]), jnp.asarray(m[b:b + 1])))
+    per_row = [float(sft.masked_loss(lm.model(jnp.asarray(x[b:b + 1]))[0], jnp.asarray(y[b:b + 1]), jnp.asarray(m[b:b + 1])))
                for b in range(len(enc))]
     assert abs(np.mean(per_row) - ours) > 1e-4
 
@@ -105,7 +105,7 @@ def test_lora_param_count_identity_and_bad_targets():
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
     model = GPT(cfg)
     ids = jnp.arange(12)[None]
-    base_logits = model(ids)
+    base_logits, _ = model(ids)
     r = 4
     adapted = lora.apply_lora(model, r, 8.0, "c_attn,c_fc")
     assert adapted == ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn", "h.1.mlp.c_fc"]
@@ -113,7 +113,7 @@ def test_lora_param_count_identity_and_bad_targets():
     C = cfg.n_embd
     # A [in, r] and B [r, out]: r * (in + out) per adapted layer
     assert n_lora == cfg.n_layer * (r * (C + 3 * C) + r * (C + 4 * C))
-    assert jnp.array_equal(model(ids), base_logits)  # B = 0: the adapted model is the base
+    assert jnp.array_equal(model(ids)[0], base_logits)  # B = 0: the adapted model is the base
     with pytest.raises(ConfigError, match="matches no layer"):
         lora.apply_lora(GPT(cfg), 4, 8.0, "q_proj")
     with pytest.raises(ConfigError, match="larger than layer"):
@@ -151,9 +151,9 @@ def test_lora_training_freezes_base_and_merges_exactly(records):
     merged = lora.merge(trained)
     assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))  # a plain GPT again
     ids = jnp.asarray([ex[0].ids[:100]])
-    diff = float(jnp.abs(merged(ids) - trained(ids)).max())
+    diff = float(jnp.abs(merged(ids)[0] - trained(ids)[0]).max())
     assert diff <= 1e-5, diff
-    assert float(jnp.abs(merged(ids) - GPT(cfg, seed=1)(ids)).max()) > 1e-3  # training changed it
+    assert float(jnp.abs(merged(ids)[0] - GPT(cfg, seed=1)(ids)[0]).max()) > 1e-3  # training changed it
 
 
 # ---- CLIs --------------------------------------------------------------------------------------

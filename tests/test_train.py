@@ -280,11 +280,11 @@ def test_chunked_head_loss_matches_full_logits():
     x, y = (jax.random.randint(jax.random.key(i), (4, 16), 0, 97) for i in (1, 2))
 
     def plain(p):
-        return cross_entropy(nnx.merge(graphdef, p)(x), y)
+        return cross_entropy(nnx.merge(graphdef, p)(x)[0], y)
 
     def chunked(p):
         model = nnx.merge(graphdef, p)
-        return head_loss(model, model(x, hidden=True), y, chunk_rows=8, min_logits=0)
+        return head_loss(model, model(x, hidden=True)[0], y, chunk_rows=8, min_logits=0)
 
     (l0, g0), (l1, g1) = jax.value_and_grad(plain)(params), jax.value_and_grad(chunked)(params)
     assert abs(float(l0) - float(l1)) <= 1e-5
