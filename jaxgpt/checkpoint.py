@@ -35,20 +35,27 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out).resolve() / CKPT_SUBDIR
 
 
-def manager(out: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(out: str | Path, keep: int = 2, read_only: bool = False,
+            async_save: bool = False) -> ocp.CheckpointManager:
+    """An orbax manager of OUT/checkpoints. `async_save`: `save` returns once the arrays are
+    copied off the devices and the files are written by a background thread (the trainer waits
+    for the last write before it returns)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=False, read_only=read_only)
+                                           enable_async_checkpointing=async_save, read_only=read_only)
     return ocp.CheckpointManager(checkpoint_dir(out), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-    """Write one complete checkpoint (blocking; atomic via orbax's tmp-dir + rename)."""
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict[str, Any],
+         wait: bool = True) -> None:
+    """Write one complete checkpoint (atomic via orbax's tmp-dir + rename); `wait=False` with an
+    asynchronous manager returns before the files are written."""
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta),
     ), force=True)
-    mngr.wait_until_finished()
+    if wait:
+        mngr.wait_until_finished()
 
 
 def latest_step(out: str | Path) -> int | None:
@@ -58,46 +65,100 @@ def latest_step(out: str | Path) -> int | None:
     return manager(out, read_only=True).latest_step()
 
 
-def read_meta(out: str | Path, step: int | None = None) -> tuple[int, dict]:
-    """(step, metadata) of the newest (or given) checkpoint; ConfigError if there is none."""
-    step = latest_step(out) if step is None else step
-    if step is None:
+def all_steps(out: str | Path) -> list[int]:
+    """Every finished checkpoint's step, newest first."""
+    d = checkpoint_dir(out)
+    return sorted(manager(out, read_only=True).all_steps(), reverse=True) if d.is_dir() else []
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint whose files cannot be read (truncated, overwritten, half-deleted)."""
+
+
+def _damaged(out, step: int, e: Exception) -> ConfigError:
+    if isinstance(e, CorruptCheckpoint):
+        return e
+    return CorruptCheckpoint(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or unreadable: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+
+
+def _newest_first(out, step: int | None, read, warn=None):
+    """read(step) for the given step, or for the newest checkpoint that reads without error: a
+    damaged one is skipped (with `warn(message)`) in favour of the one before it, which is kept
+    for exactly this. ConfigError when there is none, or none reads."""
+    steps = [step] if step is not None else all_steps(out)
+    if not steps:
         raise ConfigError(f"no checkpoint found in {checkpoint_dir(out)}")
-    try:
-        meta = manager(out, read_only=True).restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many types for damaged files
-        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or unreadable: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    if not isinstance(meta, dict) or "model_config" not in meta:
-        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} has no model config")
-    return step, meta
+    errors = []
+    for s in steps:
+        try:
+            return read(s)
+        except CorruptCheckpoint as e:
+            errors.append(e)
+        except ConfigError:  # a readable checkpoint that does not fit: no fallback
+            raise
+        except Exception as e:  # orbax raises many types for damaged files
+            errors.append(_damaged(out, s, e))
+        if warn is not None and s != steps[-1]:
+            warn(f"warning: {errors[-1]}; using the checkpoint before it")
+    raise errors[0]
 
 
-def restore(out: str | Path, abstract_params, abstract_opt_state=None, step: int | None = None):
-    """Restore (step, params, opt_state or None, meta), shaped and sharded like the abstract trees."""
-    step, meta = read_meta(out, step)
-    items = {"params": ocp.args.StandardRestore(abstract_params)}
-    if abstract_opt_state is not None:
-        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    try:
-        got = manager(out, read_only=True).restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-        raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or does not "
-                          f"match this model: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    return step, got["params"], got.get("opt_state") if abstract_opt_state is not None else None, meta
+def read_meta(out: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, metadata) of the given checkpoint, or of the newest one whose metadata reads;
+    ConfigError if there is none."""
+
+    def read(s):
+        mngr = manager(out, read_only=True)
+        try:
+            meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        finally:
+            mngr.close()
+        if not isinstance(meta, dict) or "model_config" not in meta:
+            raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(s)} has no model config")
+        return s, meta
+
+    return _newest_first(out, step, read)
 
 
-def load_model(out: str | Path, step: int | None = None):
-    """(model, tokenizer, meta) from a jaxgpt run directory (its newest checkpoint by default)."""
-    step, meta = read_meta(out, step)
+def restore(out: str | Path, abstract_params, abstract_opt_state=None, step: int | None = None,
+            warn=None):
+    """Restore (step, params, opt_state or None, meta), shaped and sharded like the abstract
+    trees, from checkpoint `step` or the newest intact one (see _newest_first)."""
+
+    def read(s):
+        s, meta = read_meta(out, s)
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        mngr = manager(out, read_only=True)
+        try:
+            got = mngr.restore(s, args=ocp.args.Composite(**items))
+        except ConfigError:
+            raise
+        except ValueError as e:  # orbax: the saved tree does not have this model's structure
+            if "tree" in str(e).lower() or "shape" in str(e).lower() or "structure" in str(e).lower():
+                raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(s)} does not match this "
+                                  f"model: {str(e).splitlines()[0][:160]}") from None
+            raise
+        finally:
+            mngr.close()
+        return s, got["params"], got.get("opt_state") if abstract_opt_state is not None else None, meta
+
+    return _newest_first(out, step, read, warn)
+
+
+def load_model(out: str | Path, step: int | None = None, warn=None):
+    """(model, tokenizer, meta) from a jaxgpt run directory (by default its newest intact
+    checkpoint; `warn(msg)` hears of a damaged newer one skipped)."""
+    _, meta = read_meta(out, step)  # every checkpoint of a run has the same model config
     config = GPTConfig.from_dict(meta["model_config"])
     abstract = nnx.eval_shape(lambda: GPT(config))
     graphdef, abstract_params = nnx.split(abstract)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                    abstract_params)
-    _, params, _, meta = restore(out, abstract_params, step=step)
+    _, params, _, meta = restore(out, abstract_params, step=step, warn=warn)
     # a converted model whose vocabulary jaxgpt cannot rebuild (e.g. a nanoGPT char model) has none
     tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
     return nnx.merge(graphdef, params), tokenizer, meta

@@ -13,6 +13,13 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; CLIs print it as one line and exit 2."""
 
 
+# The MLP activations jaxgpt implements, by Hugging Face's names (transformers.activations.ACT2FN);
+# jaxgpt.model.ACTIVATION_FNS holds their definitions.
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "gelu",
+               "gelu_python", "gelu_fast", "gelu_10", "quick_gelu", "relu", "relu2", "relu6",
+               "silu", "swish", "mish", "tanh", "sigmoid", "linear")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """The architecture of a GPT-2 style decoder. Presets are classmethod constructors."""
@@ -28,6 +35,13 @@ class GPTConfig:
     quant: str | None = None  # "int8": matmul kernels stored int8 + per-channel scales (inference)
     quant_embedding: bool = True  # with quant: the tied embedding wte is int8 too (per-row scales)
     remat: bool = False  # training: recompute each block's activations in the backward pass
+    # Hugging Face GPT2Config fields that change the math (defaults: the original GPT-2)
+    activation_function: str = "gelu_new"  # the MLP nonlinearity, by HF's name (ACTIVATIONS)
+    n_inner: int | None = None  # MLP width; None = 4 * n_embd
+    scale_attn_weights: bool = True  # scores / sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # scores also / (layer index + 1)
+    reorder_and_upcast_attn: bool = False  # scores and softmax in float32 (a precision option)
+    tie_word_embeddings: bool = True  # head = wte; False: a separate lm_head [C, V], no bias
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -43,10 +57,25 @@ class GPTConfig:
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quant not in (None, "int8"):
             raise ConfigError(f"quant must be None or 'int8', got {self.quant!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(f"activation_function={self.activation_function!r} is not supported; "
+                              f"choose one of: {', '.join(ACTIVATIONS)}")
+        if self.n_inner is not None and (isinstance(self.n_inner, bool)
+                                         or not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ConfigError(f"n_inner must be null or a positive integer, got {self.n_inner!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                     "reorder_and_upcast_attn", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        """The MLP's hidden width: n_inner, or GPT-2's 4 * n_embd."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
     # ---- presets -------------------------------------------------------------------------
     @classmethod
@@ -99,14 +128,111 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimization of a run, shared by pretraining and fine-tuning: the global batch and its
+    accumulation, AdamW, the warmup + cosine schedule, clipping, the seed (jaxgpt.optim)."""
+
+    batch_size: int = 12  # global batch, in sequences, per optimizer step
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    max_iters: int | None = 2000  # optimizer steps (SFT: None = --epochs over the train split)
+    lr: float | None = 3e-3  # peak; nanoGPT uses 1e-3, 3e-3 reaches a lower val loss in 2000 steps
+    min_lr: float | None = None  # default lr/10, as nanoGPT
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # default: the last step
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_iters is not None and self.max_iters < 1:
+            raise ConfigError(f"--max-iters must be >= 1, got {self.max_iters}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("--grad-clip and --weight-decay must be >= 0")
+        super_post = getattr(super(), "__post_init__", None)
+        if super_post:
+            super_post()
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run executes, shared by pretraining and fine-tuning: compute dtype, dropout and
+    remat, K steps per call, the device mesh and processes, the eval / log / checkpoint cadence,
+    the output folder and resuming (jaxgpt.trainer)."""
+
+    out: str | None = "out"
+    dtype: str = "float32"  # compute dtype of activations/matmuls; params stay float32
+    dropout: float = 0.0
+    remat: bool = False  # activation rematerialisation per block: less memory, ~1/3 more compute
+    steps_per_call: int = 10  # optimizer steps fused into one jitted call (lax.scan)
+    mesh: str = ""  # e.g. "data=2,fsdp=2"; empty: pure data parallel over every device
+    coordinator: str | None = None  # HOST:PORT of process 0, or "auto" (TPU/SLURM detection)
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout: int = 60  # seconds to wait for the coordinator
+    eval_interval: int = 250
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    deterministic: bool = True  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
+
+    # fields that do not change what a run computes: a resumed run may change them (and `out`:
+    # a run folder may be moved or copied and resumed where it now is)
+    RESUMABLE = ("out", "resume", "progress", "remat", "log_interval", "eval_interval", "mesh",
+                 "coordinator", "num_processes", "process_id", "init_timeout", "ckpt_interval",
+                 "keep_checkpoints", "deterministic")
+
+    def __post_init__(self):
+        for name in ("eval_interval", "log_interval", "ckpt_interval", "keep_checkpoints",
+                     "steps_per_call", "init_timeout"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def resume_diff(self, saved: dict[str, Any]) -> list[str]:
+        """Flags (as --names) whose value differs from a saved run's and that change the math."""
+        now = self.to_dict()
+        return [f"--{k.replace('_', '-')} {saved.get(k)!r} (saved) vs {now[k]!r}"
+                for k in now if k not in self.RESUMABLE and saved.get(k) != now[k]]
+
+
 def default_data_path() -> str:
     """Tiny Shakespeare, shipped inside the package."""
     return str(resources.files("jaxgpt") / "assets" / "tinyshakespeare.txt")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run; `python -m jaxgpt.train` flags map onto these 1:1.
+class TrainConfig(OptimConfig, RunConfig):
+    """Every setting of a pretraining run: the data and the model here, the optimization and the
+    run from OptimConfig / RunConfig; `python -m jaxgpt.train` flags map onto these 1:1.
 
     Defaults are nanoGPT's CPU recipe for the baby model on Tiny Shakespeare.
     """
@@ -120,56 +246,21 @@ class TrainConfig:
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None
-    dropout: float = 0.0
-    dtype: str = "float32"
-    remat: bool = False  # activation rematerialisation per block: less memory, ~1/3 more compute
     init_from: str | None = None  # fine-tune: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
-    # optimisation
-    batch_size: int = 12  # global batch, in sequences, per optimizer step
-    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
-    max_iters: int = 2000
-    lr: float = 3e-3  # nanoGPT uses 1e-3; 3e-3 reaches a lower val loss in the same 2000 steps
-    min_lr: float | None = None  # default lr/10, as nanoGPT
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # default max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    seed: int = 1337
-    steps_per_call: int = 10  # optimizer steps fused into one jitted call (lax.scan)
-    # devices and processes
-    mesh: str = ""  # e.g. "data=2,fsdp=2"; empty: pure data parallel over every device
-    coordinator: str | None = None  # HOST:PORT of process 0, or "auto" (TPU/SLURM detection)
-    num_processes: int | None = None
-    process_id: int | None = None
-    init_timeout: int = 60  # seconds to wait for the coordinator
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 50  # nanoGPT's CPU recipe uses 20
-    log_interval: int = 10
+    # evaluation and samples
+    eval_iters: int = 50  # val batches per evaluation (nanoGPT's CPU recipe uses 20)
     sample_tokens: int = 200  # length of the text sample printed at each evaluation (0: none)
-    out: str = "out"
-    ckpt_interval: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
-    deterministic: bool = True  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
+
+    RESUMABLE = RunConfig.RESUMABLE + ("eval_iters", "sample_tokens")
 
     def __post_init__(self):
-        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
-                    "log_interval", "ckpt_interval", "keep_checkpoints", "steps_per_call")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})"
-            )
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup_iters < 0:
-            raise ConfigError(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        super().__post_init__()
+        if self.max_iters is None:
+            raise ConfigError("--max-iters is required")
+        if self.lr is None:
+            raise ConfigError("--lr is required")
+        if self.eval_iters < 1:
+            raise ConfigError(f"--eval-iters must be >= 1, got {self.eval_iters}")
         if self.tokenizer not in ("char", "gpt2"):
             raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose char or gpt2")
         if self.preset not in PRESETS:
@@ -182,28 +273,28 @@ class TrainConfig:
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, dropout=self.dropout,
                                      dtype=self.dtype, remat=self.remat, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 def add_dataclass_flags(parser, cls, helps: dict[str, str], positional: tuple[str, ...] = ()) -> None:
     """One CLI flag per field of dataclass `cls`: --field-name, typed and defaulted from the field;
-    bools become --x/--no-x; names in `positional` become optional positional arguments."""
+    bools become --x/--no-x; names in `positional` become optional positional arguments. Fields
+    inherited from OptimConfig / RunConfig are listed under their own headings in --help."""
     import argparse
 
     defaults = cls()
     types = {"int": int, "float": float, "str": str}
+    groups = {OptimConfig: parser.add_argument_group("optimization"),
+              RunConfig: parser.add_argument_group("devices, evaluation, checkpoints")}
+    shared = {f.name: groups[base] for base in groups if issubclass(cls, base)
+              for f in dataclasses.fields(base)}
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name)
         typ = types.get(str(f.type).split(" |")[0], str)
+        where = shared.get(f.name, parser)
         if f.name in positional:
-            parser.add_argument(f.name, nargs="?", type=typ, default=default, help=helps[f.name])
+            where.add_argument(f.name, nargs="?", type=typ, default=default, help=helps[f.name])
         elif f.type in ("bool", bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=default, help=helps[f.name])
+            where.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                               default=default, help=helps[f.name])
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=typ, default=default,
-                                help=helps[f.name], metavar=f.name.upper())
+            where.add_argument("--" + f.name.replace("_", "-"), type=typ, default=default,
+                               help=helps[f.name], metavar=f.name.upper())

@@ -11,6 +11,8 @@ gives back a plain GPT, with the same parameter tree as the base.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,6 +23,7 @@ from flax import nnx
 
 from jaxgpt import checkpoint
 from jaxgpt.config import ConfigError
+from jaxgpt.data import atomic_write
 
 ADAPTER_META = "adapter.json"
 ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -119,13 +122,27 @@ def count(model) -> tuple[int, int]:
 
 
 # ---- adapter files -----------------------------------------------------------------------------
+def write_adapter(folder: str | Path, model, meta: dict) -> Path:
+    """Write only the LoRA params (A, B) and `meta` (base, rank, alpha, targets, ...) into
+    `folder` (which may hold other files, e.g. an SFT run's checkpoints): the arrays under a
+    temporary name renamed into place, then adapter.json, which marks a complete adapter."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".lora.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp, nnx.state(model, nnx.LoRAParam))
+    shutil.rmtree(folder / "lora", ignore_errors=True)
+    os.replace(tmp, folder / "lora")
+    atomic_write(folder / ADAPTER_META, json.dumps(meta, indent=2).encode())
+    return folder
+
+
 def save_adapter(out: str | Path, model, meta: dict, force: bool = False) -> Path:
-    """Write only the LoRA params (A, B) and `meta` (base, rank, alpha, targets, ...) to `out`."""
-    state = nnx.state(model, nnx.LoRAParam)
+    """An adapter folder of its own at `out`, written atomically (refused if `out` is not empty,
+    unless `force`)."""
     with checkpoint.atomic_dir(out, force) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "lora", state)
-        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        write_adapter(tmp, model, meta)
     return Path(out)
 
 

@@ -9,68 +9,60 @@ with a before/after evaluation report; `python -m jaxgpt.sft`.
 Each record (Alpaca, prompt/completion or chat; jaxgpt.templates) becomes prompt tokens (the
 template applied) followed by reply tokens and `<|endoftext|>`. The loss is the mean
 cross-entropy over reply tokens only (prompt, template and padding masked out) across the
-whole batch: sum of per-token losses / number of unmasked tokens.
+whole batch: sum of per-token losses / number of unmasked tokens, exactly, under gradient
+accumulation and data parallelism too (jaxgpt.losses, jaxgpt.trainer).
+
+Training runs on the one trainer (jaxgpt.trainer): the same mesh, accumulation, K steps per
+call, periodic checkpoints in OUT/checkpoints, SIGTERM save and exact `--resume` as pretraining.
+The batch of step s is a pure function of (seed, s): epoch e's record order is a permutation
+seeded by (seed, e). The CLI is jaxgpt/cli/sft.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
+import shutil
 import string
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from jaxgpt import checkpoint, lora, parallel, templates
-from jaxgpt.config import ConfigError, add_dataclass_flags
+from jaxgpt import checkpoint, lora, templates
+from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.data import atomic_write
-from jaxgpt.optim import make_optimizer
-from jaxgpt.sample import bucket  # padded lengths: powers of two, so few shapes compile
+from jaxgpt.losses import masked_sum
+from jaxgpt.sample import bucket, generate  # padded lengths: powers of two, so few shapes compile
+from jaxgpt.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
 
 IGNORE = 0  # mask value of positions that do not count in the loss
-
+KIND = "sft"  # saved in every checkpoint: `jaxgpt.train --resume` refuses such a run
 
 @dataclass(frozen=True)
-class SFTConfig:
-    """Every setting of an SFT run; `python -m jaxgpt.sft` flags map onto these 1:1."""
+class SFTConfig(OptimConfig, RunConfig):
+    """Every setting of an SFT run: the records, template and LoRA here, the optimization and
+    the run (mesh, accumulation, checkpoints, resume) from OptimConfig / RunConfig, with
+    fine-tuning defaults; `python -m jaxgpt.sft` flags map onto these 1:1."""
 
     ckpt: str | None = None  # base model: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
     data: str | None = None  # JSON list or JSONL of records
-    out: str | None = None
     template: str = templates.DEFAULT
     val_frac: float = 0.05
     test_frac: float = 0.10
-    seed: int = 123
     mask_prompt: bool = True  # --no-mask-prompt: the loss counts prompt tokens too
     max_length: int | None = None  # longest training sequence in tokens (default: the context)
-    # optimisation
     epochs: int = 2
-    max_iters: int | None = None  # stop after this many steps (default: epochs over the train split)
-    batch_size: int = 8
-    lr: float | None = None  # default: 5e-5 full fine-tuning, 1e-3 LoRA
-    min_lr: float | None = None  # default: lr/10 (cosine)
-    warmup_iters: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    dtype: str = "float32"
     # LoRA
     lora_rank: int | None = None  # None: full fine-tuning
     lora_alpha: float = 16.0
     lora_targets: str = "c_attn,c_proj,c_fc"
     # evaluation and output
-    eval_interval: int = 50
     gen_tokens: int = 128  # token budget of each test-split generation
     max_test: int = 0  # generate for at most this many test records (0: all)
     eval_only: bool = False
@@ -79,24 +71,33 @@ class SFTConfig:
     merge: str | None = None  # LoRA adapter dir to merge into its base (with --out)
     base: str | None = None  # with --merge: use this base instead of the one the adapter names
     force: bool = False
-    progress: bool = True
+    # fine-tuning defaults of the shared fields
+    out: str | None = None
+    seed: int = 123
+    batch_size: int = 8
+    max_iters: int | None = None  # default: --epochs over the train split
+    lr: float | None = None  # default: 5e-5 full fine-tuning, 1e-3 LoRA
+    warmup_iters: int = 10
+    beta2: float = 0.999
+    eval_interval: int = 50
+    ckpt_interval: int = 100
+    steps_per_call: int = 1
+
+    RESUMABLE = RunConfig.RESUMABLE + ("gen_tokens", "max_test", "eval_only", "eval_split", "json",
+                                       "merge", "base", "force")
 
     def __post_init__(self):
+        super().__post_init__()
         templates.check_template(self.template)
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ConfigError(f"--val-frac ({self.val_frac}) and --test-frac ({self.test_frac}) must "
                               "be in [0, 1) and sum to less than 1")
-        for name in ("epochs", "batch_size", "eval_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max-length must be >= 2 tokens, got {self.max_length}")
-        if self.max_iters is not None and self.max_iters < 1:
-            raise ConfigError(f"--max-iters must be >= 1, got {self.max_iters}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError(f"--lora-rank must be >= 1 (leave it out for full fine-tuning), got {self.lora_rank}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.gen_tokens < 1 or self.max_test < 0:
             raise ConfigError("--gen-tokens must be >= 1 and --max-test >= 0")
         if self.eval_split not in ("val", "all"):
@@ -109,7 +110,6 @@ class SFTConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.lora_rank else 5e-5)
-
 
 # ---- records ---------------------------------------------------------------------------------
 def read_records(path: str | Path) -> list[dict]:
@@ -142,7 +142,6 @@ def read_records(path: str | Path) -> list[dict]:
         templates.to_messages(r, f"{p.name} record {i}")
     return records
 
-
 def split(records: list, val_frac: float, test_frac: float, seed: int) -> dict[str, list]:
     """Seeded shuffle, then test / val / train slices (test and val sizes rounded down)."""
     order = np.random.default_rng(seed).permutation(len(records))
@@ -151,24 +150,20 @@ def split(records: list, val_frac: float, test_frac: float, seed: int) -> dict[s
     return {"test": pick(order[:n_test]), "val": pick(order[n_test:n_test + n_val]),
             "train": pick(order[n_test + n_val:])}
 
-
 # ---- tokens, masks, batches --------------------------------------------------------------------
 @dataclass
 class Encoded:
     ids: list[int]  # prompt + reply + eot
     n_prompt: int  # how many of ids are prompt (masked out unless mask_prompt is off)
 
-
 def check_tokenizer(tok) -> None:
     if tok is None or getattr(tok, "eot_token", None) is None or not hasattr(tok, "encode_ordinary"):
         raise ConfigError("SFT needs a tokenizer with an <|endoftext|> token (GPT-2's BPE); "
                           "this model has a char vocabulary or none")
 
-
 def prompt_ids(tok, template: str, messages: list[dict]) -> list[int]:
     """Token ids of the rendered prompt for `messages` (which exclude the reply)."""
     return tok.encode_ordinary(templates.render_prompt(template, messages))
-
 
 def encode(tok, template: str, record, max_len: int, where: str = "record") -> tuple[Encoded | None, str]:
     """(Encoded, "") or (None, "skipped") / (Encoded, "truncated"): fits prompt+reply into
@@ -184,7 +179,6 @@ def encode(tok, template: str, record, max_len: int, where: str = "record") -> t
         p, status = p[len(p) + len(r) - max_len - 1:], "truncated"
     return Encoded(p + r, len(p)), status
 
-
 def encode_all(tok, template: str, records: list, max_len: int, log=None) -> list[Encoded]:
     out, counts = [], {"skipped": 0, "truncated": 0}
     for i, rec in enumerate(records):
@@ -197,7 +191,6 @@ def encode_all(tok, template: str, records: list, max_len: int, log=None) -> lis
         log(f"{counts['truncated']} examples longer than {max_len + 1} tokens had their prompt cut "
             f"from the left; {counts['skipped']} whose reply alone is longer were skipped")
     return out
-
 
 def collate(examples: list[Encoded], pad_id: int, length: int, mask_prompt: bool = True,
             rows: int | None = None):
@@ -217,53 +210,66 @@ def collate(examples: list[Encoded], pad_id: int, length: int, mask_prompt: bool
         mask[b, first:n] = 1
     return x, y, mask
 
-
-def masked_loss_sum(logits, y, mask):
-    """(sum of cross-entropy over unmasked targets, number of unmasked targets)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)  # [B, T]
-    m = mask.astype(jnp.float32)
-    return jnp.sum(ce * m), jnp.sum(m)
-
-
-def masked_loss(logits, y, mask):
-    """Mean cross-entropy over every unmasked token of the batch (not a mean of row means)."""
-    total, n = masked_loss_sum(logits, y, mask)
-    return total / jnp.maximum(n, 1.0)
+def stacked(examples: list[Encoded], batch_size: int, cap: int, pad_id: int, mask_prompt: bool,
+            rows=slice(None)) -> dict:
+    """Consecutive batches of `examples` stacked to {"x", "y", "mask"} [N, len(rows), L], all
+    padded to one bucketed length L (one compiled evaluation), only the batch rows `rows`."""
+    length = bucket(max(len(e.ids) - 1 for e in examples), cap)
+    parts = [collate(examples[i:i + batch_size], pad_id, length, mask_prompt, rows=batch_size)
+             for i in range(0, len(examples), batch_size)]
+    return {k: np.stack([p[j][rows] for p in parts]) for j, k in enumerate(("x", "y", "mask"))}
 
 
-def batches(examples: list[Encoded], batch_size: int, cap: int, pad_id: int, mask_prompt: bool):
-    """Consecutive fixed-size batches (the last one filled with empty rows), bucketed lengths."""
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        length = bucket(max(len(e.ids) - 1 for e in chunk), cap)
-        yield collate(chunk, pad_id, length, mask_prompt, rows=batch_size)
+class RecordBatches:
+    """The SFT data order: the global batch of step s is a pure function of (seed, s).
+
+    Epoch e = s // steps_per_epoch takes the train examples in a permutation seeded by
+    (seed, e); step s takes the next `batch_size` of them (the epoch's last batch is filled with
+    empty rows, mask 0). `__call__(steps, rows)` collates the given rows of those steps' batches,
+    all padded to one bucketed length (the longest of the steps' global batches, so every
+    process pads alike), as {"x", "y", "mask"} [len(steps), len(rows), L].
+    """
+
+    def __init__(self, examples: list[Encoded], batch_size: int, seed: int, cap: int, pad_id: int,
+                 mask_prompt: bool):
+        self.examples, self.B, self.seed, self.cap = examples, batch_size, seed, cap
+        self.pad_id, self.mask_prompt = pad_id, mask_prompt
+        self.steps_per_epoch = math.ceil(len(examples) / batch_size)
+        self._order = (None, None)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        return self._order[1]
+
+    def batch(self, step: int) -> list[Encoded]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return [self.examples[j] for j in self.order(epoch)[i * self.B:(i + 1) * self.B]]
+
+    def __call__(self, steps: range, rows) -> dict:
+        chunks = [self.batch(s) for s in steps]
+        length = bucket(max(len(e.ids) - 1 for c in chunks for e in c), self.cap)
+        cols = [collate(c, self.pad_id, length, self.mask_prompt, rows=self.B) for c in chunks]
+        return {k: np.stack([c[j][rows] for c in cols]) for j, k in enumerate(("x", "y", "mask"))}
 
 
 # ---- evaluation --------------------------------------------------------------------------------
-_EVAL_CACHE: dict = {}
-
-
 def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int,
                   mask_prompt: bool = True) -> tuple[float, int]:
-    """(mean masked loss over all unmasked tokens of `examples`, number of those tokens)."""
-    graphdef, state = nnx.split(model)
-    fn = _EVAL_CACHE.get(graphdef)
-    if fn is None:
-        fn = _EVAL_CACHE[graphdef] = jax.jit(
-            lambda s, x, y, m: masked_loss_sum(nnx.merge(graphdef, s)(x)[0], y, m))
-    total, count = 0.0, 0.0
-    cap = model.config.block_size
-    for x, y, m in batches(examples, batch_size, cap, pad_id, mask_prompt):
-        s, n = fn(state, x, y, m)
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0), int(count)
+    """(mean masked loss over all unmasked tokens of `examples`, number of those tokens), with the
+    trainer's own evaluation (jaxgpt.trainer.make_eval)."""
+    from jaxgpt.trainer import make_eval
+
+    arrays = stacked(examples, batch_size, model.config.block_size, pad_id, mask_prompt)
+    graphdef, params = nnx.split(model)
+    total, count = make_eval(graphdef)(params, nnx.State({}), arrays)
+    return float(total) / max(float(count), 1.0), int(count)
 
 
 def normalize(text: str) -> str:
     """Lowercase, drop punctuation, collapse whitespace (for exact match and ROUGE-L)."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return " ".join(text.split())
-
 
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 over words of the normalized texts (longest common subsequence)."""
@@ -281,7 +287,6 @@ def rouge_l(candidate: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(c), lcs / len(r)
     return 2 * precision * recall / (precision + recall)
-
 
 def generate_answers(model, tok, template: str, records: list, max_new: int, progress=None) -> list[dict]:
     """Greedy answers for each record's prompt: [{"text", "ended"}] (ended: eot within budget)."""
@@ -303,7 +308,6 @@ def generate_answers(model, tok, template: str, records: list, max_new: int, pro
             progress.update(1)
     return out
 
-
 def score(answers: list[dict], records: list) -> dict:
     refs = [templates.to_messages(r, "record")[-1]["content"] for r in records]
     n = max(len(answers), 1)
@@ -314,28 +318,7 @@ def score(answers: list[dict], records: list) -> dict:
         "n": len(answers),
     }
 
-
 # ---- training ----------------------------------------------------------------------------------
-def make_step(graphdef, tx):
-    """`step(trainable, frozen, opt_state, x, y, mask) -> (trainable, opt_state, loss)`, jitted,
-    trainable params and optimizer state donated; `frozen` (the base under LoRA) is read only."""
-
-    def loss_fn(trainable, frozen, x, y, mask):
-        return masked_loss(nnx.merge(graphdef, trainable, frozen)(x)[0], y, mask)
-
-    def step(trainable, frozen, opt_state, x, y, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, y, mask)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 2))
-
-
-def _log(msg: str) -> None:
-    from tqdm import tqdm
-    tqdm.write(msg, file=sys.stderr)
-
-
 def load_base(cfg: SFTConfig):
     """The base model (float32 weights; int8 refused) with the compute dtype of the run."""
     from jaxgpt.api import load
@@ -344,23 +327,29 @@ def load_base(cfg: SFTConfig):
         raise ConfigError("name the base model: python -m jaxgpt.sft CKPT --data FILE --out DIR")
     lm = load(cfg.ckpt)
     check_tokenizer(lm.tokenizer)
-    if lm.config.dtype != cfg.dtype:  # same weights, modules rebuilt with the new compute dtype
+    if lm.config.dtype != cfg.dtype or lm.config.dropout != cfg.dropout or lm.config.remat != cfg.remat:
+        # same weights, modules rebuilt with the run's compute dtype / dropout / remat
         from jaxgpt.model import GPT
 
-        new_cfg = dataclasses.replace(lm.config, dtype=cfg.dtype)
+        new_cfg = dataclasses.replace(lm.config, dtype=cfg.dtype, dropout=cfg.dropout, remat=cfg.remat)
         lm.model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(new_cfg))), nnx.state(lm.model))
     return lm
 
 
-def run_sft(cfg: SFTConfig, log=_log) -> dict:
-    """Fine-tune as `cfg` says; writes cfg.out (atomically, at the end). Returns a summary dict."""
-    from tqdm import tqdm
+def _prepare_out(cfg: SFTConfig) -> None:
+    """Refuse an --out that holds something (unless --resume, or --force replaces it)."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        return
+    busy = out.exists() and (out.is_file() or any(out.iterdir()))
+    if busy and not cfg.force:
+        hint = " (an SFT run: continue it with --resume)" if checkpoint.latest_step(out) is not None else ""
+        raise ConfigError(f"{out} already exists and is not empty{hint}; pass --force to replace it")
 
-    if not cfg.out:
-        raise ConfigError("--out DIR is required (where the model and report go)")
-    checkpoint.check_writable(cfg.out, cfg.force)
+
+def _data(cfg: SFTConfig, lm, log):
+    """(template, split records, train / val examples) of the run."""
     records = read_records(cfg.data)
-    lm = load_base(cfg)
     tok, template = lm.tokenizer, cfg.template
     max_len = cfg.length_limit(lm.config.block_size)
     parts = split(records, cfg.val_frac, cfg.test_frac, cfg.seed)
@@ -370,100 +359,109 @@ def run_sft(cfg: SFTConfig, log=_log) -> dict:
         f"{len(parts['test'])} test; template {template}")
     train_ex = encode_all(tok, template, parts["train"], max_len, log)
     val_ex = encode_all(tok, template, parts["val"], max_len)
-    test_recs = parts["test"][:cfg.max_test] if cfg.max_test else parts["test"]
     if not train_ex:
         raise ConfigError("no training example fits the context; raise --max-length or shorten replies")
-    pad = tok.eot_token
-    base_model = lm.model
+    return template, parts, train_ex, val_ex
 
-    # ---- model to train ----
+
+def _trainable_model(cfg: SFTConfig, base_model, log):
+    """(model to train, the nnx filter of its trainable params, LoRA layer names)."""
     model = nnx.clone(base_model)
     adapted = []
     if cfg.lora_rank:
         adapted = lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
-        wrt = nnx.LoRAParam
-    else:
-        wrt = nnx.Param
-    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
-    n_train = sum(x.size for x in jax.tree.leaves(trainable))
+    wrt = nnx.LoRAParam if cfg.lora_rank else nnx.Param
+    n_train = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
     n_total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     log(f"trainable params: {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%)"
         + (f"; LoRA rank {cfg.lora_rank} on {len(adapted)} layers" if adapted else ""))
+    return model, wrt, adapted, n_train, n_total
 
-    # ---- before ----
-    t0 = time.time()
+
+def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
+    """Fine-tune as `cfg` says on the trainer; writes cfg.out (checkpoints as it goes, the model
+    or adapter and the report at the end). Returns a summary dict."""
+    from tqdm import tqdm
+
+    if not cfg.out:
+        raise ConfigError("--out DIR is required (where the model and report go)")
+    _prepare_out(cfg)
+    resume_step = resume_point(cfg, KIND, "sft_config")[0] if cfg.resume else 0
+    lm = load_base(cfg)
+    tok = lm.tokenizer
+    template, parts, train_ex, val_ex = _data(cfg, lm, log)
+    test_recs = parts["test"][:cfg.max_test] if cfg.max_test else parts["test"]
+    pad, out = tok.eot_token, Path(cfg.out)
+    model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, log)
+    mesh = setup_devices(cfg)
+    data = RecordBatches(train_ex, cfg.batch_size, cfg.seed, lm.config.block_size, pad, cfg.mask_prompt)
+    total_steps = cfg.max_iters or cfg.epochs * data.steps_per_epoch
+    sft_meta = {"template": template, "sft": {"base": str(cfg.ckpt), "data": str(cfg.data),
+                                              "steps": total_steps, "lora_rank": cfg.lora_rank}}
+    meta = {"kind": KIND, "sft_config": cfg.to_dict(), "model_config": lm.config.to_dict(),
+            "tokenizer": tok.to_dict(), "source": f"sft of {cfg.ckpt}", **sft_meta}
+    trainer = Trainer(model, optim=cfg, run=cfg, total_steps=total_steps, mesh=mesh, meta=meta,
+                      wrt=wrt, log=log)
+    if cfg.resume:
+        resume_step = trainer.restore(out, warn=trainer.log)
+    elif cfg.force and out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+    # ---- before: greedy test generations of the base (kept in the run folder for --resume) ----
     gen_bar = tqdm(total=2 * len(test_recs), desc="test generations", disable=not cfg.progress,
                    file=sys.stderr, leave=False)
-    before = {"val_loss": None, "val_tokens": 0}
-    if val_ex:
-        before["val_loss"], before["val_tokens"] = evaluate_loss(base_model, val_ex, cfg.batch_size, pad)
-    before_answers = generate_answers(base_model, tok, template, test_recs, cfg.gen_tokens, gen_bar)
-    before.update(score(before_answers, test_recs))
-    log(f"before: val loss {_fmt(before['val_loss'])}, test ROUGE-L {before['rouge_l']:.3f}, "
-        f"ends with EOS {before['ends_with_eos']:.2f} ({time.time() - t0:.0f} s)")
+    before_path = out / "before.json"
+    if cfg.resume and before_path.is_file():
+        before_answers = json.loads(before_path.read_text())
+    else:
+        t0 = time.time()
+        before_answers = generate_answers(lm.model, tok, template, test_recs, cfg.gen_tokens, gen_bar)
+        if trainer.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(before_path, json.dumps(before_answers).encode())
+        trainer.timers["sample"] += time.time() - t0
+    gen_bar.update(len(test_recs) - gen_bar.n)
 
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total_steps = cfg.max_iters or cfg.epochs * steps_per_epoch
-    opt_cfg = types.SimpleNamespace(lr=cfg.peak_lr, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
-                                    lr_decay_iters=total_steps, max_iters=total_steps,
-                                    weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
-                                    grad_clip=cfg.grad_clip)
-    tx = make_optimizer(opt_cfg)
-    trainable = jax.tree.map(jnp.copy, trainable)  # own buffers: the step donates them, the base keeps its
-    opt_state = tx.init(trainable)
-    step_fn = make_step(graphdef, tx)
-    rng = np.random.default_rng(cfg.seed)
-    rows, step, t_train = [], 0, time.time()
-    bar = tqdm(total=total_steps, desc="sft", disable=not cfg.progress, file=sys.stderr)
-    while step < total_steps:
-        order = rng.permutation(len(train_ex))
-        for x, y, m in batches([train_ex[i] for i in order], cfg.batch_size, max_len, pad, cfg.mask_prompt):
-            trainable, opt_state, loss = step_fn(trainable, frozen, opt_state, x, y, m)
-            step += 1
-            row = {"step": step, "train_loss": float(loss)}
-            if val_ex and (step % cfg.eval_interval == 0 or step == total_steps):
-                row["val_loss"], _ = evaluate_loss(nnx.merge(graphdef, trainable, frozen), val_ex,
-                                                   cfg.batch_size, pad)
-                log(f"step {step}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}")
-            rows.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-            if not math.isfinite(row["train_loss"]):
-                raise ConfigError(f"the loss became {row['train_loss']} at step {step}; lower --lr")
-            if step >= total_steps:
-                break
-    bar.close()
-    train_s = time.time() - t_train
-    model = nnx.merge(graphdef, trainable, frozen)
+    val = stacked(val_ex, cfg.batch_size, lm.config.block_size, pad, cfg.mask_prompt,
+                  trainer.eval_rows) if val_ex else None
+    val_tokens = int(stacked(val_ex, cfg.batch_size, lm.config.block_size, pad,
+                             cfg.mask_prompt)["mask"].sum()) if val_ex else 0
+    run = trainer.fit(lambda steps: data(steps, trainer.local_rows),
+                      evaluate=(lambda: {"val_loss": trainer.evaluate(val)}) if val else None,
+                      rows=read_rows(out, resume_step) if cfg.resume else None)
+    if run["stopped_by"]:
+        gen_bar.close()
+        return {"steps": run["step"], "stopped_by": run["stopped_by"], "out": cfg.out}
 
     # ---- after ----
-    plain = lora.merge(model) if cfg.lora_rank else model
-    after = {"val_loss": None, "val_tokens": 0}
-    if val_ex:
-        after["val_loss"], after["val_tokens"] = evaluate_loss(plain, val_ex, cfg.batch_size, pad)
+    trained = trainer.model()
+    plain = lora.merge(trained) if cfg.lora_rank else trained
+    t0 = time.time()
     after_answers = generate_answers(plain, tok, template, test_recs, cfg.gen_tokens, gen_bar)
+    trainer.timers["sample"] += time.time() - t0
     gen_bar.close()
-    after.update(score(after_answers, test_recs))
+    vals = [r["val_loss"] for r in run["rows"] if "val_loss" in r]
+    before = {"val_loss": vals[0] if vals else None, "val_tokens": val_tokens,
+              **score(before_answers, test_recs)}
+    after = {"val_loss": vals[-1] if vals else None, "val_tokens": val_tokens,
+             **score(after_answers, test_recs)}
+    log(f"before: val loss {_fmt(before['val_loss'])}, test ROUGE-L {before['rouge_l']:.3f}, "
+        f"ends with EOS {before['ends_with_eos']:.2f}")
     log(f"after:  val loss {_fmt(after['val_loss'])}, test ROUGE-L {after['rouge_l']:.3f}, "
         f"ends with EOS {after['ends_with_eos']:.2f}")
 
-    # ---- write everything (atomically: a temporary folder renamed to --out at the end) ----
-    summary = {"before": before, "after": after, "steps": step, "train_seconds": train_s,
+    # ---- write the adapter (a full fine-tune's model is its last checkpoint) and the report ----
+    summary = {"before": before, "after": after, "steps": run["step"],
+               "train_seconds": run["timers"]["steps"], "timers": run["timers"],
                "trainable_params": n_train, "total_params": n_total, "lora_layers": adapted,
                "records": {k: len(v) for k, v in parts.items()}, "config": dataclasses.asdict(cfg)}
-    sft_meta = {"template": template, "sft": {"base": str(cfg.ckpt), "data": str(cfg.data),
-                                              "steps": step, "lora_rank": cfg.lora_rank}}
-    with checkpoint.atomic_dir(cfg.out, cfg.force) as tmp:
+    if trainer.main:
         if cfg.lora_rank:
-            lora.save_adapter(tmp, model, {**sft_meta, "base": _portable(cfg.ckpt), "rank": cfg.lora_rank,
-                                           "alpha": cfg.lora_alpha, "targets": lora.parse_targets(cfg.lora_targets),
-                                           "model_config": lm.config.to_dict()}, force=True)
-        else:
-            tok_dict = tok.to_dict()
-            checkpoint.save_model(tmp, plain, tok_dict, {**sft_meta, "source": f"sft of {cfg.ckpt}"},
-                                  force=True)
-        _write_report(Path(tmp), cfg, summary, test_recs, before_answers, after_answers, rows)
-    summary["out"] = cfg.out
+            lora.write_adapter(out, trained, {
+                **sft_meta, "base": _portable(cfg.ckpt), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+                "targets": lora.parse_targets(cfg.lora_targets), "model_config": lm.config.to_dict()})
+        _write_report(out, cfg, summary, test_recs, before_answers, after_answers)
+    summary.update(out=cfg.out, stopped_by=None)
     return summary
 
 
@@ -472,16 +470,12 @@ def _portable(ckpt: str) -> str:
     p = Path(ckpt).expanduser()
     return str(p.resolve()) if p.exists() else ckpt
 
-
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
-
-def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after, rows) -> None:
-    from jaxgpt.train import plot_losses
-
-    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    plot_losses(rows, out / "loss.png")
+def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after) -> None:
+    """test_generations.jsonl, summary.json and report.md (metrics.jsonl and loss.png are the
+    trainer's)."""
     lines = []
     for i, (rec, b, a) in enumerate(zip(recs, before, after)):
         msgs = templates.to_messages(rec, "record")
@@ -495,7 +489,6 @@ def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after,
     atomic_write(out / "test_generations.jsonl", ("\n".join(lines) + "\n").encode())
     atomic_write(out / "summary.json", json.dumps(summary, indent=2).encode())
     atomic_write(out / "report.md", report_markdown(cfg, summary, recs, before, after).encode())
-
 
 def report_markdown(cfg: SFTConfig, s: dict, recs, before, after, n_examples: int = 3) -> str:
     b, a = s["before"], s["after"]
@@ -522,7 +515,6 @@ def report_markdown(cfg: SFTConfig, s: dict, recs, before, after, n_examples: in
     md += ["All generations with scores: `test_generations.jsonl`."]
     return "\n".join(md) + "\n"
 
-
 def summary_table(runs: dict[str, dict]) -> str:
     """A markdown table comparing SFT runs (name -> run_sft summary): the base row once, then
     each run's after-metrics, with its trainable params and training time."""
@@ -537,7 +529,6 @@ def summary_table(runs: dict[str, dict]) -> str:
                     f"{a['ends_with_eos']:.2f} | {s['trainable_params']:,} | {s['train_seconds']:.0f} s |")
     return head + "\n".join(rows) + "\n"
 
-
 # ---- other modes -------------------------------------------------------------------------------
 def eval_only(cfg: SFTConfig) -> dict:
     """{"loss", "tokens"}: masked loss of the base on the val split (or every record, unshuffled)."""
@@ -548,10 +539,9 @@ def eval_only(cfg: SFTConfig) -> dict:
         raise ConfigError("the val split is empty; use --eval-split all or a larger --val-frac")
     template = lm.meta.get("template", cfg.template) if cfg.template == templates.DEFAULT else cfg.template
     max_len = cfg.length_limit(lm.config.block_size)
-    ex = encode_all(lm.tokenizer, template, recs, max_len, _log)
+    ex = encode_all(lm.tokenizer, template, recs, max_len, log_stderr)
     loss, tokens = evaluate_loss(lm.model, ex, cfg.batch_size, lm.tokenizer.eot_token, cfg.mask_prompt)
     return {"loss": loss, "tokens": tokens}
-
 
 def merge_adapter(adapter: str, out: str, base: str | None = None, force: bool = False) -> Path:
     """Fold a LoRA adapter into its base and save a plain jaxgpt checkpoint at `out`."""
@@ -567,83 +557,6 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, force: bool =
     tok = lm.tokenizer.to_dict() if lm.tokenizer is not None else None
     return checkpoint.save_model(out, merged, tok, extra, force=force)
 
-
-# ---- CLI ---------------------------------------------------------------------------------------
-HELP = {
-    "ckpt": "base model: jaxgpt run dir, Hugging Face GPT-2 folder, hub name (gpt2, ...) or nanoGPT ckpt.pt",
-    "data": "instruction records: a JSON list or JSONL of {instruction, input, output}, "
-            "{prompt, completion} or {messages: [{role, content}, ...]}",
-    "out": "output folder: the fine-tuned checkpoint (or LoRA adapter), report.md, "
-           "test_generations.jsonl, metrics.jsonl, loss.png, summary.json",
-    "template": f"prompt template: {', '.join(templates.TEMPLATES)} (saved with the checkpoint)",
-    "val_frac": "fraction of records held out for the validation loss",
-    "test_frac": "fraction of records held out for test generations",
-    "seed": "seed of the split, the data order and the LoRA init",
-    "mask_prompt": "count only reply tokens in the loss (--no-mask-prompt: every real token)",
-    "max_length": "longest training sequence in tokens (default: the model's context); longer "
-                  "examples lose prompt tokens from the left, or are skipped if the reply alone is longer",
-    "epochs": "passes over the train split",
-    "max_iters": "stop after this many optimizer steps (overrides --epochs)",
-    "batch_size": "examples per optimizer step (padded to the longest, bucketed)",
-    "lr": "peak learning rate (default: 5e-5 full fine-tuning, 1e-3 LoRA)",
-    "min_lr": "final learning rate of the cosine decay (default: lr/10)",
-    "warmup_iters": "linear warmup steps",
-    "weight_decay": "AdamW weight decay on 2-D weights",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip gradients to this global norm (0 disables)",
-    "dtype": "compute dtype: float32, bfloat16 or float16 (weights stay float32)",
-    "lora_rank": "train LoRA adapters of rank r (A [in, r], B [r, out]) instead of every weight",
-    "lora_alpha": "LoRA scale numerator: the update is (alpha / r) A B",
-    "lora_targets": "comma-separated layers to adapt: c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc",
-    "eval_interval": "evaluate the val loss every N steps",
-    "gen_tokens": "token budget of each greedy test generation",
-    "max_test": "generate answers for at most this many test records (0: all)",
-    "eval_only": "only print the masked loss of CKPT (no training, nothing written)",
-    "eval_split": "with --eval-only: val (the split) or all (every record, in file order)",
-    "json": "with --eval-only: print one JSON object {loss, tokens}",
-    "merge": "merge this LoRA adapter folder into its base and write a plain checkpoint to --out",
-    "base": "with --merge: the base model to merge into (default: the one the adapter records)",
-    "force": "replace a non-empty --out",
-    "progress": "show progress bars (--no-progress to hide them)",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.sft", description=__doc__.split("\n\n")[0],
-        epilog="Full fine-tuning writes a jaxgpt checkpoint to --out; LoRA writes only the adapter "
-               "(A, B and adapter.json), which sample/chat/eval load on top of its base, and which "
-               "--merge folds into a plain checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_flags(p, SFTConfig, HELP, positional=("ckpt",))
-    return p
-
-
-def main(argv=None) -> int:
-    parallel.deterministic_gpu_ops()
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = SFTConfig(**vars(args))
-        if cfg.merge:
-            if not cfg.out:
-                raise ConfigError("--merge needs --out MERGED_DIR")
-            path = merge_adapter(cfg.merge, cfg.out, cfg.base or cfg.ckpt, cfg.force)
-            print(f"merged {cfg.merge} into a plain checkpoint at {path}", file=sys.stderr)
-            return 0
-        if cfg.eval_only:
-            res = eval_only(cfg)
-            print(json.dumps(res) if cfg.json else f"masked loss {res['loss']:.4f} over {res['tokens']} tokens")
-            return 0
-        s = run_sft(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"done: {s['steps']} steps; val loss {_fmt(s['before']['val_loss'])} -> "
-          f"{_fmt(s['after']['val_loss'])}; ends with EOS {s['before']['ends_with_eos']:.2f} -> "
-          f"{s['after']['ends_with_eos']:.2f}; report in {cfg.out}/report.md", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m jaxgpt.sft: the CLI (imports point cli -> library)
+    import runpy
+    runpy.run_module("jaxgpt.cli.sft", run_name="__main__")

@@ -15,7 +15,9 @@ transformers = pytest.importorskip("transformers")
 import jaxgpt  # noqa: E402
 from jaxgpt import lora, sft, templates  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
+from jaxgpt.losses import masked_mean  # noqa: E402
 from jaxgpt.model import GPT  # noqa: E402
+from jaxgpt.trainer import make_step  # noqa: E402
 from jaxgpt.tokenizer import get_tokenizer  # noqa: E402
 
 from conftest import REPO, run_cli  # noqa: E402
@@ -82,7 +84,7 @@ def test_masked_loss_matches_hf_labels(hf_dir, records):
     assert len(lengths) >= 4  # a padded batch of unequal lengths
     T = max(lengths)
     x, y, m = sft.collate(enc, TOK.eot_token, T - 1)
-    ours = float(sft.masked_loss(lm.model(jnp.asarray(x))[0], jnp.asarray(y), jnp.asarray(m)))
+    ours = float(masked_mean(lm.model(jnp.asarray(x))[0], jnp.asarray(y), jnp.asarray(m)))
     # HF: the full sequences, right-padded, labels = ids with -100 on prompt and padding
     ids = np.full((len(enc), T), TOK.eot_token)
     labels = np.full((len(enc), T), -100)
@@ -95,7 +97,7 @@ def test_masked_loss_matches_hf_labels(hf_dir, records):
         theirs = hf(torch.tensor(ids), attention_mask=torch.tensor(attn), labels=torch.tensor(labels)).loss.item()
     assert abs(ours - theirs) <= 1e-5, (ours, theirs)
     # and it is the mean over tokens, not a mean of per-example means
-    per_row = [float(sft.masked_loss(lm.model(jnp.asarray(x[b:b + 1]))[0], jnp.asarray(y[b:b + 1]), jnp.asarray(m[b:b + 1])))
+    per_row = [float(masked_mean(lm.model(jnp.asarray(x[b:b + 1]))[0], jnp.asarray(y[b:b + 1]), jnp.asarray(m[b:b + 1])))
                for b in range(len(enc))]
     assert abs(np.mean(per_row) - ours) > 1e-4
 
@@ -134,12 +136,15 @@ def test_lora_training_freezes_base_and_merges_exactly(records):
     # the optimizer holds state for the adapters only (Adam: mu and nu, each adapter-shaped)
     n_lora = sum(x.size for x in jax.tree.leaves(trainable))
     assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * n_lora
-    step = sft.make_step(graphdef, tx)
+    step = make_step(graphdef, tx, lambda s: 1e-2)
     ex = [sft.encode(TOK, "alpaca", r, 128)[0] for r in records[:16]]
-    for x, y, m in sft.batches(ex, 8, 128, TOK.eot_token, True):
+    data = sft.RecordBatches(ex, 8, 0, 128, TOK.eot_token, True)
+    state = {"params": trainable, "opt_state": opt_state, "step": jnp.array(0, jnp.int32)}
+    for s in range(2 * data.steps_per_epoch):  # two epochs: each record once per epoch
+        batch = {k: v[:, None] for k, v in data(range(s, s + 1), slice(None)).items()}  # [K, A, B, T]
         for _ in range(3):
-            trainable, opt_state, loss = step(trainable, frozen, opt_state, x, y, m)
-    trained = nnx.merge(graphdef, trainable, frozen)
+            state, m = step(state, frozen, batch)
+    trained = nnx.merge(graphdef, state["params"], frozen)
     # frozen base weights are bit-identical after training; the adapters moved
     after = nnx.state(trained, nnx.Param)
     for path, v in nnx.to_flat_state(after):

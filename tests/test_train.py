@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import TrainConfig
-from jaxgpt.train import main, parse_args, train
+from jaxgpt.cli.train import main, parse_args
+from jaxgpt.train import train
 
 from conftest import REPO, TINY, run_cli
 
@@ -240,21 +241,21 @@ def test_bfloat16_losses_track_float32_and_state_stays_float32():
     from flax import nnx
 
     from jaxgpt.model import GPT
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import make_train_step
+    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.trainer import make_step
 
     K, B, T, V = 20, 8, 32, 65
     start = np.random.default_rng(0).integers(0, V, (K, 1, B, 1))
     seq = (start + 3 * np.arange(T + 1)) % V  # learnable: each next token is +3 mod V
-    batch = (jnp.asarray(seq[..., :-1], jnp.int32), jnp.asarray(seq[..., 1:], jnp.int32))
+    batch = {"x": jnp.asarray(seq[..., :-1], jnp.int32), "y": jnp.asarray(seq[..., 1:], jnp.int32)}
     losses = {}
     for dtype in ("float32", "bfloat16"):
         cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=T, batch_size=B, dtype=dtype,
                           max_iters=K, warmup_iters=2, lr=1e-2)
-        graphdef, params = nnx.split(GPT(cfg.model_config(V), rngs=nnx.Rngs(0)))
+        graphdef, params, frozen = nnx.split(GPT(cfg.model_config(V), rngs=nnx.Rngs(0)), nnx.Param, ...)
         tx = make_optimizer(cfg)
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
-        state, m = make_train_step(graphdef, tx, cfg)(state, batch)
+        state, m = make_step(graphdef, tx, lr_schedule(cfg), seed=cfg.seed)(state, frozen, batch)
         losses[dtype] = np.asarray(m["loss"])
         floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert {x.dtype for x in floats} == {jnp.dtype("float32")}, dtype
@@ -273,7 +274,7 @@ def test_chunked_head_loss_matches_full_logits():
 
     from jaxgpt.config import GPTConfig
     from jaxgpt.model import GPT
-    from jaxgpt.train import cross_entropy, head_loss
+    from jaxgpt.losses import cross_entropy, head_loss
 
     cfg = GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)))

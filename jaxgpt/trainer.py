@@ -1,0 +1,396 @@
+"""The one trainer: pretraining, full fine-tuning and LoRA differ only in their batches and in
+which parameters train; everything else is here.
+
+- state = {"params": the trainable params, "opt_state", "step"}, plus `frozen` (the rest of the
+  model, e.g. the base weights under LoRA: read, never updated, never saved with the run);
+- one pure jitted step (`make_step`) built from a loss that returns (loss_sum, token_count):
+  K optimizer steps per call in a `lax.scan`, gradient accumulation over micro-batches in an
+  inner scan, the mean taken once as sum / count, so accumulation and data parallelism give
+  exactly the token-weighted mean of the global batch;
+- the (data, fsdp) mesh and its shardings (jaxgpt.parallel), declared once at the edges;
+- init or resume from the run's orbax checkpoints (jaxgpt.checkpoint), the newest intact one;
+- `Trainer.fit`: the loop, with hooks for evaluation and samples, and the trainer's own
+  bookkeeping: metrics.jsonl rows as they happen, the progress bar, periodic checkpoints,
+  SIGTERM/SIGINT (save, then stop), the NaN guard, and the time split of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxgpt import checkpoint, parallel
+from jaxgpt.config import ConfigError, OptimConfig, RunConfig
+from jaxgpt.data import atomic_write
+from jaxgpt.losses import lm_loss
+from jaxgpt.optim import lr_schedule, make_optimizer
+
+# loss_fn(model, batch, key) -> (summed loss, counted targets); batch: dict of [B, T] arrays
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def make_step(graphdef, tx: optax.GradientTransformation, schedule, *, loss_fn: LossFn = lm_loss,
+              seed: int = 0, dropout: bool = False, state_shardings=None):
+    """`step(state, frozen, batch) -> (state, metrics)`, jitted, the state donated.
+
+    batch: a dict of arrays [K, A, B/A, ...]: K optimizer steps, each of A micro-batches. The
+    gradient of each step is d(sum of the A micro-batches' loss sums) / d(params), divided by
+    their total count; the logged loss is the same sum / count. metrics have a leading [K]:
+    loss, grad_norm, lr, tokens (counted targets). Dropout keys are a function of (seed, step),
+    so a resumed run draws the same masks. `state_shardings` pins the output state's layout.
+    """
+    base_key = jax.random.key(seed)
+
+    def loss_sum(params, frozen, batch, key):
+        model = nnx.merge(graphdef, params, frozen)
+        total, count = loss_fn(model, batch, key if dropout else None)
+        return total, count
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def one_step(state, frozen, batch):
+        A = jax.tree.leaves(batch)[0].shape[0]
+        keys = jax.random.split(jax.random.fold_in(base_key, state["step"]), A)
+
+        def micro(acc, inputs):  # accumulate (loss sum, count, gradient sums) over micro-batches
+            mb, key = inputs
+            (total, count), grads = grad_fn(state["params"], frozen, mb, key)
+            return jax.tree.map(jnp.add, acc, (total, count, grads)), None
+
+        if A == 1:
+            (total, count), grads = grad_fn(state["params"], frozen,
+                                            jax.tree.map(lambda a: a[0], batch), keys[0])
+        else:
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+            (total, count, grads), _ = jax.lax.scan(micro, zeros, (batch, keys))
+        n = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": total / n, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"]), "tokens": count}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def step(state, frozen, batch):
+        return jax.lax.scan(lambda s, b: one_step(s, frozen, b), state, batch)
+
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+def make_eval(graphdef, loss_fn: LossFn = lm_loss):
+    """`evaluate(params, frozen, batches) -> (loss sum, count)` over stacked batches [N, B, ...]
+    in one call (a `lax.map` over N, so one compiled program whatever N)."""
+
+    @jax.jit
+    def evaluate(params, frozen, batches):
+        model = nnx.merge(graphdef, params, frozen)
+        sums, counts = jax.lax.map(lambda b: loss_fn(model, b), batches)
+        return sums.sum(), counts.sum()
+
+    return evaluate
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current call and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def setup_devices(run: RunConfig):
+    """Join the multi-process runtime (if asked) and build the (data, fsdp) mesh."""
+    parallel.initialize(run.coordinator, run.num_processes, run.process_id, run.init_timeout)
+    return parallel.make_mesh(run.mesh)
+
+
+def log_stderr(msg: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)  # prints above the progress bar instead of through it
+
+
+class Trainer:
+    """Trains `model`'s params selected by `wrt` (nnx.Param: all; nnx.LoRAParam: the adapters).
+
+    `optim` and `run` are the shared OptimConfig / RunConfig parts of a TrainConfig or SFTConfig;
+    `total_steps` is the run's length; `meta` is saved with every checkpoint (and must say what
+    kind of run it is). The batches come from the caller (`fit(batch_fn, ...)`), already cut to
+    this process's rows (`self.local_rows`), so the trainer never sees where data comes from.
+    """
+
+    def __init__(self, model, *, optim: OptimConfig, run: RunConfig, total_steps: int, mesh,
+                 meta: dict, wrt=nnx.Param, loss_fn: LossFn = lm_loss, log=log_stderr):
+        self.optim, self.run, self.total_steps, self.mesh, self.meta = optim, run, total_steps, mesh, meta
+        self.main = parallel.is_main()  # only process 0 logs and writes run files
+        self.log = log if self.main else (lambda msg: None)
+        parallel.check_batch(optim.batch_size, optim.grad_accum, mesh)
+        self.graphdef, trainable, frozen = nnx.split(model, wrt, ...)
+        self.tx = make_optimizer(optim, total_steps)
+        self.schedule = lr_schedule(optim, total_steps)
+        rep = parallel.replicated(mesh)
+        self.shardings = {"params": parallel.state_shardings(mesh, trainable),
+                          "opt_state": parallel.state_shardings(mesh, jax.eval_shape(self.tx.init, trainable)),
+                          "step": rep}
+        self.frozen = parallel.put_global(frozen, parallel.state_shardings(mesh, frozen))
+        params = parallel.put_global(trainable, self.shardings["params"])  # same seed => same init everywhere
+        self.state = {"params": params,
+                      "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params),
+                      "step": jax.device_put(jnp.array(0, jnp.int32), rep)}
+        self.n_trainable = sum(x.size for x in jax.tree.leaves(params))
+        self.step_fn = make_step(self.graphdef, self.tx, self.schedule, loss_fn=loss_fn, seed=optim.seed,
+                                 dropout=run.dropout > 0, state_shardings=self.shardings)
+        self.eval_fn = make_eval(self.graphdef, loss_fn)
+        B, A = optim.batch_size, optim.grad_accum
+        mine = parallel.local_rows(parallel.batch_sharding(mesh, 4, 2), (1, A, B // A, 1), 2)
+        # this process's rows of every global batch, in the order the micro-batches take them
+        self.local_rows = np.arange(B).reshape(A, B // A)[:, mine].ravel()
+        self.eval_rows = parallel.local_rows(parallel.batch_sharding(mesh, 3, 1), (1, B, 1), 1)
+        self.timers = {"steps": 0.0, "eval": 0.0, "sample": 0.0, "save": 0.0}
+        self._mngr = None
+
+    # ---- model views and state ------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(parallel.to_host(self.state["step"]))
+
+    def model(self):
+        """The model with the current weights (frozen + trainable), e.g. for samples."""
+        return nnx.merge(self.graphdef, self.state["params"], self.frozen)
+
+    def restore(self, out, step: int | None = None, warn=None) -> int:
+        """Load the trainable params, optimizer state and step of run `out`'s checkpoint `step`
+        (default: the newest intact one; `warn(msg)` hears of each damaged one skipped). Every
+        process restores its own shards. Returns the step."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                self.state)
+        step, p, o, _ = checkpoint.restore(out, abstract["params"], abstract["opt_state"], step=step,
+                                           warn=warn)
+        self.state = {"params": p, "opt_state": o,
+                      "step": jax.device_put(jnp.array(step, jnp.int32), parallel.replicated(self.mesh))}
+        return step
+
+    def evaluate(self, batches: dict) -> float:
+        """Mean loss over host batches {name: [N, B, ...]} (this process's rows of each), one call."""
+        N, B = len(next(iter(batches.values()))), self.optim.batch_size
+        arrays = {k: parallel.shard_batch(self.mesh, v, 1, (N, B, *v.shape[2:])) for k, v in batches.items()}
+        total, count = self.eval_fn(self.state["params"], self.frozen, arrays)
+        return float(parallel.to_host(total)) / max(float(parallel.to_host(count)), 1.0)
+
+    def save(self, step: int) -> None:
+        t0 = time.perf_counter()
+        if self._mngr is None:
+            self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints, async_save=True)
+        checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
+                        {**self.meta, "step": step}, wait=False)
+        self.timers["save"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Wait for the last (asynchronous) checkpoint write to finish."""
+        if self._mngr is not None:
+            t0 = time.perf_counter()
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+            self._mngr = None
+            self.timers["save"] += time.perf_counter() - t0
+
+    def _call(self, batch: dict, n: int) -> dict:
+        """n optimizer steps in one call on host batches {name: [n, local rows, ...]}."""
+        A, B = self.optim.grad_accum, self.optim.batch_size
+        arrays = {}
+        for k, v in batch.items():
+            v = np.asarray(v).reshape(n, A, -1, *v.shape[2:])
+            arrays[k] = parallel.shard_batch(self.mesh, v, 2, (n, A, B // A, *v.shape[3:]))
+        self.state, m = self.step_fn(self.state, self.frozen, arrays)
+        return {k: parallel.to_host(v) for k, v in m.items()}
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self, batch_fn, *, evaluate=None, sample=None, rows: list[dict] | None = None) -> dict:
+        """Train from the current step to total_steps.
+
+        batch_fn(steps: range) -> {name: [len(steps), len(local_rows), ...]} host arrays: the
+        batches of those steps, this process's rows. evaluate() -> {metric: value} (logged at
+        step 0, every eval_interval and at the end); sample() -> str (logged after each
+        evaluation past the start). `rows`: metrics already logged (a resumed run's, up to its
+        checkpoint). Returns the run summary.
+        """
+        run, out = self.run, Path(self.run.out)
+        metrics_path = out / "metrics.jsonl"
+        rows = list(rows or [])
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+        def write_row(row):
+            rows.append(row)
+            if self.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        from tqdm import tqdm
+        start = step = self.step
+        total = self.total_steps
+        bar = tqdm(total=total, initial=start, disable=not (run.progress and self.main),
+                   dynamic_ncols=True, unit="it", file=sys.stderr)
+        K = run.steps_per_call
+        every = (run.log_interval, run.eval_interval, run.ckpt_interval, K)
+        steps_since, compile_s, tokens_since = 0, None, 0.0
+        last_loss, last_eval, last_sample, last_good, stopped_by = float("nan"), {}, None, start, None
+        t_wall = time.perf_counter()
+        with jax.set_mesh(self.mesh), StopSignal() as stop:
+            try:
+                while True:
+                    if evaluate is not None and (step % run.eval_interval == 0 or step == total):
+                        t0 = time.perf_counter()
+                        last_eval = evaluate()
+                        self.timers["eval"] += time.perf_counter() - t0
+                        row = {"step": step, **last_eval, "lr": float(self.schedule(step))}
+                        if step > start:
+                            row["train_loss"] = last_loss
+                        write_row(row)
+                        self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}"
+                                                             for k, v in last_eval.items())
+                                 + (f", train loss {last_loss:.4f}" if step > start else ""))
+                        if sample is not None and step > start:
+                            t0 = time.perf_counter()
+                            last_sample = sample()
+                            self.timers["sample"] += time.perf_counter() - t0
+                            if last_sample is not None:
+                                self.log("  sample: " + last_sample.replace("\n", "\n          ")[:800])
+                    if step > start and (step % run.ckpt_interval == 0 or step == total):
+                        self.save(step)
+                        last_good = step
+                    if step >= total:
+                        break
+                    if parallel.any_process(stop.signum is not None):  # all processes stop together
+                        if last_good != step:
+                            self.save(step)
+                        stopped_by = signal.Signals(stop.signum or signal.SIGTERM).name
+                        self.log(f"{stopped_by}: saved checkpoint at step {step} in {out}; "
+                                 f"continue with the same command plus --resume")
+                        break
+                    # n optimizer steps in one call, up to the next log/eval/checkpoint/K boundary
+                    n = min([total - step] + [e - step % e for e in every])
+                    batch = batch_fn(range(step, step + n))
+                    t0 = time.perf_counter()
+                    m = self._call(batch, n)  # the metrics' transfer syncs: the steps are done
+                    dt = time.perf_counter() - t0
+                    if compile_s is None:  # the first call includes compilation
+                        compile_s = dt
+                    else:
+                        self.timers["steps"] += dt
+                        steps_since += n
+                        tokens_since += float(m["tokens"].sum())
+                    bad = ~np.isfinite(m["loss"])
+                    if bad.any():
+                        raise FloatingPointError(
+                            f"loss became {m['loss'][bad][0]} at step {step + int(np.argmax(bad)) + 1}")
+                    step += n
+                    last_loss = float(m["loss"][-1])
+                    bar.update(n)
+                    if step % run.log_interval == 0:
+                        tps = tokens_since / self.timers["steps"] if steps_since else 0.0
+                        write_row({"step": step, "train_loss": last_loss, "lr": float(m["lr"][-1]),
+                                   "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)})
+                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            except FloatingPointError as e:
+                kept = (f"the last good checkpoint (step {last_good}) is kept in "
+                        f"{checkpoint.checkpoint_dir(out)}" if last_good > start or start > 0
+                        else "no checkpoint was saved")
+                raise ConfigError(f"training stopped: {e}; {kept} (try a lower --lr)") from None
+            finally:
+                bar.close()
+                self.close()
+        if compile_s is not None:
+            self.timers["steps"] += compile_s
+        if self.main:
+            plot_losses(rows, out / "loss.png")
+        return {"step": step, "train_loss": last_loss, "eval": last_eval, "sample": last_sample,
+                "rows": rows, "stopped_by": stopped_by, "compile_s": compile_s,
+                "ms_per_iter": 1000 * (self.timers["steps"] - (compile_s or 0)) / max(steps_since, 1),
+                "wall_s": time.perf_counter() - t_wall, "timers": dict(self.timers)}
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    """Train and val loss against step, as a PNG (written atomically)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, png.getvalue())
+
+
+def resume_point(cfg, kind: str, config_key: str) -> tuple[int, dict]:
+    """(step, meta) of the newest intact checkpoint of the run in cfg.out, refusing one of
+    another kind (pretraining vs SFT), a weights-only or int8 folder, or a different config.
+    Shared by pretraining and SFT."""
+    step, meta = checkpoint.read_meta(cfg.out)
+    if meta.get("quant") or meta.get("model_config", {}).get("quant"):
+        raise ConfigError(f"{cfg.out} is an int8-quantized model: it cannot be trained further "
+                          f"(fine-tune the float model, then quantize)")
+    saved_kind = meta.get("kind", "pretrain" if "train_config" in meta else "sft" if "sft_config" in meta else None)
+    if saved_kind is None:
+        raise ConfigError(f"{cfg.out} holds weights only (a converted model), not a training run "
+                          f"to resume; start a new run with --init-from {cfg.out}")
+    if saved_kind != kind:
+        cli = {"pretrain": "python -m jaxgpt.train", "sft": "python -m jaxgpt.sft"}[saved_kind]
+        raise ConfigError(f"{cfg.out} is a {saved_kind} run, not a {kind} run: resume it with {cli} --resume")
+    diff = cfg.resume_diff(meta[config_key])
+    if diff:
+        raise ConfigError(f"--resume config disagrees with the checkpoint in {cfg.out}: {', '.join(diff)}")
+    return step, meta
+
+
+def read_rows(out, upto: int) -> list[dict]:
+    """The metrics rows a resumed run keeps: those logged up to its checkpoint's step."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def time_split(summary: dict) -> str:
+    """'steps 71.2 s (compile 1.4) / eval 3.1 s / sample 2.0 s / save 0.4 s' for a closing line."""
+    t = summary["timers"]
+    return (f"steps {t['steps']:.1f} s (compile {summary['compile_s'] or 0:.1f}) / eval {t['eval']:.1f} s"
+            f" / sample {t['sample']:.1f} s / save {t['save']:.1f} s")
