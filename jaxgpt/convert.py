@@ -30,8 +30,13 @@ from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model import GPT
 
 GPT2_VOCAB = 50257  # vocabularies at least this big are GPT-2 BPE (nanoGPT pads to 50304)
-# the GELU variants HF spells for GPT-2's tanh approximation (jaxgpt's MLP uses exactly that)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# GPT2Config fields that change the math, read into (and written back from) GPTConfig as they are:
+# HF name -> HF's default (transformers.GPT2Config; tie_word_embeddings: PretrainedConfig's)
+MATH_FIELDS = {"activation_function": "gelu_new", "n_inner": None, "scale_attn_weights": True,
+               "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+               "tie_word_embeddings": True}
+# GPT2Config fields whose non-default value jaxgpt cannot implement: HF name -> the only value allowed
+REFUSED_FIELDS = {"add_cross_attention": False}
 
 
 def _stderr(msg: str) -> None:
@@ -42,14 +47,15 @@ def _stderr(msg: str) -> None:
 class Entry(NamedTuple):
     hf: str  # HF name, without the optional "transformer." prefix
     ours: str  # jaxgpt parameter path (dots; layer indices are ints)
-    shape: tuple[int, ...]  # expected shape in HF / jaxgpt layout
+    shape: tuple[int, ...]  # expected shape in HF layout (= jaxgpt layout unless `linear`)
     matrix: bool = False  # a projection matrix: [in, out] here, [out, in] in nanoGPT (transposed)
+    linear: bool = False  # an nn.Linear weight [out, in] in HF too (lm_head): transposed both ways
 
 
 def rename_table(cfg: GPTConfig) -> list[Entry]:
     """Every GPT-2 tensor, HF name <-> jaxgpt path, with its shape for `cfg`."""
-    C, V = cfg.n_embd, cfg.vocab_size
-    table = [Entry("wte.weight", "wte.embedding", (V, C)),  # also the (tied) output head
+    C, V, M = cfg.n_embd, cfg.vocab_size, cfg.mlp_dim
+    table = [Entry("wte.weight", "wte.embedding", (V, C)),  # also the output head, when tied
              Entry("wpe.weight", "wpe.embedding", (cfg.block_size, C))]
     for i in range(cfg.n_layer):
         h = f"h.{i}"
@@ -62,12 +68,15 @@ def rename_table(cfg: GPTConfig) -> list[Entry]:
             Entry(f"{h}.attn.c_proj.bias", f"{h}.attn.c_proj.bias", (C,)),
             Entry(f"{h}.ln_2.weight", f"{h}.ln_2.scale", (C,)),
             Entry(f"{h}.ln_2.bias", f"{h}.ln_2.bias", (C,)),
-            Entry(f"{h}.mlp.c_fc.weight", f"{h}.mlp.c_fc.kernel", (C, 4 * C), True),
-            Entry(f"{h}.mlp.c_fc.bias", f"{h}.mlp.c_fc.bias", (4 * C,)),
-            Entry(f"{h}.mlp.c_proj.weight", f"{h}.mlp.c_proj.kernel", (4 * C, C), True),
+            Entry(f"{h}.mlp.c_fc.weight", f"{h}.mlp.c_fc.kernel", (C, M), True),  # M = n_inner or 4C
+            Entry(f"{h}.mlp.c_fc.bias", f"{h}.mlp.c_fc.bias", (M,)),
+            Entry(f"{h}.mlp.c_proj.weight", f"{h}.mlp.c_proj.kernel", (M, C), True),
             Entry(f"{h}.mlp.c_proj.bias", f"{h}.mlp.c_proj.bias", (C,)),
         ]
-    return table + [Entry("ln_f.weight", "ln_f.scale", (C,)), Entry("ln_f.bias", "ln_f.bias", (C,))]
+    table += [Entry("ln_f.weight", "ln_f.scale", (C,)), Entry("ln_f.bias", "ln_f.bias", (C,))]
+    if not cfg.tie_word_embeddings:  # HF/nanoGPT nn.Linear weight [V, C]; our kernel [C, V]
+        table.append(Entry("lm_head.weight", "lm_head.kernel", (V, C), linear=True))
+    return table
 
 
 def _is_buffer(name: str) -> bool:
@@ -93,7 +102,7 @@ def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: s
         named[short] = x
     for name in [n for n in named if _is_buffer(n)]:
         del named[name]  # the causal mask is rebuilt by the model, not loaded
-    head = named.pop("lm_head.weight", None)
+    head = named.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     params = {}
     for e in rename_table(cfg):
         if e.hf not in named:
@@ -104,13 +113,14 @@ def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: s
         if x.shape != e.shape:
             raise ConfigError(f"{source}: tensor {e.hf} has shape {list(x.shape)}, expected "
                               f"{list(e.shape)} for this config")
-        params[_path(e.ours)] = x
+        params[_path(e.ours)] = x.T if e.linear else x  # lm_head [V, C] -> kernel [C, V]
     if named:
         raise ConfigError(f"{source}: unexpected tensor {sorted(named)[0]}"
                           + (f" (and {len(named) - 1} more)" if len(named) > 1 else ""))
     if head is not None and not np.array_equal(np.asarray(head, np.float32), params[("wte", "embedding")]):
-        # jaxgpt always ties the output head to wte; an untied head cannot be represented
-        raise ConfigError(f"{source}: lm_head.weight differs from wte.weight (untied head unsupported)")
+        # the config says the head is wte; a different lm_head contradicts it
+        raise ConfigError(f"{source}: lm_head.weight differs from wte.weight, but "
+                          "tie_word_embeddings=true (set it to false for an untied head)")
     return _model_with(cfg, params)
 
 
@@ -124,11 +134,14 @@ def _model_with(cfg: GPTConfig, params: dict[tuple, np.ndarray]) -> GPT:
 
 
 def tensors_from_model(model: GPT) -> dict[str, np.ndarray]:
-    """The model's weights under HF GPT2LMHeadModel names (head tied, so no lm_head.weight)."""
+    """The model's weights under HF GPT2LMHeadModel names (lm_head.weight only when untied)."""
     flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out = {}
     for e in rename_table(model.config):
         x = flat[_path(e.ours)]
+        if e.linear:  # lm_head kernel [C, V] -> nn.Linear weight [V, C], outside "transformer."
+            out[e.hf] = np.ascontiguousarray(x.T, dtype=np.float32)
+            continue
         assert x.shape == e.shape, (e.ours, x.shape, e.shape)
         out["transformer." + e.hf] = np.ascontiguousarray(x, dtype=np.float32)  # no transpose: Conv1D
     return out
@@ -140,20 +153,16 @@ def config_from_hf(hf: dict, source: str) -> GPTConfig:
     if hf.get("model_type") != "gpt2":
         raise ConfigError(f"{source}: model_type is {hf.get('model_type')!r}, only GPT-2 ('gpt2') "
                           "checkpoints can be converted")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in TANH_GELUS:
-        raise ConfigError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU "
-                          f"({' or '.join(TANH_GELUS)})")
-    C = hf.get("n_embd", 768)
-    unsupported = {"n_inner": (None, 4 * C), "scale_attn_weights": (True,),
-                   "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
-    for key, ok in unsupported.items():
-        if hf.get(key, ok[0]) not in ok:
-            raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported by jaxgpt's GPT-2")
+    for key, ok in REFUSED_FIELDS.items():
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"{source}: {key}={json.dumps(hf[key])} is not supported by jaxgpt's "
+                              f"GPT-2 (only {json.dumps(ok)})")
+    math = {key: hf.get(key, default) for key, default in MATH_FIELDS.items()}
     try:
         return GPTConfig(vocab_size=hf.get("vocab_size", GPT2_VOCAB), block_size=hf.get("n_positions", 1024),
-                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=C,
-                         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12),
+                         n_embd=hf.get("n_embd", 768),
+                         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), **math)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
@@ -252,7 +261,8 @@ def read_nanogpt(path: str | Path, log: Callable[[str], None] = _stderr) -> tupl
     args = ckpt["model_args"]
     try:
         cfg = GPTConfig(vocab_size=args["vocab_size"], block_size=args["block_size"],
-                        n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"])
+                        n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
+                        activation_function="gelu")  # nanoGPT's MLP: nn.GELU(), exact (erf)
     except KeyError as e:
         raise ConfigError(f"{path}: model_args lacks {e}") from None
     except ConfigError as e:
@@ -265,8 +275,6 @@ def read_nanogpt(path: str | Path, log: Callable[[str], None] = _stderr) -> tupl
         for e in rename_table(cfg):
             if e.hf.endswith(".bias"):
                 tensors.setdefault(e.hf, np.zeros(e.shape, np.float32))
-    log("note: nanoGPT's MLP uses exact (erf) GELU; jaxgpt uses GPT-2's tanh approximation, "
-        "so logits differ slightly (~1e-3)")
     model = model_from_tensors(cfg, tensors, str(path), nanogpt=True)
     return model, _tokenizer_for(cfg), {"source": str(path), "source_format": "nanogpt"}
 
@@ -281,11 +289,10 @@ def hf_config(cfg: GPTConfig) -> dict:
     """config.json for transformers.GPT2LMHeadModel with this architecture."""
     d = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
          "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
-         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-         "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_epsilon,
+         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.layer_norm_epsilon,
          "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-         "tie_word_embeddings": True, "torch_dtype": "float32"}
+         "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+         **{key: getattr(cfg, key) for key in MATH_FIELDS}}  # activation, n_inner, scaling, tying
     if cfg.vocab_size >= GPT2_VOCAB:
         d.update(bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)  # <|endoftext|>
     return d

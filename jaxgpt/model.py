@@ -3,6 +3,8 @@
 Reads top to bottom like GPT-2 itself: token + position embeddings, N pre-LayerNorm blocks of
 causal self-attention and a GELU MLP with residuals, a final LayerNorm, and logits through the
 token embedding (tied head). Parameter names follow GPT-2/HF (`wte`, `h.0.attn.c_attn`, ...).
+The GPT2Config variants that change the math are config fields: the MLP's activation and width
+(activation_function, n_inner), the attention scaling flags, and an untied `lm_head`.
 
 Between blocks the activations are kept 2-D, `[B*T, C]`: on CPU this avoids XLA fusing the
 GELU backward with a transpose (measured ~30% faster on the baby model); attention reshapes
@@ -22,8 +24,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ACTIVATIONS, GPTConfig
 from jaxgpt.parallel import gpu_ops_deterministic
+
+_tanh_gelu = lambda x: jax.nn.gelu(x, approximate=True)  # 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+_erf_gelu = lambda x: jax.nn.gelu(x, approximate=False)  # 0.5x(1 + erf(x / sqrt(2)))
+
+# The MLP nonlinearity for each config.activation_function, as transformers.activations defines it.
+ACTIVATION_FNS = {
+    "gelu_new": _tanh_gelu,  # GPT-2's
+    "gelu_pytorch_tanh": _tanh_gelu,
+    "gelu_python_tanh": _tanh_gelu,
+    "gelu_accurate": _tanh_gelu,
+    "gelu": _erf_gelu,
+    "gelu_python": _erf_gelu,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_10": lambda x: jnp.clip(_erf_gelu(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+assert tuple(ACTIVATION_FNS) == ACTIVATIONS  # config.py validates the names, this defines them
 
 # A KV cache is a plain pytree: {"k": L x [B*H, S, D], "v": L x [B*H, S, D], "index": int32[]}
 # (one 3-D buffer per layer, updated in place inside a decode loop; see CausalSelfAttention).
@@ -107,16 +135,18 @@ class Int8Linear(nnx.Module):
     whereas an int8 [in, out] operand is first converted to a float copy (measured ~2x slower).
     """
 
-    def __init__(self, d_in: int, d_out: int, dtype):
+    def __init__(self, d_in: int, d_out: int, dtype, use_bias: bool = True):
         self.kernel = nnx.Param(jnp.zeros((d_out, d_in), jnp.int8))  # [out, in]
         self.scale = nnx.Param(jnp.ones((d_out,), jnp.float32))  # [out]
-        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32))  # [out]
+        # [out]; None for the bias-free untied lm_head
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x):
         x, kernel = _tie(x.astype(self.dtype), self.kernel[...])  # [N, in], [out, in] int8
         y = x @ kernel.astype(self.dtype).T  # [N, out], dequantized inside the dot
-        return y * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        y = y * self.scale[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class RowLinear(nnx.Module):
@@ -177,10 +207,18 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class CausalSelfAttention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection (`c_attn`) and a causal mask."""
+    """Multi-head self-attention with a fused qkv projection (`c_attn`) and a causal mask.
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    Scores are q.k / sqrt(head_dim) (GPT-2), without the 1/sqrt(head_dim) when
+    cfg.scale_attn_weights is off, and further / (layer_idx + 1) with
+    cfg.scale_attn_by_inverse_layer_idx. cfg.reorder_and_upcast_attn computes q.k and the softmax
+    in float32 whatever the compute dtype (HF's mixed-precision option; a no-op in float32)."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, layer_idx: int = 0):
         self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        self.scale = (1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
+            layer_idx + 1.0 if cfg.scale_attn_by_inverse_layer_idx else 1.0)
+        self.upcast = cfg.reorder_and_upcast_attn
         proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled init of residual projections
         self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, 0.02, rngs)
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, proj_std, rngs)
@@ -191,8 +229,10 @@ class CausalSelfAttention(nnx.Module):
         k_attn, k_resid = _split(key, 2)
         qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # [B, T, 3, H, D]
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each [B, H, T, D]
-        scale, neg = 1.0 / math.sqrt(D), jnp.finfo(jnp.float32).min
-        fused = fused_attention(q.dtype) if self.dropout == 0.0 or k_attn is None else None
+        scale, neg = self.scale, jnp.finfo(jnp.float32).min
+        sdtype = jnp.float32 if self.upcast else q.dtype  # the dtype q.k is computed in
+        fused = None if self.upcast or (self.dropout > 0.0 and k_attn is not None) \
+            else fused_attention(q.dtype)
         if kv is None and fused:
             # GPU, 16-bit, no attention dropout: one fused kernel that never materialises the
             # [B, H, T, T] scores. It takes [B, T, H, D]; XLA cancels the transposes in and out.
@@ -202,7 +242,8 @@ class CausalSelfAttention(nnx.Module):
         elif kv is None:
             # Training / full forward: keys are exactly this chunk; query i sees keys j <= i.
             causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
-            att = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale  # [B, H, T, T]
+            att = jnp.einsum("bhtd,bhsd->bhts", q.astype(sdtype), k.astype(sdtype))  # [B, H, T, T]
+            att = att * scale
             att = jnp.where(causal, att.astype(jnp.float32), neg)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = dropout(att, self.dropout, k_attn)
@@ -220,7 +261,8 @@ class CausalSelfAttention(nnx.Module):
                                              (0, index, 0))
             kv = (k, v)  # [B*H, S, D]; positions >= index + T are masked out below
             mask = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]  # [T, S] causal
-            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * H, T, D), k) * scale  # [B*H, T, S]
+            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * H, T, D).astype(sdtype),
+                             k.astype(sdtype)) * scale  # [B*H, T, S]
             att = jnp.where(mask, att.astype(jnp.float32), neg)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = dropout(att, self.dropout, k_attn)
@@ -231,24 +273,28 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C."""
+    """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C.
+
+    The hidden width is cfg.mlp_dim (n_inner, default 4C) and the nonlinearity
+    cfg.activation_function (ACTIVATION_FNS, default GPT-2's tanh GELU)."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.dropout = cfg.dropout
-        self.c_fc = _linear(cfg, cfg.n_embd, 4 * cfg.n_embd, 0.02, rngs)
-        self.c_proj = _linear(cfg, 4 * cfg.n_embd, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), rngs)
+        self.activation = cfg.activation_function  # a name: static, hashable module state
+        self.c_fc = _linear(cfg, cfg.n_embd, cfg.mlp_dim, 0.02, rngs)
+        self.c_proj = _linear(cfg, cfg.mlp_dim, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), rngs)
 
     def __call__(self, x, key=None):
-        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # [B*T, 4C]
+        h = ACTIVATION_FNS[self.activation](self.c_fc(x))  # [B*T, 4C] (4C = mlp_dim)
         return dropout(self.c_proj(h), self.dropout, key)  # [B*T, C]
 
 
 class Block(nnx.Module):
     """One transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (pre-LayerNorm)."""
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, layer_idx: int = 0):
         self.ln_1 = _layer_norm(cfg, rngs)
-        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs, layer_idx=layer_idx)
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
@@ -288,8 +334,16 @@ class GPT(nnx.Module):
                                  param_dtype=jnp.float32, rngs=rngs)  # token embedding, also the head
         self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)  # learned positions
-        self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.h = nnx.List([Block(cfg, rngs=rngs, layer_idx=i) for i in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
+        if not cfg.tie_word_embeddings:  # a separate output head (HF lm_head), made last: a tied
+            # model's init draws exactly the same random numbers as before this option existed
+            if cfg.quant == "int8" and cfg.quant_embedding:
+                self.lm_head = Int8Linear(cfg.n_embd, cfg.vocab_size, dtype, use_bias=False)
+            else:
+                self.lm_head = nnx.Linear(cfg.n_embd, cfg.vocab_size, use_bias=False,
+                                          kernel_init=nnx.initializers.normal(0.02), dtype=dtype,
+                                          param_dtype=jnp.float32, rngs=rngs)  # kernel [C, V]
 
     def __call__(self, ids: jax.Array, *, cache: Cache | None = None, key: jax.Array | None = None,
                  logits_at: jax.Array | int | None = None, hidden: bool = False):
@@ -335,8 +389,11 @@ class GPT(nnx.Module):
         return logits, new_cache
 
     def head(self, x: jax.Array, rows: bool = False) -> jax.Array:
-        """The tied output head: final hidden states x [N, C] -> float32 logits [N, V].
+        """The output head: final hidden states x [N, C] -> float32 logits [N, V]; tied to wte,
+        or the separate `lm_head` when config.tie_word_embeddings is off.
         `rows=True` says N is a handful of decoded rows (one per sequence): see head_rows."""
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(x).astype(jnp.float32)  # [N, V]
         if rows and isinstance(self.wte, nnx.Embed):
             return head_rows(self.wte, x).astype(jnp.float32)  # [N, V]
         return self.wte.attend(x).astype(jnp.float32)  # [N, V] (or int8 table rows, Int8Embed)
@@ -349,6 +406,7 @@ def param_bytes(model_or_state) -> int:
 
 
 def count_params(model_or_state) -> int:
-    """Number of parameters (the tied head is counted once, as GPT-2's 124M does)."""
+    """Number of parameters (the tied head is counted once, as GPT-2's 124M does; an untied
+    lm_head is counted as its own parameters)."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
     return sum(x.size for x in jax.tree.leaves(state))

@@ -4,7 +4,8 @@ Every matmul kernel (attn c_attn / c_proj, mlp c_fc / c_proj) becomes int8 with 
 scale per output channel, scale = max|w| / 127 over that channel, q = round(w / scale), so the
 reconstruction error of every weight is at most scale / 2. By default the tied embedding `wte`
 is quantized the same way per vocabulary row (one scale per row serves both the lookup and the
-tied head); `embedding=False` keeps it float32. LayerNorms, biases and `wpe` stay float32.
+tied head); `embedding=False` keeps it float32. An untied `lm_head` follows the embedding (int8,
+one scale per vocabulary row, or float32). LayerNorms, biases and `wpe` stay float32.
 
     qmodel = quantize_model(model)          # a GPT whose config has quant="int8"
     lm = jaxgpt.load(path).quantize()       # the same, on a LoadedModel
@@ -75,5 +76,8 @@ def quantize_model(model: GPT, embedding: bool = True) -> GPT:
     if embedding:
         q, scale = quantize_rows(pure["wte"]["embedding"])  # [V, C]: one scale per vocabulary row
         pure["wte"] = {"embedding": q, "scale": scale}
+        if not qcfg.tie_word_embeddings:  # the untied head [C, V] goes int8 with the embedding
+            q, scale = quantize_rows(pure["lm_head"]["kernel"].T)  # rows = vocabulary entries
+            pure["lm_head"] = {"kernel": q, "scale": scale}
     nnx.replace_by_pure_dict(qstate, pure)
     return nnx.merge(graphdef, qstate)

@@ -96,10 +96,22 @@ def decode_copy(model):
             if type(lin) is nnx.Linear and lin.kernel[...].dtype == jnp.float32:
                 kernel_t = _derived("kernel.T", lin.kernel[...], _transpose)
                 setattr(parent, name, RowLinear(kernel_t, lin.bias[...], lin.dtype))
+    head = getattr(twin, "lm_head", None)  # an untied head: a RowLinear too (zero bias)
+    if type(head) is nnx.Linear and head.kernel[...].dtype == jnp.float32:
+        kernel_t = _derived("kernel.T", head.kernel[...], _transpose)  # [V, C]
+        twin.lm_head = RowLinear(kernel_t, jnp.zeros(kernel_t.shape[0], jnp.float32), head.dtype)
     return twin
 
 
 _transpose = jax.jit(lambda w: w.T)
+
+
+def head_table(model) -> jax.Array | None:
+    """The float [V, C] table of the decode copy's head (logits = table @ x): the tied embedding
+    wte, or the untied lm_head's transposed kernel; None for an int8 (or LoRA) head."""
+    if model.config.tie_word_embeddings:
+        return model.wte.embedding[...] if type(model.wte) is nnx.Embed else None
+    return model.lm_head.kernel[...] if type(model.lm_head) is RowLinear else None
 
 
 class GreedyScreen(NamedTuple):
@@ -187,7 +199,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill,
         # x: [B, C] final hidden state of the last position; t: index in buf of the token being
         # generated; rows already finished repeat eot
         if screen is not None:
-            tok = screened_argmax(x, model.wte.embedding[...], screen)
+            tok = screened_argmax(x, head_table(model), screen)
         else:
             tok = pick(model.head(x, rows=True), jax.random.fold_in(key, t))
         if eot is not None:
@@ -289,7 +301,7 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     head_screen = None
     if fast_decode and use_cache:  # (the no-cache path, for comparison, runs the model as it is)
         model = decode_copy(model)
-        table = model.wte.embedding[...] if type(model.wte) is nnx.Embed else None
+        table = head_table(model)
         if (temperature == 0.0 and B == 1 and table is not None and table.dtype == jnp.float32
                 and jnp.dtype(model.config.dtype) == jnp.float32):
             head_screen = _derived("screen", table, greedy_screen)

@@ -122,8 +122,9 @@ def test_checkpoint_step_dir_and_no_opt_state(tiny, tmp_path):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_nanogpt_ckpt(tiny, tmp_path, bias):
-    """nanoGPT's ckpt.pt: nn.Linear weights [out, in] (transposed), '_orig_mod.' from torch.compile."""
-    model = hf_model(**TINY)
+    """nanoGPT's ckpt.pt: nn.Linear weights [out, in] (transposed), '_orig_mod.' from torch.compile.
+    nanoGPT's MLP is nn.GELU() (exact, erf): the HF reference is activation_function "gelu"."""
+    model = hf_model(**TINY, activation_function="gelu")
     sd = {}
     for k, v in model.state_dict().items():
         if not bias and k.endswith("bias"):
@@ -143,6 +144,232 @@ def test_nanogpt_ckpt(tiny, tmp_path, bias):
     lm = jaxgpt.load(tmp_path)  # a folder holding ckpt.pt
     ids = ids_for(16)
     assert np.abs(lm.logits(ids) - hf_logits(model, ids)).max() <= 1e-4
+
+
+# ---- GPT2Config variants: every field that changes the math -------------------------------------
+ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "gelu_fast", "quick_gelu", "relu", "silu")
+VARIANTS = {
+    **{f"act_{a}": dict(activation_function=a) for a in ACTS},
+    "n_inner_48": dict(n_inner=48),  # 1.5C instead of 4C
+    "no_scale_attn_weights": dict(scale_attn_weights=False),
+    "scale_attn_by_inverse_layer_idx": dict(scale_attn_by_inverse_layer_idx=True),
+    "reorder_and_upcast_attn": dict(reorder_and_upcast_attn=True),
+    "untied_lm_head": dict(tie_word_embeddings=False),
+    "all_at_once": dict(activation_function="gelu", n_inner=80, scale_attn_weights=False,
+                        scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True,
+                        tie_word_embeddings=False),
+}
+# weights scaled up from GPT-2's init (std 0.02) so that activations and scores leave the
+# near-linear range: then a wrong activation or scale moves the logits by >> the 1e-4 tolerance
+BOOST = {"wte.weight": 10, "lm_head.weight": 10, "c_fc.weight": 10, "mlp.c_proj.weight": 10,
+         "attn.c_attn.weight": 5}
+
+
+def hf_variant(seed=0, **fields):
+    """A random GPT2LMHeadModel of the TINY shape with these GPT2Config fields, weights boosted."""
+    model = hf_model(seed, **TINY, **fields)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            for suffix, factor in BOOST.items():
+                if name.endswith(suffix):
+                    p.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(fields, HF model, its safetensors folder) for each entry of VARIANTS."""
+    fields = VARIANTS[request.param]
+    model = hf_variant(**fields)
+    folder = tmp_path_factory.mktemp(request.param) / "st"
+    model.save_pretrained(folder)
+    return fields, model, folder
+
+
+def test_activations_match_transformers():
+    """Each activation jaxgpt implements is transformers' ACT2FN of the same name (all of them,
+    not only the ones the model tests below run end to end)."""
+    from transformers.activations import ACT2FN
+
+    from jaxgpt.config import ACTIVATIONS
+    from jaxgpt.model import ACTIVATION_FNS
+
+    x = np.linspace(-12, 12, 4001, dtype=np.float32)
+    for name in ACTIVATIONS:
+        ref = ACT2FN[name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(ACTIVATION_FNS[name](x)), ref, atol=2e-6, rtol=1e-5,
+                                   err_msg=name)
+
+
+def test_variant_logits_match_transformers_and_round_trip(variant, tmp_path):
+    """Logits equal GPT2LMHeadModel's (<= 1e-4); jaxgpt -> HF writes the fields back (config.json)
+    and reproduces the model bit for bit; a jaxgpt checkpoint keeps them too."""
+    fields, model, folder = variant
+    lm = jaxgpt.load(folder)
+    for key, value in fields.items():
+        assert getattr(lm.config, key) == value, key
+    ids = ids_for(32)
+    ref = hf_logits(model, ids)
+    assert np.abs(lm.logits(ids) - ref).max() <= 1e-4
+    lm.to_hf(tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: written[k] for k in fields} == fields
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    for key, value in fields.items():
+        assert getattr(back.config, key) == value, key
+    assert np.abs(hf_logits(back, ids) - ref).max() <= 1e-5
+    sd = back.state_dict()
+    for name, p in model.state_dict().items():  # bit-identical weights (lm_head too), buffers aside
+        if not name.endswith(("attn.bias", "attn.masked_bias")):
+            assert torch.equal(p, sd[name]), name
+    if not fields.get("tie_word_embeddings", True):  # a real untied head, kept untied
+        assert not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    lm.save(tmp_path / "jx")
+    again = jaxgpt.load(tmp_path / "jx")
+    assert again.config == lm.config
+    assert np.abs(again.logits(ids) - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fields", [dict(activation_function="gelu"), dict(scale_attn_weights=False),
+                                    dict(scale_attn_by_inverse_layer_idx=True)], ids=str)
+def test_variant_fields_change_the_logits(fields):
+    """The parity tests above can tell: with the same weights under GPT-2's default for the field,
+    the logits move by far more than their 1e-4 tolerance. (n_inner changes the weight shapes;
+    reorder_and_upcast_attn is a precision option, the same math in float32; the untied head has
+    weights of its own.)"""
+    import dataclasses
+
+    from jaxgpt.api import LoadedModel
+    from jaxgpt.convert import config_from_hf, model_from_tensors
+
+    model = hf_variant(**fields)
+    tensors = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg = config_from_hf(model.config.to_dict(), "test")
+    default = dataclasses.replace(cfg, **{k: jaxgpt.GPTConfig.__dataclass_fields__[k].default
+                                          for k in fields})
+    ids = ids_for(32)
+    wrong = LoadedModel(model_from_tensors(default, tensors, "test"), None, {})
+    assert np.abs(wrong.logits(ids) - hf_logits(model, ids)).max() > 1e-3
+
+
+def test_untied_head_params_and_init_order():
+    """An untied config adds one parameter, lm_head.kernel [C, V] (no bias); every other parameter
+    is drawn exactly as for the tied default, so default configs train as before."""
+    from flax import nnx
+
+    from jaxgpt.model import GPT
+
+    tied_cfg = jaxgpt.GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    untied_cfg = jaxgpt.GPTConfig(**{**tied_cfg.to_dict(), "tie_word_embeddings": False})
+    flat = lambda m: {p: np.asarray(v.get_value())
+                      for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    tied, untied = flat(GPT(tied_cfg, seed=3)), flat(GPT(untied_cfg, seed=3))
+    assert set(untied) - set(tied) == {("lm_head", "kernel")}
+    assert untied[("lm_head", "kernel")].shape == (32, 97)
+    for path, x in tied.items():
+        np.testing.assert_array_equal(untied[path], x, err_msg=str(path))
+
+
+def test_untied_greedy_generate_matches_transformers(tmp_path):
+    """Greedy decoding picks tokens through lm_head, not wte: the same ids as HF's generate for a
+    batch of 2 (full head), batch 1 through the decode copy (the int8 screen of lm_head's table),
+    batch 1 without the decode copy, and without a cache."""
+    from jaxgpt.sample import _DERIVED, generate
+
+    model = hf_model(**TINY, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "st")
+    lm = jaxgpt.load(tmp_path / "st")
+    n = 20
+
+    def hf_greedy(prompt):
+        with torch.no_grad():
+            return model.generate(torch.tensor(prompt), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=50256,
+                                  attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
+
+    prompt2 = ids_for(5, B=2, seed=1)
+    np.testing.assert_array_equal(np.asarray(generate(lm.model, prompt2, n, temperature=0.0)),
+                                  hf_greedy(prompt2))
+    prompt1 = ids_for(7, B=1, seed=2)
+    ref = hf_greedy(prompt1)
+    fast = np.asarray(generate(lm.model, prompt1, n, temperature=0.0, fast_decode=True))
+    table = _DERIVED[("kernel.T", id(lm.model.lm_head.kernel[...]))][1]  # lm_head as [V, C]
+    assert ("screen", id(table)) in _DERIVED  # the screen of lm_head's table was used
+    for out in (fast, generate(lm.model, prompt1, n, temperature=0.0, fast_decode=False),
+                generate(lm.model, prompt1, n, temperature=0.0, use_cache=False)):
+        np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+@pytest.mark.parametrize("embedding", [True, False])
+def test_untied_head_int8(embedding, tmp_path):
+    """int8 quantization of an untied model: lm_head goes int8 with the embedding (one scale per
+    vocabulary row) or stays float32; the logits stay close to the float model's."""
+    from jaxgpt.model import Int8Linear
+
+    model = hf_model(**TINY, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "st")
+    lm = jaxgpt.load(tmp_path / "st")
+    q = lm.quantize(embedding=embedding)
+    assert (type(q.model.lm_head) is Int8Linear) == embedding
+    ids = ids_for(16)
+    ref = lm.logits(ids)
+    assert np.abs(q.logits(ids) - ref).max() <= 0.02 * np.abs(ref).max()
+    q.save(tmp_path / "q")
+    again = jaxgpt.load(tmp_path / "q", allow_int8=True)
+    np.testing.assert_array_equal(again.logits(ids), q.logits(ids))
+
+
+def test_reorder_and_upcast_attn_scores_in_float32():
+    """In 16-bit compute, reorder_and_upcast_attn makes q.k (the [B, H, T, S] scores) a float32
+    product, in the full forward and in cached decoding; without it the scores are bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt.model import GPT, init_cache
+
+    def score_dtypes(cfg):
+        model, ids = GPT(cfg), jnp.zeros((2, 8), jnp.int32)
+        cache = init_cache(cfg, 2, 16)
+        dtypes = set()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] in (8, 16) \
+                        and eqn.outvars[0].aval.shape[-2] == 8:  # [.., T, T] or [.., T, S]
+                    dtypes.add(str(eqn.invars[0].aval.dtype))
+                for sub in eqn.params.values():  # nested jaxprs (pjit, custom_jvp, ...)
+                    if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                        walk(getattr(sub, "jaxpr", sub))
+
+        walk(jax.make_jaxpr(lambda x: model(x))(ids).jaxpr)
+        walk(jax.make_jaxpr(lambda x, c: model(x, cache=c))(ids, cache).jaxpr)
+        return dtypes
+
+    cfg = jaxgpt.GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=48,
+                           dtype="bfloat16")  # head_dim 24: att @ v is [.., 8, 24], not matched
+    assert score_dtypes(cfg) == {"bfloat16"}
+    assert score_dtypes(jaxgpt.GPTConfig(**{**cfg.to_dict(), "reorder_and_upcast_attn": True})) \
+        == {"float32"}
+
+
+@pytest.mark.parametrize("key,value,needles", [
+    ("activation_function", "mish_xl", ["activation_function='mish_xl'"]),
+    ("activation_function", "xielu", ["activation_function='xielu'"]),
+    ("add_cross_attention", True, ["add_cross_attention=true"]),
+    ("n_inner", -8, ["n_inner", "-8"]),
+    ("scale_attn_weights", "yes", ["scale_attn_weights", "'yes'"]),
+])
+def test_unsupported_config_values_are_one_line_errors(key, value, needles):
+    from jaxgpt.config import ConfigError
+    from jaxgpt.convert import config_from_hf
+
+    hf = {**transformers.GPT2Config(**TINY).to_dict(), key: value}
+    with pytest.raises(ConfigError) as e:
+        config_from_hf(hf, "x/config.json")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("x/config.json: ")
+    for needle in needles:
+        assert needle in msg, msg
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -213,7 +440,10 @@ def _broken_folders(tiny, root):
     extra = {**good, "transformer.h.0.attn.q_norm.weight": np.zeros(32, np.float32)}
     cases["unexpected"] = (hf_folder("unexpected", extra), ["h.0.attn.q_norm.weight"])
     cases["arch"] = (hf_folder("arch", good, {"model_type": "llama"}), ["model_type", "llama"])
-    cases["act"] = (hf_folder("act", good, {"activation_function": "relu"}), ["relu"])
+    cases["act"] = (hf_folder("act", good, {"activation_function": "xielu"}),
+                    ["activation_function", "xielu"])  # learned parameters: not implemented
+    cases["cross"] = (hf_folder("cross", good, {"add_cross_attention": True}),
+                      ["add_cross_attention=true"])
     return cases
 
 
