@@ -28,7 +28,7 @@ from jaxgpt.tokenizer import tokenizer_from_dict
 CKPT_SUBDIR = "checkpoints"
 
 # orbax logs routine saves and read-only opens through absl; keep the terminal for the progress bar
-logging.getLogger("absl").setLevel(logging.ERROR)
+logging.getLogger("absl").setLevel(logging.CRITICAL)  # failures surface as exceptions
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -79,7 +79,7 @@ def _damaged(out, step: int, e: Exception) -> ConfigError:
     if isinstance(e, CorruptCheckpoint):
         return e
     return CorruptCheckpoint(f"checkpoint {checkpoint_dir(out) / str(step)} is corrupt or unreadable: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                             f"{type(e).__name__}: {str(e).split(' See full')[0].splitlines()[0][:160] if str(e) else ''}")
 
 
 def _newest_first(out, step: int | None, read, warn=None):

@@ -203,6 +203,8 @@ class Trainer:
         t0 = time.perf_counter()
         if self._mngr is None:
             self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints, async_save=True)
+        if step in self._mngr.all_steps():  # a damaged checkpoint that resuming skipped: replaced
+            self._mngr.delete(step)
         checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
                         {**self.meta, "step": step}, wait=False)
         self.timers["save"] += time.perf_counter() - t0

@@ -1,6 +1,11 @@
 """Instruction tuning: templates, loss masking vs transformers, LoRA, the sft/chat CLIs, bad input."""
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -267,3 +272,157 @@ def test_rouge_and_normalize():
     assert sft.rouge_l("the cat sat", "the cat sat") == 1.0
     assert sft.rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
     assert sft.rouge_l("x y", "a b") == 0.0
+
+
+# ---- SFT on the one trainer: accumulation, devices, exact resume -------------------------------
+def test_accumulation_is_the_token_weighted_mean_of_the_whole_batch():
+    """make_step with 2 micro-batches of unequal token counts == 1 batch of both (the gradient of
+    sum / count over the global batch), and != the mean of the two micro-batch means."""
+    import optax
+
+    cfg = GPTConfig(vocab_size=61, n_layer=1, n_head=2, n_embd=16, block_size=16)
+    graphdef, params, frozen = nnx.split(GPT(cfg, seed=3), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 61, (2, 4, 16)), rng.integers(0, 61, (2, 4, 16))
+    mask = np.zeros((2, 4, 16), np.int32)
+    mask[0, :, :3] = 1  # micro-batch 0: 12 counted targets
+    mask[1, :, 2:] = 1  # micro-batch 1: 56
+    tx = optax.sgd(1.0)
+    step = make_step(graphdef, tx, lambda s: 1.0)
+
+    def run(batch):
+        state = {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
+                 "step": jnp.array(0, jnp.int32)}
+        state, m = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        return float(m["loss"][0]), state["params"]
+
+    accum, p_accum = run({"x": x[None], "y": y[None], "mask": mask[None]})  # [K=1, A=2, 4, T]
+    whole, p_whole = run({k: v.reshape(1, 1, 8, 16) for k, v in (("x", x), ("y", y), ("mask", mask))})
+    assert abs(accum - whole) <= 1e-6
+    for a, b in zip(jax.tree.leaves(p_accum), jax.tree.leaves(p_whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    means = [run({k: v[i][None, None] for k, v in (("x", x), ("y", y), ("mask", mask))})[0] for i in (0, 1)]
+    assert abs(np.mean(means) - whole) > 1e-4  # a mean of micro-batch means would differ (6.5e-4)
+
+
+SFT_RUN = ["--max-iters", "30", "--batch-size", "8", "--lr", "2e-3", "--max-test", "2",
+           "--gen-tokens", "4", "--eval-interval", "10", "--ckpt-interval", "10", "--log-interval", "2",
+           "--val-frac", "0.1", "--max-length", "64", "--no-progress"]
+
+
+def sft_losses(out) -> dict:
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): r[k] for r in rows for k in ("train_loss", "val_loss") if k in r}
+
+
+def final_arrays(out) -> list[np.ndarray]:
+    """The fine-tuned weights (full) or adapter arrays (LoRA) a run left in `out`."""
+    from jaxgpt import lora as lora_mod
+    if lora_mod.is_adapter(out):
+        import orbax.checkpoint as ocp
+        with ocp.StandardCheckpointer() as c:
+            return [np.asarray(a) for a in jax.tree.leaves(c.restore(Path(out).resolve() / "lora"))]
+    return [np.asarray(a) for a in jax.tree.leaves(nnx.state(jaxgpt.load(out).model, nnx.Param))]
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sftdata") / "data.json"
+    d.write_text(json.dumps(json.loads(DATA.read_text())[:200]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_reference(hf_dir, sft_data, tmp_path_factory):
+    """Uninterrupted runs, full and LoRA: {kind: out dir}."""
+    outs = {}
+    for kind, extra in (("full", []), ("lora", ["--lora-rank", "4"])):
+        out = tmp_path_factory.mktemp(f"ref_{kind}")
+        r = run_cli("jaxgpt.sft", hf_dir, "--data", sft_data, "--out", out, "--force", *SFT_RUN, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[kind] = out
+    return outs
+
+
+@pytest.mark.parametrize("kind,sig", [("full", signal.SIGTERM), ("full", signal.SIGKILL),
+                                      ("lora", signal.SIGTERM), ("lora", signal.SIGKILL)])
+def test_sft_interrupted_then_resumed_equals_uninterrupted(hf_dir, sft_data, sft_reference, tmp_path,
+                                                           kind, sig):
+    out = tmp_path / "run"
+    extra = ["--lora-rank", "4"] if kind == "lora" else []
+    cmd = [sys.executable, "-m", "jaxgpt.sft", str(hf_dir), "--data", str(sft_data), "--out", str(out),
+           *SFT_RUN, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    stopped = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert stopped < 30, "the run finished before the signal; nothing was tested"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err, err[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    r = run_cli("jaxgpt.sft", *cmd[3:], "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want, got = sft_losses(sft_reference[kind]), sft_losses(out)
+    assert got.keys() == want.keys() and len(got) > 10
+    assert max(abs(got[k] - want[k]) for k in want) <= 1e-6
+    for a, b in zip(final_arrays(out), final_arrays(sft_reference[kind]), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_sft_one_device_equals_four_and_fsdp(hf_dir, sft_data, sft_reference, tmp_path):
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    want = sft_losses(sft_reference["full"])
+    for name, flags in (("dp", []), ("fsdp", ["--mesh", "data=2,fsdp=2"])):
+        out = tmp_path / name
+        r = run_cli("jaxgpt.sft", hf_dir, "--data", sft_data, "--out", out, *SFT_RUN, *flags, env=four)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = sft_losses(out)
+        assert got.keys() == want.keys()
+        assert max(abs(got[k] - want[k]) for k in want) <= 1e-5, name
+    # the batch must split over the 4 devices
+    r = run_cli("jaxgpt.sft", hf_dir, "--data", sft_data, "--out", tmp_path / "bad", *SFT_RUN,
+                "--batch-size", "6", env=four)
+    assert r.returncode == 2 and "does not split over 4 devices" in r.stderr, r.stderr[-1000:]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sft_grad_accum_equals_the_whole_batch(hf_dir, sft_data, sft_reference, tmp_path):
+    r = run_cli("jaxgpt.sft", hf_dir, "--data", sft_data, "--out", tmp_path / "acc", *SFT_RUN,
+                "--grad-accum", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want, got = sft_losses(sft_reference["full"]), sft_losses(tmp_path / "acc")
+    assert got.keys() == want.keys()
+    assert max(abs(got[k] - want[k]) for k in want) <= 1e-5
+
+
+def test_sft_bad_resumes(hf_dir, sft_data, sft_reference, tmp_path, corpus):
+    ref = sft_reference["full"]
+    def bad(*args, msg, env=None):
+        r = run_cli("jaxgpt.sft", *args, env=env)
+        lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-1500:]
+        assert "Traceback" not in r.stderr
+    base = [hf_dir, "--data", sft_data, *SFT_RUN]
+    bad(*base, "--out", tmp_path / "none", "--resume", msg="no checkpoint found")
+    bad(*base, "--out", ref, msg="already exists")  # the same command again, no --resume
+    bad(*base, "--out", ref, "--resume", "--lr", "0.1", msg="disagrees")
+    bad(*base, "--out", ref, "--resume", "--mesh", "data=3", msg="--mesh")
+    # a pretraining run is not an SFT run, and the other way round
+    run = tmp_path / "pre"
+    assert run_cli("jaxgpt.train", "--data", corpus, "--out", run, "--max-iters", "10",
+                   "--ckpt-interval", "10", "--eval-interval", "10", "--n-layer", "1", "--n-head", "2",
+                   "--n-embd", "16", "--block-size", "16", "--sample-tokens", "0",
+                   "--no-progress").returncode == 0
+    bad(*base, "--out", run, "--resume", msg="is a pretrain run")
+    r = run_cli("jaxgpt.train", "--data", corpus, "--out", ref, "--resume")
+    assert r.returncode == 2 and "is a sft run" in r.stderr, r.stderr[-1000:]
+    # a run folder moved elsewhere resumes where it now is
+    moved = tmp_path / "moved"
+    shutil.copytree(ref, moved)
+    r = run_cli("jaxgpt.sft", *base, "--out", moved, "--resume")
+    assert r.returncode == 0, r.stderr[-1500:]

@@ -291,3 +291,22 @@ def test_chunked_head_loss_matches_full_logits():
     assert abs(float(l0) - float(l1)) <= 1e-5
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
+    """One array file of the newest checkpoint truncated: sample and --resume use the one before
+    it, with a warning naming the damaged one, and no traceback (orbax's threads included)."""
+    out = tmp_path / "run"
+    args = ["--data", corpus, "--out", out, *TINY, "--max-iters", "20", "--ckpt-interval", "10",
+            "--eval-interval", "10", "--log-interval", "10"]
+    assert run_cli("jaxgpt.train", *args).returncode == 0
+    data = max((f for f in (out / "checkpoints" / "20" / "params").rglob("*") if f.is_file()),
+               key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    p = run_cli("jaxgpt.sample", out, "--max-new-tokens", "5")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "checkpoints/20 is corrupt" in p.stderr and "using the checkpoint before it" in p.stderr
+    p = run_cli("jaxgpt.train", *args, "--resume")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "checkpoints/20 is corrupt" in p.stderr and "resuming at step 10" in p.stderr
+    assert losses(out)[(20, "val_loss")] > 0
