@@ -21,9 +21,12 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
 
 
 def __getattr__(name):
-    # CLI modules load on first use, so `python -m jaxgpt.sample` / `jaxgpt.convert` run cleanly
+    # PEP 562 lazy attributes, for two reasons only (no import cycle needs them): `import jaxgpt`
+    # stays light (the decoder and the loaders, with orbax and the converters, load on first
+    # use), and `python -m jaxgpt.<module>` does not find its module imported already by the
+    # package (runpy would warn, and the module would run twice).
     if name == "generate":
-        from jaxgpt.sample import generate
+        from jaxgpt.engine import generate
         return generate
     if name in ("load", "LoadedModel"):
         from jaxgpt import api

@@ -22,9 +22,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint, lora
+from jaxgpt import checkpoint, convert, lora
 from jaxgpt.config import ConfigError, GPTConfig
+from jaxgpt.engine import generate
 from jaxgpt.model import GPT
+from jaxgpt.quant import quant_meta, quantize_model
 from jaxgpt.tokenizer import tokenizer_from_dict
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"
@@ -72,9 +74,7 @@ class LoadedModel:
         """Continue a prompt. A string gives back a string (prompt + continuation, cut at
         `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
         prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot).
-        `fast_decode`: see jaxgpt.sample.generate (default: the decode copy on a CPU)."""
-        from jaxgpt.sample import generate
-
+        `fast_decode`: see jaxgpt.engine.generate (default: the decode copy on a CPU)."""
         as_text = isinstance(prompt_or_ids, str)
         ids = np.asarray(self.encode(prompt_or_ids) if as_text else prompt_or_ids, np.int32)
         eot = getattr(self.tokenizer, "eot_token", None) if stop_at_eot else None
@@ -95,8 +95,6 @@ class LoadedModel:
     def quantize(self, embedding: bool = True) -> "LoadedModel":
         """An int8 copy (jaxgpt.quant): per-channel int8 matmul kernels and, unless
         `embedding=False`, an int8 tied embedding. ConfigError if already quantized."""
-        from jaxgpt.quant import quant_meta, quantize_model
-
         qmodel = quantize_model(self.model, embedding=embedding)
         meta = {**self.meta, "model_config": qmodel.config.to_dict(), "quant": quant_meta(qmodel.config)}
         return LoadedModel(qmodel, self.tokenizer, meta)
@@ -107,8 +105,6 @@ class LoadedModel:
         extra = {k: v for k, v in self.meta.items() if k not in ("model_config", "tokenizer", "train_config")}
         extra.pop("quant", None)
         if self.is_int8:
-            from jaxgpt.quant import quant_meta
-
             extra["quant"] = quant_meta(self.config)
         return checkpoint.save_model(out, self.model, tok, extra, force=force)
 
@@ -118,9 +114,7 @@ class LoadedModel:
             raise ConfigError("an int8-quantized model cannot be exported to Hugging Face; "
                               "export the float32 model it was quantized from")
         tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
-        from jaxgpt.convert import save_hf
-
-        return save_hf(self.model, out, tok, force=force)
+        return convert.save_hf(self.model, out, tok, force=force)
 
 
 def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False) -> LoadedModel:
@@ -129,8 +123,6 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
     An int8-quantized jaxgpt checkpoint (jaxgpt.quant) is inference-only: it is refused with a
     ConfigError unless `allow_int8` (sample and eval pass it; fine-tuning must not).
     """
-    from jaxgpt import convert
-
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix in (".pt", ".pth", ".ckpt"):

@@ -14,7 +14,6 @@ Weights are read with numpy (`safetensors.numpy`); a legacy `pytorch_model.bin` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from importlib import resources
@@ -315,38 +314,6 @@ def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, for
     return Path(out)
 
 
-# ---- CLI ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.convert",
-        description="Convert GPT-2 weights. Default: SRC (a Hugging Face GPT-2 folder, a hub name "
-                    "such as gpt2, or a nanoGPT ckpt.pt) -> a jaxgpt checkpoint folder. With --to-hf: "
-                    "a jaxgpt run/checkpoint folder -> a Hugging Face folder (config.json + "
-                    "model.safetensors) that GPT2LMHeadModel.from_pretrained loads.")
-    p.add_argument("src", help="model to convert (folder, ckpt.pt, or hub name)")
-    p.add_argument("out", help="output folder (written atomically; must be absent or empty)")
-    p.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder instead")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxgpt.api import load  # late: api imports this module
-
-    try:
-        check_writable(args.out, args.force)  # fail before the (slow) read
-        lm = load(args.src)
-        if args.to_hf:
-            lm.to_hf(args.out, force=args.force)
-        else:
-            lm.save(args.out, force=args.force)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {'Hugging Face' if args.to_hf else 'jaxgpt'} model to {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m jaxgpt.convert` runs the CLI (no library module imports it)
+    import runpy
+    runpy.run_module("jaxgpt.cli.convert", run_name="__main__")

@@ -8,16 +8,13 @@ predictions (the last, shorter window included). With `--stride S` windows of L 
 every S tokens and each token is scored once, by the first window that has it past the previous
 window's end (Hugging Face's sliding-window perplexity): more context per prediction, more compute.
 With S < L every token but the first is scored; S = L is the non-overlapping layout.
+The command line lives in jaxgpt.cli.eval.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -99,58 +96,6 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int | None = Non
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n}
 
 
-# ---- CLI ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.eval",
-        description="Mean next-token cross-entropy (nats/token) and perplexity of a model on a text "
-                    "file, scored in windows of the model's context length.")
-    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, or hub name")
-    p.add_argument("--text", required=True, help="UTF-8 text file, tokenized as one stream")
-    p.add_argument("--stride", type=int, default=None,
-                   help="sliding windows every S tokens (each token scored once, with up to a "
-                        "context length of history); default: non-overlapping windows")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per compiled call")
-    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"}')
-    p.add_argument("--int8", action="store_true",
-                   help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
-                        "load as they are, without this flag")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxgpt.api import load_for_inference
-
-    try:
-        path = Path(args.text)
-        if not path.is_file():
-            raise ConfigError(f"--text {path}: no such file")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        check_stride(args.stride, sys.maxsize)  # < 1 fails before the (slow) load
-        lm = load_for_inference(args.ckpt, args.int8)
-        check_stride(args.stride, lm.config.block_size)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--text {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        ids = lm.encode(text)
-        if len(ids) < 2:
-            raise ConfigError(f"--text {path} has {len(ids)} token(s); at least 2 are needed")
-        print(f"scoring {len(ids)} tokens in windows of {lm.config.block_size}"
-              + (f", stride {args.stride}" if args.stride else ""), file=sys.stderr)
-        result = evaluate(lm.model, ids, args.stride, args.batch_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.3f} | "
-              f"{result['tokens']} tokens scored")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m jaxgpt.eval` runs the CLI (no library module imports it)
+    import runpy
+    runpy.run_module("jaxgpt.cli.eval", run_name="__main__")

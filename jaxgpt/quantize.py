@@ -1,4 +1,5 @@
-"""The quantization CLI, `python -m jaxgpt.quantize CKPT OUT`: write an int8 copy of a model.
+"""An int8 copy of a checkpoint on disk: `quantize_checkpoint(CKPT, OUT)`, as
+`python -m jaxgpt.quantize CKPT OUT` runs it (the CLI lives in jaxgpt.cli.quantize).
 
 CKPT is anything `jaxgpt.load` takes (jaxgpt run, Hugging Face folder or hub name, nanoGPT
 ckpt.pt); OUT becomes a jaxgpt checkpoint folder whose meta has {"quant": {"bits": 8, ...}},
@@ -7,11 +8,13 @@ usable by `jaxgpt.load(OUT, allow_int8=True)`, `python -m jaxgpt.sample` and `py
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from jaxgpt import checkpoint
+from jaxgpt.api import load
 from jaxgpt.config import ConfigError
+from jaxgpt.model import param_bytes
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -26,10 +29,6 @@ def quantize_checkpoint(ckpt: str, out: str, embedding: bool = True, force: bool
     {"fp32_param_bytes", "int8_param_bytes", "disk_bytes"}. ConfigError for an already
     quantized `ckpt` or a non-empty `out` (without `force`); nothing is written then.
     """
-    from jaxgpt import checkpoint
-    from jaxgpt.api import load
-    from jaxgpt.model import param_bytes
-
     checkpoint.check_writable(out, force)  # before the (slow) load
     lm = load(ckpt, allow_int8=True)
     if lm.is_int8:
@@ -46,31 +45,6 @@ def quantize_checkpoint(ckpt: str, out: str, embedding: bool = True, force: bool
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.quantize",
-        description="Write an int8 copy of a model: symmetric per-output-channel int8 weights with "
-                    "float32 scales for every matmul kernel and (by default) the tied token "
-                    "embedding; LayerNorms, biases and position embeddings stay float32. The result "
-                    "is inference-only (sample, eval).")
-    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, hub name "
-                                "or nanoGPT ckpt.pt")
-    p.add_argument("out", help="output folder (a jaxgpt checkpoint)")
-    p.add_argument("--keep-embedding", action="store_true",
-                   help="keep the token embedding / tied head (wte) in float32")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        quantize_checkpoint(args.ckpt, args.out, embedding=not args.keep_embedding, force=args.force)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m jaxgpt.quantize` runs the CLI (no library module imports it)
+    import runpy
+    runpy.run_module("jaxgpt.cli.quantize", run_name="__main__")

@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt.sample import generate, main, sample_token, top_k_filter, top_p_filter  # noqa: E402
+from jaxgpt.cli.sample import main  # noqa: E402
+from jaxgpt.sample import generate, sample_token, top_k_filter, top_p_filter  # noqa: E402
 
 torch.set_num_threads(2)
 EOT = 50256
@@ -69,7 +70,7 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
 def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
     """Batch-1 greedy decoding through the decode copy (transposed kernels + the int8 screen of the
     head, the CPU default) gives the same ids as HF, as the model's own weights and as no cache."""
-    from jaxgpt.sample import _DERIVED
+    from jaxgpt.engine import _DERIVED
 
     model, folder, _ = tiny
     lm = jaxgpt.load(folder)
@@ -92,7 +93,7 @@ def test_decode_copy_follows_the_weights(tiny):
     from flax import nnx
 
     from jaxgpt.model import RowLinear
-    from jaxgpt.sample import _DERIVED, decode_copy
+    from jaxgpt.engine import _DERIVED, decode_copy
 
     lm = jaxgpt.load(tiny[1])
     a = decode_copy(lm.model)
@@ -157,7 +158,7 @@ def test_new_prompt_length_and_length_reuse_the_compiled_decoder(tiny):
     """Prompts are padded to power-of-two buckets and the buffer length too, and the real prompt
     length and max_new_tokens are traced: prompts of 3..16 tokens with up to 32 tokens in all
     share one compiled function per path (counted in jax.jit's cache), and still equal HF."""
-    from jaxgpt.sample import _generate, bucket
+    from jaxgpt.engine import _generate, bucket
 
     assert [bucket(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
     assert bucket(100, cap=64) == 64
@@ -281,7 +282,7 @@ def test_cli_bad_settings_exit_2(tiny, tmp_path):
     bad = [["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--temperature", "-1"],
            ["--max-new-tokens", "-1"]]
     # one interpreter per case would cost ~3 s each; the CLIs run sequentially in one subprocess
-    script = ("import sys, contextlib, io; from jaxgpt.sample import main\n"
+    script = ("import sys, contextlib, io; from jaxgpt.cli.sample import main\n"
               "for argv in %r:\n"
               "    err = io.StringIO()\n"
               "    with contextlib.redirect_stderr(err): rc = main([%r, *argv])\n"

@@ -1,0 +1,87 @@
+"""Chat with a model in the terminal: the template applied, tokens streamed as they are generated;
+`python -m jaxgpt.chat CKPT` (interactive) or `--prompt TEXT` (one reply, for scripts).
+
+A front end over jaxgpt.chat.ChatSession: `/reset` forgets the conversation, `/exit` (or Ctrl-D)
+leaves, Ctrl-C stops the reply being written and keeps the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxgpt import templates
+from jaxgpt.chat import ChatSession
+from jaxgpt.cli import run
+from jaxgpt.engine import check_sampling
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgpt.chat", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ckpt", help="model: jaxgpt checkpoint (e.g. an SFT output), LoRA adapter folder, "
+                   "Hugging Face GPT-2 folder or hub name")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (no prompt loop)")
+    p.add_argument("--template", default=None,
+                   help=f"one of {', '.join(templates.TEMPLATES)} (default: the one saved with the model, else alpaca)")
+    p.add_argument("--system", default=None, help="a system message (alpaca: replaces the header line)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8", action="store_true", help="quantize the weights to int8 on load")
+    return p
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax; --help stays quick
+
+    def write(s):
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.template is not None:
+        templates.check_template(args.template)
+    lm = load_for_inference(args.ckpt, args.int8)
+    chat = ChatSession(lm, args.template, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       system=args.system)
+    if args.prompt is not None:
+        chat.reply(args.prompt, write)
+        write("\n")
+        return 0
+    print(f"chatting with {lm!r}, template {chat.template}. /reset forgets, /exit leaves.",
+          file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        cmd = text.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            chat.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not cmd:
+            continue
+        write("bot> ")
+        try:
+            chat.reply(text, write)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            chat.messages.pop()
+        write("\n")
+
+
+def main(argv=None) -> int:
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

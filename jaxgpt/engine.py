@@ -1,0 +1,680 @@
+"""The one decoder: how a GPT turns prompts into tokens, for sample, chat, SFT reports, training
+samples and (later) the server.
+
+It owns, top to bottom:
+- token picking: the logit filters (temperature, top-k, top-p), `sample_token` (one setting for
+  all rows) and `sample_rows` (a setting per row; greedy rows exact argmax), `check_sampling`;
+- the decode copy: `decode_copy` (float layer kernels kept transposed, made once per weights) and
+  the exact int8 greedy screen of the head (`greedy_screen`, `screened_argmax`);
+- the model steps every decoder runs: `prefill` (a padded prompt into a KV cache) and
+  `decode_step` (one token per row), with `next_tokens` (hidden states -> ids) and `bucket`
+  (the power-of-two lengths that are compiled for);
+- `Engine`: slots of an explicit KV cache that requests enter and leave independently: `add`
+  prefills a request into a free slot, `step` advances every active row by one token in one
+  jitted call (rows at different positions, each with its own sampling settings and random
+  stream), finished rows free their slot, a callback per emitted token streams it;
+- `generate`: offline batched decoding of equal-length prompts as one fused `lax.while_loop`,
+  built from the same prefill / decode_step / next_tokens (plus the no-cache and
+  sliding-window paths).
+
+Random streams: the token at position t of a row is drawn with fold_in(row_key, t), where the
+row's key comes from its own seed (Engine) or from (key, row index) (generate); so a seeded
+request draws the same tokens whatever slot or batch it runs in.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt.config import ConfigError
+from jaxgpt.model import RowLinear, init_cache
+from jaxgpt.quant import LINEARS, dequantize_rows, quantize_rows
+
+NEG_INF = -jnp.inf
+
+
+# ---- filters: pure functions of a [..., V] logits array ---------------------------------------
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits (ties at the k-th value are kept too), set the rest to -inf."""
+    k = min(int(k), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1] the k-th largest value
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
+
+    A token is kept when the probability mass strictly before it (in descending order) is < p,
+    so the most likely token is always kept.
+    """
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < p
+    # the smallest kept logit is the threshold; everything below it goes
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """One token id per row of logits [B, V], all rows drawn with one key and one setting.
+    temperature 0 means greedy (argmax)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """top_k_filter then top_p_filter with a setting per row: logits [B, V] (already divided by
+    the temperature), top_k int [B] (0 = off), top_p float [B] (1 = off). The same thresholds as
+    the two filters (one descending sort serves both)."""
+    V = logits.shape[-1]
+    desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V]
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k, 1, V)[:, None] - 1, axis=1)  # [B, 1]
+    kth = jnp.where(top_k[:, None] > 0, kth, NEG_INF)
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+    desc = jnp.where(desc < kth, NEG_INF, desc)  # the top-k-filtered logits, still descending
+    probs = jax.nn.softmax(desc, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+    threshold = jnp.where(top_p[:, None] < 1.0, threshold, NEG_INF)
+    return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
+    """One token id per row of logits [B, V], row b drawn with keys[b].
+
+    The settings are either Python numbers shared by all rows (compiled in, as `generate` passes
+    them; None = filter off) or arrays [B] with one value per row (traced, as the Engine passes
+    them: temperature 0 = greedy, top_k 0 = off, top_p 1 = off). A greedy row is the exact
+    argmax of its float32 logits either way.
+    """
+    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))
+    if isinstance(temperature, (int, float)):
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits.astype(jnp.float32) / temperature
+        if top_k is not None:
+            logits = top_k_filter(logits, top_k)
+        if top_p is not None and top_p < 1.0:
+            logits = top_p_filter(logits, top_p)
+        return draw(keys, logits).astype(jnp.int32)
+    B = logits.shape[0]
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_k = jnp.zeros(B, jnp.int32) if top_k is None else jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.ones(B, jnp.float32) if top_p is None else jnp.asarray(top_p, jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),  # skip the sort if unused
+                                lambda l: _filter_rows(l, top_k, top_p), lambda l: l, scaled)
+        return draw(keys, filtered).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.all(temperature == 0.0), lambda: greedy, sampled)
+    return jnp.where(temperature == 0.0, greedy, drawn)
+
+
+def position_keys(row_keys: jax.Array, positions) -> jax.Array:
+    """The key of each row's token at `positions` (a scalar or [B]): fold_in(row_keys[b], t)."""
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), row_keys.shape[:1])
+    return jax.vmap(jax.random.fold_in)(row_keys, positions)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   max_new_tokens: int) -> None:
+    """ConfigError (named as the CLI flag) for settings that do not define a distribution."""
+    if not temperature >= 0:  # also rejects NaN
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+# ---- the decode copy: weights laid out for reading them once per token --------------------------
+# Decoding a few rows at a time on a CPU costs one pass over the weights per token (GPT-2 124M:
+# 340 MB of layer kernels + the 154 MB tied head), so what is read, and in which order, sets the
+# speed. The decode copy holds two derived arrays per model, made once (~0.7 s at 124M) and kept
+# exactly as long as the arrays they come from (training replaces those on every update, so a
+# stale copy is never used): every float Linear kernel transposed to [out, in] (RowLinear: a
+# row-major matrix-vector product, ~15-20% faster), and an int8 screen of the tied head that lets
+# batch-1 greedy decoding read a quarter of the head's bytes (screened_argmax). Extra memory:
+# about the layer kernels' size again plus a quarter of the embedding (~380 MB at 124M).
+SCREEN_K = 256  # rows recomputed in float32; more candidates than this fall back to the full head
+
+_DERIVED: dict[tuple, tuple] = {}  # (what, id(source)) -> (weakref to source, derived array)
+
+
+def _derived(what: str, source: jax.Array, make):
+    """make(source), computed once and kept while `source` is alive (dropped when it dies)."""
+    key = (what, id(source))
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is source:
+        return hit[1]
+    ref = weakref.ref(source, lambda _, key=key: _DERIVED.pop(key, None))
+    _DERIVED[key] = (ref, make(source))
+    return _DERIVED[key][1]
+
+
+def decode_copy(model):
+    """`model` with every float nnx.Linear replaced by a RowLinear over a cached [out, in] copy of
+    its kernel. All other arrays (embeddings, LayerNorms, biases) are shared, not copied; int8 and
+    LoRA layers are left as they are. The same outputs as `model`, up to float32 summation order."""
+    twin = nnx.merge(*nnx.split(model))  # new module objects over the same arrays
+    for block in twin.h:
+        for sub, name in LINEARS:
+            parent = getattr(block, sub)
+            lin = getattr(parent, name)
+            if type(lin) is nnx.Linear and lin.kernel[...].dtype == jnp.float32:
+                kernel_t = _derived("kernel.T", lin.kernel[...], _transpose)
+                setattr(parent, name, RowLinear(kernel_t, lin.bias[...], lin.dtype))
+    head = getattr(twin, "lm_head", None)  # an untied head: a RowLinear too (zero bias)
+    if type(head) is nnx.Linear and head.kernel[...].dtype == jnp.float32:
+        kernel_t = _derived("kernel.T", head.kernel[...], _transpose)  # [V, C]
+        twin.lm_head = RowLinear(kernel_t, jnp.zeros(kernel_t.shape[0], jnp.float32), head.dtype)
+    return twin
+
+
+_transpose = jax.jit(lambda w: w.T)
+
+
+def head_table(model) -> jax.Array | None:
+    """The float [V, C] table of the decode copy's head (logits = table @ x): the tied embedding
+    wte, or the untied lm_head's transposed kernel; None for an int8 (or LoRA) head."""
+    if model.config.tie_word_embeddings:
+        return model.wte.embedding[...] if type(model.wte) is nnx.Embed else None
+    return model.lm_head.kernel[...] if type(model.lm_head) is RowLinear else None
+
+
+class GreedyScreen(NamedTuple):
+    """An int8 copy of a [V, C] head table w with per-row bounds on its error.
+
+    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (jaxgpt.quant.quantize_rows); err [V] is
+    ||w[v] - q[v] * scale[v]||_2 exactly and norm [V] is ||w[v]||_2, so for any x
+    |x . w[v] - (x . q[v]) * scale[v]| <= ||x||_2 * err[v]  (Cauchy-Schwarz).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    err: jax.Array
+    norm: jax.Array
+
+
+@jax.jit
+def greedy_screen(table: jax.Array) -> GreedyScreen:
+    """The GreedyScreen of a float head table [V, C]."""
+    table = table.astype(jnp.float32)
+    q, scale = quantize_rows(table)
+    err = jnp.linalg.norm(table - dequantize_rows(q, scale), axis=1)  # [V]
+    return GreedyScreen(q, scale, err, jnp.linalg.norm(table, axis=1))
+
+
+def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
+                    k: int = SCREEN_K) -> jax.Array:
+    """argmax over v of x . table[v] for final hidden rows x [B, C], reading mostly int8.
+
+    approx[v] = (x . q[v]) * scale[v] is within b[v] = ||x|| * err[v] (plus a float32 rounding
+    margin) of the exact logit, so the maximum is among the candidates whose upper bound
+    approx + b reaches the largest lower bound max(approx - b). Those (at most k, in index order)
+    are recomputed in float32 from `table` and the best one wins; with more than k candidates the
+    full float32 head decides. The result is the argmax of float32 logits, as `sample_token` at
+    temperature 0 would pick from the full head, up to float32 rounding (a tie closer than
+    ~1e-6 relative may resolve either way, as it may between any two matmul orders).
+    """
+    x = x.astype(jnp.float32)
+    x, q = jax.lax.optimization_barrier((x, screen.q))  # keep the int8 -> f32 convert in the loop
+    approx = (x @ q.astype(jnp.float32).T) * screen.scale  # [B, V], reads the int8 rows
+    xnorm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # [B, 1]
+    # error bound: quantization (Cauchy-Schwarz) + float32 accumulation of the C-term dot, at most
+    # ~C * 2^-24 relative to sum |x_i w_i| <= ||x|| ||w|| (doubled for the scale and the norms)
+    rounding = 2.0 * x.shape[-1] * 2.0 ** -24
+    bound = xnorm * (screen.err * 1.001 + rounding * screen.norm)  # [B, V]
+    floor = jnp.max(approx - bound, axis=-1, keepdims=True)  # [B, 1] the best lower bound
+    cand = approx + bound >= floor  # [B, V] rows that may hold the maximum
+
+    def recompute():
+        idx = jax.vmap(lambda c: jnp.nonzero(c, size=k, fill_value=0)[0])(cand)  # [B, k]
+        real = jnp.take_along_axis(cand, idx, axis=1)  # [B, k] False on the fill slots
+        logits = jnp.einsum("bkc,bc->bk", table[idx].astype(jnp.float32), x)  # [B, k]
+        best = jnp.argmax(jnp.where(real, logits, NEG_INF), axis=-1)  # [B]
+        return jnp.take_along_axis(idx, best[:, None], axis=1)[:, 0]
+
+    def full():
+        return jnp.argmax(jnp.dot(table.astype(jnp.float32), x.T).T, axis=-1)  # [B]
+
+    many = jnp.max(jnp.sum(cand, axis=-1)) > k
+    return jax.lax.cond(many, full, recompute).astype(jnp.int32)
+
+
+def decode_model(model, fast_decode: bool | None, screen_rows: bool):
+    """(the model to decode with, its GreedyScreen or None). `fast_decode` (default: on a CPU)
+    selects the decode copy; `screen_rows` says greedy rows may use the int8 screen (one row at a
+    time: batched, the int8 product is slower than the float head)."""
+    if fast_decode is None:
+        fast_decode = jax.default_backend() == "cpu"
+    if not fast_decode:
+        return model, None
+    model = decode_copy(model)
+    table = head_table(model)
+    if (screen_rows and table is not None and table.dtype == jnp.float32
+            and jnp.dtype(model.config.dtype) == jnp.float32):
+        return model, _derived("screen", table, greedy_screen)
+    return model, None
+
+
+# ---- the model steps: what every decoder runs ---------------------------------------------------
+def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
+    """The smallest power of two >= max(n, lo), capped at `cap`: the padded lengths that decoding
+    compiles for, so prompts of 17..32 tokens (say) share one compiled function."""
+    b = max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+    return b if cap is None else min(b, cap)
+
+
+def prefill(model, ids: jax.Array, n, cache):
+    """Run prompts ids [B, Tb] (padded on the right; the first n tokens real, n a traced scalar)
+    into an empty `cache`: (hidden state x [B, C] at position n - 1, the cache with index n).
+    The padding's keys/values land at positions >= n, which the causal mask hides and decoding
+    overwrites."""
+    x, cache = model(ids, cache=cache, logits_at=n - 1, hidden=True)
+    return x, {**cache, "index": jnp.asarray(n, jnp.int32)}
+
+
+def decode_step(model, tok: jax.Array, cache):
+    """One token per row, tok [B, 1] at position cache["index"]: (x [B, C], the advanced cache)."""
+    return model(tok, cache=cache, logits_at=0, hidden=True)
+
+
+def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None,
+                screen: GreedyScreen | None = None) -> jax.Array:
+    """Token ids [B] from final hidden states x [B, C] (settings as in `sample_rows`; keys [B]
+    are the rows' keys for this position). With a `screen`, greedy rows pick through
+    screened_argmax (the same ids as the full head, reading mostly int8); with per-row settings
+    that happens when every row is greedy, otherwise the full head decides."""
+    full = lambda: sample_rows(model.head(x, rows=True), keys, temperature, top_k, top_p)
+    if screen is None:
+        return full()
+    screened = lambda: screened_argmax(x, head_table(model), screen)
+    if isinstance(temperature, (int, float)):
+        return screened() if temperature == 0.0 else full()
+    return jax.lax.cond(jnp.all(jnp.asarray(temperature) == 0.0), screened, full)
+
+
+# ---- Engine: slots of a KV cache that requests enter and leave ----------------------------------
+@dataclass(eq=False)
+class Request:
+    """One sequence for the Engine: a prompt, its own sampling settings, what ends it.
+
+    `seed` is an int or a jax PRNG key: the row's random stream, whatever slot it runs in.
+    Decoding stops after a token in `stop` (which is emitted, as the last token), after
+    `max_new_tokens`, or when the sequence fills the engine's cache. `on_token(token)` is called
+    for each emitted token as soon as it exists. The engine fills in `tokens` (the emitted ids),
+    `slot`, and `finish_reason` ("stop", "length" or "released") when it ends.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | jax.Array = 0
+    stop: Sequence[int] = ()
+    on_token: Callable[[int], None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    slot: int | None = None
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _slot_cache(config, slots: int, max_len: int):
+    """The Engine's cache: one model cache of batch 1 per slot, stacked on a leading axis:
+    {"k": L x [N, H, S, D], "v": L x [N, H, S, D], "index": int32 [N]} (index = filled positions)."""
+    one = init_cache(config, 1, max_len)
+    return jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), one)
+
+
+@partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _engine_prefill(graphdef, state, cache, ids, lens, slots, key_data, temperature, top_k, top_p,
+                    screen):
+    """Prefill G prompts ids [G, Tb] (real lengths lens [G]) into cache slots `slots` [G] (an
+    index past the last slot drops the row: padding) and pick their first tokens: (ids [G], cache)."""
+    model = nnx.merge(graphdef, state)
+    S = cache["k"][0].shape[2]
+    one = lambda ids, n: prefill(model, ids[None], n, init_cache(model.config, 1, S))
+    x, rows = jax.vmap(one)(ids, lens)  # x [G, 1, C]; rows: the caches, [G, H, S, D] per layer
+    keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
+    tok = next_tokens(model, x[:, 0], keys, temperature, top_k, top_p, screen)
+    cache = jax.tree.map(lambda c, r: c.at[slots].set(r, mode="drop"), cache, rows)
+    return tok, cache
+
+
+@partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _engine_step(graphdef, state, cache, tokens, active, key_data, temperature, top_k, top_p, screen):
+    """Every slot's last token tokens [N] -> its next token [N] and the cache; rows not `active`
+    keep their position (what they compute is ignored)."""
+    model = nnx.merge(graphdef, state)
+    index = cache["index"]  # [N]
+    x, new = jax.vmap(lambda c, t: decode_step(model, t[None, None], c))(cache, tokens)
+    new = {**new, "index": jnp.where(active, new["index"], index)}
+    keys = position_keys(jax.random.wrap_key_data(key_data), index + 1)
+    return next_tokens(model, x[:, 0], keys, temperature, top_k, top_p, screen), new
+
+
+class Engine:
+    """Decode many requests at once over one model: `slots` rows of a KV cache of `max_len`
+    positions (default: the context), one jitted step for all of them.
+
+        engine = Engine(model, slots=8)
+        slot = engine.add(Request(prompt_ids, 64, temperature=0.8, seed=1, on_token=print))
+        while engine.busy:
+            for slot, token in engine.step(): ...
+
+    `add` takes a free slot (the request is prefilled at the next `step`, together with any
+    others added meanwhile, in one batched call); `step` gives every active row one token and
+    returns [(slot, token)]; a row that finishes frees its slot at once, `release(slot)` ends one
+    early. Rows start and finish at different steps; each has its own position, settings and
+    random stream. Shapes are fixed by `slots`, `max_len` and power-of-two buckets of the prompt
+    length and of the number of prompts prefilled together, so after `warmup()` (or once every
+    bucket has been seen) nothing recompiles.
+
+    On a CPU the engine decodes through the model's decode copy (`fast_decode`), and with one
+    slot greedy rows use the exact int8 head screen. The weights are those of `model` when the
+    engine is made.
+    """
+
+    def __init__(self, model, slots: int = 1, *, max_len: int | None = None,
+                 fast_decode: bool | None = None):
+        if slots < 1:
+            raise ConfigError(f"an engine needs at least one slot, got {slots}")
+        self.config = model.config
+        self.slots = int(slots)
+        self.max_len = min(int(max_len or self.config.block_size), self.config.block_size)
+        model, self.screen = decode_model(model, fast_decode, screen_rows=self.slots == 1)
+        self.graphdef, self.state = nnx.split(model)
+        self.cache = _slot_cache(self.config, self.slots, self.max_len)
+        N = self.slots
+        self.requests: list[Request | None] = [None] * N
+        self._pending: list[int] = []  # slots added, not yet prefilled
+        self._tokens = np.zeros(N, np.int32)  # each slot's last token
+        self._key_data = np.zeros((N, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
+        self._temperature = np.zeros(N, np.float32)
+        self._top_k = np.zeros(N, np.int32)
+        self._top_p = np.ones(N, np.float32)
+
+    # -- the slots --
+    @property
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.requests) if r is None]
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is still decoding."""
+        return any(r is not None for r in self.requests)
+
+    def add(self, request: Request) -> int:
+        """Put `request` in a free slot (RuntimeError if there is none) and return the slot. It is
+        prefilled at the next `step`. ConfigError for bad settings or a prompt that does not
+        leave room for a new token in the cache. A request for 0 new tokens ends at once."""
+        r = request
+        check_sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens)
+        free = self.free_slots
+        if not free:
+            raise RuntimeError(f"all {self.slots} slots are busy; release one or wait for step()")
+        slot = free[0]
+        r.slot, r.tokens, r.finish_reason = slot, [], None
+        if r.max_new_tokens == 0:
+            r.finish_reason = "length"
+            return slot
+        n = len(r.prompt)
+        if not 0 < n < self.max_len:
+            raise ConfigError(f"the prompt has {n} tokens; it must have 1 to {self.max_len - 1} "
+                              f"(the engine's cache holds {self.max_len} positions)")
+        self.requests[slot] = r
+        self._pending.append(slot)
+        key = r.seed if isinstance(r.seed, jax.Array) else jax.random.key(int(r.seed))
+        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+        self._key_data[slot] = np.asarray(jax.random.key_data(key))
+        self._temperature[slot] = r.temperature
+        self._top_k[slot] = r.top_k or 0
+        self._top_p[slot] = 1.0 if r.top_p is None else r.top_p
+        return slot
+
+    def release(self, slot: int, reason: str = "released") -> None:
+        """Free `slot` now (its request, if any, ends with finish_reason `reason`)."""
+        r = self.requests[slot]
+        if r is not None and r.finish_reason is None:
+            r.finish_reason = reason
+        self.requests[slot] = None
+        if slot in self._pending:
+            self._pending.remove(slot)
+
+    # -- decoding --
+    def _settings(self, rows):
+        return (self._key_data[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows])
+
+    def _emit(self, slot: int, token: int, events: list) -> None:
+        r = self.requests[slot]
+        r.tokens.append(token)
+        self._tokens[slot] = token
+        events.append((slot, token))
+        if r.on_token is not None:
+            r.on_token(token)
+        limit = min(r.max_new_tokens, self.max_len - len(r.prompt))
+        if token in r.stop:
+            self.release(slot, "stop")
+        elif len(r.tokens) >= limit:
+            self.release(slot, "length")
+
+    def _prefill(self, slots: list[int]) -> tuple:
+        """Run _engine_prefill for `slots` (pending, or none: warm-up), padded to the buckets."""
+        G = bucket(max(len(slots), 1), cap=self.slots, lo=1)
+        prompts = [self.requests[s].prompt for s in slots]
+        Tb = bucket(max([len(p) for p in prompts], default=1), cap=self.max_len)
+        ids = np.zeros((G, Tb), np.int32)
+        lens = np.ones(G, np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+            lens[i] = len(p)
+        rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
+        settings = self._settings(np.minimum(rows, self.slots - 1))
+        tok, self.cache = _engine_prefill(self.graphdef, self.state, self.cache, ids, lens, rows,
+                                          *settings, self.screen)
+        return tok
+
+    def step(self) -> list[tuple[int, int]]:
+        """One token for every active row: prefill the requests added since the last step (their
+        first token), advance the others by one. Returns [(slot, token)] in slot order per phase;
+        calls each request's on_token; frees the slots of rows that finished."""
+        if self.cache["index"].is_deleted():  # a call was interrupted after taking the cache
+            self.cache = _slot_cache(self.config, self.slots, self.max_len)
+            for s in range(self.slots):  # (the rows it held are lost)
+                self.release(s)
+        events: list[tuple[int, int]] = []
+        running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
+        if self._pending:
+            slots, self._pending = self._pending, []
+            tok = np.asarray(self._prefill(slots))
+            for i, s in enumerate(slots):
+                if self.requests[s] is not None:
+                    self._emit(s, int(tok[i]), events)
+        if running:
+            active = np.zeros(self.slots, bool)
+            active[running] = True
+            tok, self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                           active, *self._settings(slice(None)), self.screen)
+            tok = np.asarray(tok)
+            for s in running:
+                if self.requests[s] is not None:  # (an on_token callback may have released it)
+                    self._emit(s, int(tok[s]), events)
+        return events
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.busy:
+            self.step()
+
+    def warmup(self) -> None:
+        """Compile every shape this engine can meet (idle engines only): the step, and the
+        prefill for each bucket of prompt length and of prompts per call. Touches no slot."""
+        if self.busy:
+            raise RuntimeError("warm up an idle engine")
+        G = 1
+        while True:
+            T = 16
+            while True:
+                Tb = bucket(T, cap=self.max_len)
+                rows = np.full(G, self.slots, np.int32)  # all dropped: no slot is written
+                tok, self.cache = _engine_prefill(
+                    self.graphdef, self.state, self.cache, np.zeros((G, Tb), np.int32),
+                    np.ones(G, np.int32), rows, *self._settings(np.zeros(G, np.int32)), self.screen)
+                if Tb >= self.max_len:
+                    break
+                T *= 2
+            if G >= self.slots:
+                break
+            G = bucket(G + 1, cap=self.slots, lo=1)
+        tok, self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                       np.zeros(self.slots, bool), *self._settings(slice(None)),
+                                       self.screen)
+        tok.block_until_ready()
+
+
+# ---- generate: offline batched decoding as one fused loop ---------------------------------------
+@partial(jax.jit, static_argnames=("graphdef", "prefill_len", "temperature", "top_k", "top_p",
+                                   "eot", "use_cache"))
+def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_len, temperature,
+              top_k, top_p, eot, use_cache):
+    """buf: int32 [B, S], the prompt in buf[:, :prompt_len] (the rest is padding); fills
+    buf[:, prompt_len:total]. Only shapes (B, S), `prefill_len` (the padded prompt length) and
+    the sampling settings are compiled in: `prompt_len` and `total` are traced int32 scalars.
+    `screen` (a GreedyScreen of the head, or None) makes greedy decoding use screened_argmax."""
+    model = nnx.merge(graphdef, params)
+    B, S = buf.shape
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))  # row b: (key, b)
+    done0 = jnp.zeros((B,), bool)
+
+    def emit(buf, done, x, t):
+        # x: [B, C] final hidden state of the last position; t: index in buf of the token being
+        # generated; rows already finished repeat eot
+        tok = next_tokens(model, x, position_keys(row_keys, t), temperature, top_k, top_p, screen)
+        if eot is not None:
+            tok = jnp.where(done, eot, tok)
+            done = done | (tok == eot)
+        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, t)), done
+
+    def loop(step, init, limit):
+        # run `step` while t < limit, the buffer is not full and some row has not produced eot
+        cond = lambda c: (c[-1] < jnp.minimum(limit, total)) & ~jnp.all(c[1])
+        return jax.lax.while_loop(cond, step, init)
+
+    if use_cache:
+        # prefill the cache with the prompt padded on the right, then one token per step
+        x, cache = prefill(model, buf[:, :prefill_len], prompt_len, init_cache(model.config, B, S))
+        buf, done = emit(buf, done0, x, prompt_len)
+
+        def step(carry):
+            buf, done, cache, t = carry
+            tok = jax.lax.dynamic_slice(buf, (0, t - 1), (B, 1))  # [B, 1] the last token
+            x, cache = decode_step(model, tok, cache)  # x: [B, C]
+            buf, done = emit(buf, done, x, t)
+            return buf, done, cache, t + 1
+
+        return loop(step, (buf, done, cache, prompt_len + 1), S)[0]
+
+    # No cache: every step re-runs the model over the whole prefix buf[:, :t] -- padded on the
+    # right to a power-of-two window w >= t (one compiled forward per window size), the head
+    # only at position t-1 -- and, past the context, over a sliding window of the last
+    # block_size tokens (as nanoGPT does).
+    L = model.config.block_size
+    carry = (buf, done0, jnp.asarray(prompt_len, jnp.int32))
+    w = prefill_len
+    while True:
+        w = min(w, L, S)
+
+        def step(carry, w=w):
+            buf, done, t = carry
+            x, _ = model(buf[:, :w], logits_at=t - 1, hidden=True)  # [B, C]
+            buf, done = emit(buf, done, x, t)
+            return buf, done, t + 1
+
+        carry = loop(step, carry, w + 1)  # window w serves t <= w
+        if w == min(L, S):
+            break
+        w *= 2
+    if S > L:
+        def slide(carry):
+            buf, done, t = carry
+            x, _ = model(jax.lax.dynamic_slice(buf, (0, t - L), (B, L)), logits_at=L - 1, hidden=True)
+            buf, done = emit(buf, done, x, t)
+            return buf, done, t + 1
+
+        carry = loop(slide, carry, S)
+    return carry[0]
+
+
+def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eot: int | None = None,
+             use_cache: bool = True, fast_decode: bool | None = None):
+    """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
+
+    With a cache (default) the prompt is prefilled once and each new token costs one single-token
+    step; the whole loop is one compiled `lax.while_loop`. Prompt and buffer lengths are padded
+    to power-of-two buckets (`bucket`), so a new prompt length or max_new_tokens within the same
+    buckets reuses the compiled function. When the sequence would outgrow the context
+    (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as
+    nanoGPT does, which needs the no-cache path. Rows that emit `eot` are padded with `eot`.
+    Row b's token at position t is drawn with fold_in(fold_in(key, b), t).
+
+    `fast_decode` (default: on a CPU) makes the cached decode run through the model's decode copy
+    (`decode_copy`: layer kernels kept transposed, made once per model and kept while its weights
+    live, ~380 MB extra at GPT-2 124M), and greedy decoding (temperature 0) of a single float32
+    sequence picks each token with `screened_argmax`: an int8 copy of the head screens the
+    vocabulary and only the candidates are recomputed in float32 -- the same ids as the full
+    head, reading ~115 MB less per token at 124M. (Batched rows keep the full head: there the
+    int8 product is slower.) `fast_decode=False` decodes with the model as it is.
+    """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ConfigError(f"prompt must be non-empty token ids [B, T], got shape {list(prompt.shape)}")
+    if max_new_tokens == 0:
+        return jnp.asarray(prompt)
+    key = jax.random.key(0) if key is None else key
+    (B, T0), L = prompt.shape, model.config.block_size
+    total = T0 + int(max_new_tokens)
+    use_cache = use_cache and total <= L
+    S = bucket(total, cap=L if use_cache else None)
+    buf = np.full((B, S), 0 if eot is None else eot, np.int32)  # prompt, then generated ids
+    buf[:, :T0] = prompt
+    head_screen = None
+    if use_cache:  # (the no-cache path, for comparison, runs the model as it is)
+        model, head_screen = decode_model(model, fast_decode, screen_rows=temperature == 0.0 and B == 1)
+    graphdef, params = nnx.split(model)
+    out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key, head_screen,
+                    prefill_len=min(bucket(T0, cap=L), S), temperature=float(temperature),
+                    top_k=None if top_k is None else int(top_k),
+                    top_p=None if top_p is None else float(top_p),
+                    eot=None if eot is None else int(eot), use_cache=use_cache)
+    return out[:, :total]

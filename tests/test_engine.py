@@ -1,0 +1,190 @@
+"""The decode engine: slots vs transformers' greedy generate, batched == per-row, per-row random
+streams, per-row settings, streaming and slot bookkeeping, chat through it, no recompilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxgpt  # noqa: E402
+from jaxgpt import templates  # noqa: E402
+from jaxgpt.chat import ChatSession  # noqa: E402
+from jaxgpt.config import ConfigError  # noqa: E402
+from jaxgpt.engine import (Engine, Request, _engine_prefill, _engine_step, sample_rows,  # noqa: E402
+                           top_k_filter, top_p_filter)
+
+torch.set_num_threads(2)
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF model, jaxgpt.load of its saved folder): 2 layers, context 64, GPT-2's vocabulary."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()
+    model.save_pretrained(root / "hf")
+    return model, jaxgpt.load(root / "hf")
+
+
+def hf_greedy(model, prompt, n):
+    """HF's greedy continuation of one prompt: n new ids."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=EOT,
+                             attention_mask=torch.ones((1, len(prompt)), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(seed, lengths):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 50257, n).tolist() for n in lengths]
+
+
+def run_schedule(engine, schedule):
+    """Add each request at its step ({step: [request]}), step until all are done; the events."""
+    events, step = [], 0
+    while step <= max(schedule) or engine.busy:
+        for r in schedule.get(step, []):
+            engine.add(r)
+        events.append(engine.step())
+        step += 1
+    return events
+
+
+def test_greedy_rows_started_at_different_steps_equal_transformers(tiny):
+    """Rows with different prompt lengths, entering at different steps (some while others are
+    mid-sequence, one into a slot freed by a finished row), each get HF's greedy tokens; so does
+    a row alone in a one-slot engine (on a CPU: the decode copy with the int8 head screen)."""
+    hf, lm = tiny
+    ps = prompts(0, (5, 19, 3, 40, 11))
+    news = (12, 6, 20, 9, 8)
+    reqs = [Request(p, n, temperature=0.0) for p, n in zip(ps, news)]
+    engine = Engine(lm.model, slots=3)
+    # 0 and 1 together; 2 at step 2; 3 and 4 wait for free slots (1 ends after step 5)
+    schedule = {0: reqs[:2], 2: [reqs[2]], 7: [reqs[3]], 13: [reqs[4]]}
+    run_schedule(engine, schedule)
+    for r, p, n in zip(reqs, ps, news):
+        assert r.finish_reason == "length" and r.tokens == hf_greedy(hf, p, n)
+    assert reqs[3].slot == 1 and not engine.busy and engine.free_slots == [0, 1, 2]
+    alone = Engine(lm.model, slots=1)
+    assert alone.screen is not None or jax.default_backend() != "cpu"
+    r = Request(ps[3], 24, temperature=0.0)
+    alone.add(r)
+    alone.run()
+    assert r.tokens == hf_greedy(hf, ps[3], 24)
+
+
+def test_seeded_row_draws_the_same_alone_and_in_any_slot(tiny):
+    """A sampled row's tokens depend on its seed and positions only: alone, or in a full batch
+    (any slot, next to greedy and other sampled rows, entering late) it draws the same ids."""
+    _, lm = tiny
+    ps = prompts(1, (7, 4, 13, 9))
+    want = Request(ps[0], 16, temperature=0.9, top_k=40, top_p=0.95, seed=123)
+    solo = Engine(lm.model, slots=1)
+    solo.add(want)
+    solo.run()
+    engine = Engine(lm.model, slots=4)
+    for slot in (0, 3):
+        others = [Request(ps[i], 10 + i, temperature=[0.0, 1.3, 0.7][i - 1], top_k=[None, 5, None][i - 1],
+                          seed=i) for i in (1, 2, 3)]
+        row = Request(ps[0], 16, temperature=0.9, top_k=40, top_p=0.95, seed=123)
+        order = others[:slot] + [row] + others[slot:]
+        run_schedule(engine, {0: order[:2], 3: order[2:]})  # row enters at step 0 or 3
+        assert row.slot == slot and row.tokens == want.tokens, slot
+    other_seed = Request(ps[0], 16, temperature=0.9, top_k=40, top_p=0.95, seed=124)
+    solo.add(other_seed)
+    solo.run()
+    assert other_seed.tokens != want.tokens
+
+
+def test_per_row_settings_equal_the_shared_filters():
+    """sample_rows with a setting per row draws what the shared (compiled-in) settings draw with
+    the same keys: temperature, top-k and top-p per row, greedy rows exact argmax."""
+    rng = np.random.RandomState(0)
+    logits = jnp.asarray(rng.randn(6, 300).astype(np.float32) * 3)
+    settings = [(0.0, None, None), (1.0, None, None), (0.7, 20, None), (1.5, None, 0.8),
+                (1.0, 5, 0.5), (2.0, 300, 1.0)]
+    for trial in range(5):
+        keys = jax.random.split(jax.random.key(trial), 6)
+        per_row = sample_rows(logits, keys, jnp.array([s[0] for s in settings]),
+                              jnp.array([s[1] or 0 for s in settings]),
+                              jnp.array([1.0 if s[2] is None else s[2] for s in settings]))
+        for b, (t, k, p) in enumerate(settings):
+            shared = sample_rows(logits[b:b + 1], keys[b:b + 1], t, k, p)
+            assert int(per_row[b]) == int(shared[0]), (trial, b)
+            if t == 0.0:
+                assert int(per_row[b]) == int(jnp.argmax(logits[b]))
+            allowed = logits[b] / (t or 1.0)
+            allowed = top_k_filter(allowed, k) if k else allowed
+            allowed = top_p_filter(allowed, p) if p else allowed
+            assert bool(jnp.isfinite(allowed[per_row[b]]))  # drawn from the filtered set
+
+
+def test_streaming_stop_release_and_full_slots(tiny):
+    """on_token sees each token as it is made; a stop id ends the row (emitted last); release
+    frees a slot early; adding to a full engine fails; bad settings are ConfigErrors."""
+    hf, lm = tiny
+    p = prompts(2, (6,))[0]
+    greedy = hf_greedy(hf, p, 10)
+    seen = []
+    engine = Engine(lm.model, slots=2)
+    stop_at = greedy[4]
+    r = Request(p, 10, temperature=0.0, stop=(stop_at,), on_token=seen.append)
+    engine.add(r)
+    long = Request(p, 50, temperature=0.0)
+    engine.add(long)
+    with pytest.raises(RuntimeError):
+        engine.add(Request(p, 3))
+    first = engine.step()
+    assert sorted(first) == [(0, greedy[0]), (1, greedy[0])] and seen == greedy[:1]
+    while not r.done:
+        engine.step()
+    cut = greedy.index(stop_at) + 1
+    assert r.finish_reason == "stop" and r.tokens == seen == greedy[:cut]
+    engine.release(long.slot)
+    assert long.finish_reason == "released" and not engine.busy
+    with pytest.raises(ConfigError):
+        engine.add(Request(p, 5, top_p=0.0))
+    with pytest.raises(ConfigError):
+        engine.add(Request(list(range(64)), 5))  # no room left for a new token
+    zero = Request(p, 0)
+    engine.add(zero)
+    assert zero.done and zero.tokens == [] and not engine.busy
+
+
+def test_no_recompilation_after_warmup(tiny):
+    """After warmup(), prompts of any length, any number of requests per step and any sampling
+    settings run without compiling anything (jax.jit's cache sizes stay put)."""
+    _, lm = tiny
+    engine = Engine(lm.model, slots=4, max_len=64)
+    engine.warmup()
+    sizes = (_engine_step._cache_size(), _engine_prefill._cache_size())
+    ps = prompts(3, (1, 16, 17, 33, 60, 5, 2))
+    settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=3), dict(temperature=0.5, top_p=0.9),
+                dict(temperature=2.0, seed=9)]
+    reqs = [Request(p, 3 + i, **settings[i % 4]) for i, p in enumerate(ps)]
+    run_schedule(engine, {0: reqs[:3], 1: [reqs[3]], 4: reqs[4:6], 8: reqs[6:]})
+    assert all(r.done for r in reqs)
+    assert (_engine_step._cache_size(), _engine_prefill._cache_size()) == sizes
+
+
+def test_chat_greedy_reply_equals_transformers(tiny):
+    """ChatSession decodes through the engine: its greedy reply is HF's greedy continuation of
+    the rendered conversation (cut at <|endoftext|>), streamed as the same text."""
+    hf, lm = tiny
+    chat = ChatSession(lm, "alpaca", temperature=0.0, max_new_tokens=12, log=lambda s: None)
+    pieces = []
+    answer = chat.reply("Name a primary color.", pieces.append)
+    ids = lm.tokenizer.encode_ordinary(templates.render_prompt(
+        "alpaca", [{"role": "user", "content": "Name a primary color."}]))
+    want = hf_greedy(hf, ids, 12)
+    want = want[:want.index(EOT)] if EOT in want else want
+    assert answer == lm.tokenizer.decode(want) == "".join(pieces)
+    assert chat.messages[-1] == {"role": "assistant", "content": answer}
+    chat.reset()
+    assert chat.reply("Name a primary color.") == answer  # reset: the same first turn again
