@@ -1,6 +1,6 @@
 """Mixed-precision speed: jaxgpt's real train step in float32 vs bfloat16 compute (and HF torch).
 
-Runs the train step that `python -m jaxgpt.train` uses (`make_train_step`: forward, backward,
+Runs the train step that `python -m jaxgpt.train` uses (`jaxgpt.trainer.make_step`: forward, backward,
 clipping, AdamW, params and optimizer state float32 in both) once with `dtype="float32"` and once
 with `dtype="bfloat16"`, alternated over several rounds in one process, on whatever device JAX
 picks (a GPU when there is one). With --torch it adds HF `GPT2LMHeadModel` + `torch.optim.AdamW`

@@ -34,20 +34,20 @@ def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool,
 
     from jaxgpt.config import TrainConfig
     from jaxgpt.model import GPT
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import make_train_step
+    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.trainer import make_step
 
     cfg = TrainConfig(preset="gpt2", batch_size=batch, block_size=block, remat=remat,
                       steps_per_call=1, grad_accum=accum)
     mc = cfg.model_config(50257)
-    graphdef, params = nnx.split(GPT(mc, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(GPT(mc, rngs=nnx.Rngs(0)), nnx.Param, ...)
     tx = make_optimizer(cfg)
-    step = make_train_step(graphdef, tx, cfg)
+    step = make_step(graphdef, tx, lr_schedule(cfg), seed=cfg.seed)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
     x = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, accum, batch // accum, block + 1)), jnp.int32)
-    b = (x[..., :-1], x[..., 1:])
+    b = {"x": x[..., :-1], "y": x[..., 1:]}
     t0 = time.perf_counter()
-    compiled = step.lower(state, b).compile()
+    compiled = step.lower(state, frozen, b).compile()
     out = {"compile_s": time.perf_counter() - t0}
     ma = compiled.memory_analysis()
     out.update(args_gib=ma.argument_size_in_bytes / GiB, temp_gib=ma.temp_size_in_bytes / GiB,
@@ -61,7 +61,7 @@ def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool,
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            state, m = compiled(state, b)
+            state, m = compiled(state, frozen, b)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         out.update(step_s=times, loss=float(m["loss"][-1]))

@@ -15,7 +15,7 @@ as in nanoGPT's `estimate_mfu` and the PaLM paper. The GEMM peak is the best med
 jitted float32 matmul over two shapes: 2048^3 and the 124M model's MLP matmul (1024 x 768 x 3072).
 
 The script re-executes itself with the glibc malloc settings that `python -m jaxgpt.train` also
-runs with (jaxgpt.train.MALLOC_TUNABLES: one arena, no mmap/trim, so freed temporaries are reused
+runs with (jaxgpt.runtime.MALLOC_TUNABLES: one arena, no mmap/trim, so freed temporaries are reused
 instead of faulted in again each step, and transparent huge pages; see experiments/PERF.md)
 unless --default-malloc.
 
@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 
-from jaxgpt.train import MALLOC_TUNABLES, reexec_with_malloc_tunables
+from jaxgpt.runtime import MALLOC_TUNABLES, reexec_with_malloc_tunables
 
 if __name__ == "__main__" and not {"--default-malloc", "--no-thp"} & set(sys.argv):
     reexec_with_malloc_tunables(sys.argv)  # the train CLI's malloc settings (see the docstring)
@@ -60,8 +60,8 @@ from flax import nnx  # noqa: E402
 
 from jaxgpt.config import TrainConfig  # noqa: E402
 from jaxgpt.model import GPT, count_params  # noqa: E402
-from jaxgpt.optim import make_optimizer  # noqa: E402
-from jaxgpt.train import make_train_step  # noqa: E402
+from jaxgpt.optim import lr_schedule, make_optimizer  # noqa: E402
+from jaxgpt.trainer import make_step  # noqa: E402
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
@@ -98,22 +98,22 @@ def jax_runner(cfg: TrainConfig, vocab: int, steps_per_call: int, x: np.ndarray 
     last loss), and the seconds that tracing + lowering + compiling it took. `x` [B, T + 1]: one
     batch used for every step; default a fresh random batch per step."""
     model_cfg = cfg.model_config(vocab)
-    graphdef, params = nnx.split(GPT(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(GPT(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     tx = make_optimizer(cfg)
-    step = make_train_step(graphdef, tx, cfg)
+    step = make_step(graphdef, tx, lr_schedule(cfg), seed=cfg.seed, dropout=cfg.dropout > 0)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.array(0, jnp.int32)}
     T, B = model_cfg.block_size, cfg.batch_size
     if x is None:
         x = np.random.default_rng(0).integers(0, vocab, (steps_per_call, 1, B, T + 1))
     x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (steps_per_call, 1, B, T + 1))
-    batch = (x[..., :-1], x[..., 1:])
+    batch = {"x": x[..., :-1], "y": x[..., 1:]}
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     box = [state]
 
     def run():
-        box[0], m = compiled(box[0], batch)
+        box[0], m = compiled(box[0], frozen, batch)
         return float(m["loss"][-1])  # the host sync that ends the timed interval
 
     run()  # warm up (first execution allocates)

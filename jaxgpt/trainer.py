@@ -35,6 +35,7 @@ from jaxgpt.data import atomic_write
 from jaxgpt.losses import lm_loss
 from jaxgpt.optim import lr_schedule, make_optimizer
 
+EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
 # loss_fn(model, batch, key) -> (summed loss, counted targets); batch: dict of [B, T] arrays
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -192,10 +193,17 @@ class Trainer:
                       "step": jax.device_put(jnp.array(step, jnp.int32), parallel.replicated(self.mesh))}
         return step
 
-    def evaluate(self, batches: dict) -> float:
-        """Mean loss over host batches {name: [N, B, ...]} (this process's rows of each), one call."""
-        N, B = len(next(iter(batches.values()))), self.optim.batch_size
-        arrays = {k: parallel.shard_batch(self.mesh, v, 1, (N, B, *v.shape[2:])) for k, v in batches.items()}
+    def evaluate(self, batches: dict, tokens_per_forward: int = EVAL_TOKENS) -> float:
+        """Mean loss over host batches {name: [N, B, ...]} (this process's rows of each), in one
+        call. Evaluation is sized in tokens, not in training batches: g of the N batches go
+        through the model together (g dividing N, g * B * T <= tokens_per_forward), so a small
+        training batch does not make evaluation a long series of small forwards. The mean is
+        sum / count over every row, so the grouping does not change it."""
+        v0 = next(iter(batches.values()))
+        N, B, T = v0.shape[0], self.optim.batch_size, int(np.prod(v0.shape[2:]))
+        g = max([d for d in range(1, N + 1) if N % d == 0 and d * B * T <= tokens_per_forward] or [1])
+        arrays = {k: parallel.shard_batch(self.mesh, v.reshape(N // g, g * v.shape[1], *v.shape[2:]), 1,
+                                          (N // g, g * B, *v.shape[2:])) for k, v in batches.items()}
         total, count = self.eval_fn(self.state["params"], self.frozen, arrays)
         return float(parallel.to_host(total)) / max(float(parallel.to_host(count)), 1.0)
 

@@ -48,7 +48,8 @@ HELP = {
     "process_id": "index of this process (0 = the one that writes logs)",
     "init_timeout": "seconds to wait for the coordinator before giving up",
     "eval_interval": "evaluate the val loss (and print a sample) every N steps",
-    "eval_iters": "number of fixed val batches per evaluation",
+    "eval_iters": "number of fixed val batches per evaluation (at most one per training step "
+                  "between evaluations: min(--eval-iters, --eval-interval, --max-iters))",
     "log_interval": "write a metrics row every N steps",
     "sample_tokens": "tokens in the sample printed at each evaluation (0: no samples)",
     "out": "output directory (checkpoints, metrics.jsonl, loss.png, config.json, data cache)",
