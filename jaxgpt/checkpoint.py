@@ -8,6 +8,7 @@ Metadata (model config, train config, tokenizer, step, data seed) is JSON inside
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -82,6 +83,22 @@ def _damaged(out, step: int, e: Exception) -> ConfigError:
                              f"{type(e).__name__}: {str(e).split(' See full')[0].splitlines()[0][:160] if str(e) else ''}")
 
 
+@contextmanager
+def _quiet_asyncio():
+    """A damaged checkpoint fails several of orbax's concurrent read tasks; the ones whose error
+    is not the one raised are reported by asyncio ("Task exception was never retrieved", with a
+    traceback) when they are collected. The error that matters is raised as a ConfigError; the
+    leftovers are collected here, silently."""
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()
+        log.setLevel(level)
+
+
 def _newest_first(out, step: int | None, read, warn=None):
     """read(step) for the given step, or for the newest checkpoint that reads without error: a
     damaged one is skipped (with `warn(message)`) in favour of the one before it, which is kept
@@ -92,7 +109,8 @@ def _newest_first(out, step: int | None, read, warn=None):
     errors = []
     for s in steps:
         try:
-            return read(s)
+            with _quiet_asyncio():
+                return read(s)
         except CorruptCheckpoint as e:
             errors.append(e)
         except ConfigError:  # a readable checkpoint that does not fit: no fallback

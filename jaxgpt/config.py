@@ -178,7 +178,7 @@ class RunConfig:
     the output folder and resuming (jaxgpt.trainer)."""
 
     out: str | None = "out"
-    dtype: str = "float32"  # compute dtype of activations/matmuls; params stay float32
+    dtype: str | None = None  # compute dtype; None: bfloat16 on GPU/TPU, float32 on CPU
     dropout: float = 0.0
     remat: bool = False  # activation rematerialisation per block: less memory, ~1/3 more compute
     steps_per_call: int = 10  # optimizer steps fused into one jitted call (lax.scan)
@@ -193,7 +193,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     progress: bool = True
-    deterministic: bool = True  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
+    deterministic: bool = False  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
 
     # fields that do not change what a run computes: a resumed run may change them (and `out`:
     # a run folder may be moved or copied and resumed where it now is)
@@ -208,8 +208,18 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self) -> str:
+        """--dtype, or by default bfloat16 on an accelerator and float32 on a CPU (where bf16
+        matmuls are slower; params and optimizer state are float32 either way)."""
+        if self.dtype is not None:
+            return self.dtype
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,8 +248,9 @@ class TrainConfig(OptimConfig, RunConfig):
     """
 
     # data
-    data: str = field(default_factory=default_data_path)
-    tokenizer: str = "char"  # "char" or "gpt2"
+    data: str = field(default_factory=default_data_path)  # a text file, or token shards (a folder/glob)
+    tokenizer: str = "char"  # "char" or "gpt2" (text files; shards say their own)
+    val_tokens: int = 10_485_760  # shards: the val prefix evaluated (llm.c's default)
     # model (None = take it from the preset)
     preset: str = "baby"
     n_layer: int | None = None
@@ -250,8 +261,10 @@ class TrainConfig(OptimConfig, RunConfig):
     # evaluation and samples
     eval_iters: int = 50  # val batches per evaluation (nanoGPT's CPU recipe uses 20)
     sample_tokens: int = 200  # length of the text sample printed at each evaluation (0: none)
+    hellaswag: str | None = None  # a HellaSwag jsonl scored during training (jaxgpt.hellaswag)
+    hellaswag_interval: int = 250
 
-    RESUMABLE = RunConfig.RESUMABLE + ("eval_iters", "sample_tokens")
+    RESUMABLE = RunConfig.RESUMABLE + ("eval_iters", "sample_tokens", "hellaswag", "hellaswag_interval")
 
     def __post_init__(self):
         super().__post_init__()
@@ -259,6 +272,10 @@ class TrainConfig(OptimConfig, RunConfig):
             raise ConfigError("--max-iters is required")
         if self.lr is None:
             raise ConfigError("--lr is required")
+        if self.hellaswag_interval < 1:
+            raise ConfigError(f"--hellaswag-interval must be >= 1, got {self.hellaswag_interval}")
+        if self.val_tokens < 1:
+            raise ConfigError(f"--val-tokens must be >= 1, got {self.val_tokens}")
         if self.eval_iters < 1:
             raise ConfigError(f"--eval-iters must be >= 1, got {self.eval_iters}")
         if self.tokenizer not in ("char", "gpt2"):
@@ -271,7 +288,7 @@ class TrainConfig(OptimConfig, RunConfig):
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
                      if getattr(self, k) is not None}
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, dropout=self.dropout,
-                                     dtype=self.dtype, remat=self.remat, **overrides)
+                                     dtype=self.compute_dtype, remat=self.remat, **overrides)
 
 
 def add_dataclass_flags(parser, cls, helps: dict[str, str], positional: tuple[str, ...] = ()) -> None:

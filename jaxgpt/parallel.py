@@ -207,3 +207,21 @@ DETERMINISTIC_FLAG = "xla_gpu_deterministic_ops=true"
 def gpu_ops_deterministic() -> bool:
     """Whether XLA_FLAGS ask for deterministic GPU kernels (set by deterministic_gpu_ops or by hand)."""
     return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+# dense 16-bit matmul peak per chip, FLOP/s, from the vendors' data sheets (for MFU)
+PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "gh200": 989e12, "a100": 312e12, "l4": 121e12,
+             "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+             "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12}
+
+
+def peak_flops(dtype: str) -> float | None:
+    """The mesh's summed 16-bit matmul peak, for MFU; None where it is not known (CPUs, other
+    chips) or the compute is float32."""
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    kind = jax.devices()[0].device_kind.lower()
+    for name in sorted(PEAK_BF16, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
+        if name in kind:
+            return PEAK_BF16[name] * jax.device_count()
+    return None

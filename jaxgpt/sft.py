@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint, lora, templates
+from jaxgpt import checkpoint, lora, parallel, templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.data import atomic_write
 from jaxgpt.losses import masked_sum
@@ -327,11 +327,11 @@ def load_base(cfg: SFTConfig):
         raise ConfigError("name the base model: python -m jaxgpt.sft CKPT --data FILE --out DIR")
     lm = load(cfg.ckpt)
     check_tokenizer(lm.tokenizer)
-    if lm.config.dtype != cfg.dtype or lm.config.dropout != cfg.dropout or lm.config.remat != cfg.remat:
+    if lm.config.dtype != cfg.compute_dtype or lm.config.dropout != cfg.dropout or lm.config.remat != cfg.remat:
         # same weights, modules rebuilt with the run's compute dtype / dropout / remat
         from jaxgpt.model import GPT
 
-        new_cfg = dataclasses.replace(lm.config, dtype=cfg.dtype, dropout=cfg.dropout, remat=cfg.remat)
+        new_cfg = dataclasses.replace(lm.config, dtype=cfg.compute_dtype, dropout=cfg.dropout, remat=cfg.remat)
         lm.model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(new_cfg))), nnx.state(lm.model))
     return lm
 
@@ -394,6 +394,7 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
     pad, out = tok.eot_token, Path(cfg.out)
     model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, log)
     mesh = setup_devices(cfg)
+    parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     data = RecordBatches(train_ex, cfg.batch_size, cfg.seed, lm.config.block_size, pad, cfg.mask_prompt)
     total_steps = cfg.max_iters or cfg.epochs * data.steps_per_epoch
     sft_meta = {"template": template, "sft": {"base": str(cfg.ckpt), "data": str(cfg.data),
@@ -427,14 +428,14 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
     val_tokens = int(stacked(val_ex, cfg.batch_size, lm.config.block_size, pad,
                              cfg.mask_prompt)["mask"].sum()) if val_ex else 0
     run = trainer.fit(lambda steps: data(steps, trainer.local_rows),
-                      evaluate=(lambda: {"val_loss": trainer.evaluate(val)}) if val else None,
+                      evaluate=(lambda step: {"val_loss": trainer.evaluate(val)}) if val else None,
                       rows=read_rows(out, resume_step) if cfg.resume else None)
     if run["stopped_by"]:
         gen_bar.close()
         return {"steps": run["step"], "stopped_by": run["stopped_by"], "out": cfg.out}
 
     # ---- after ----
-    trained = trainer.model()
+    trained = trainer.host_model()
     plain = lora.merge(trained) if cfg.lora_rank else trained
     t0 = time.time()
     after_answers = generate_answers(plain, tok, template, test_recs, cfg.gen_tokens, gen_bar)

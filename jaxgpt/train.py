@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint
+from jaxgpt import checkpoint, parallel
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
 from jaxgpt.data import atomic_write, get_batch, prepare, step_rng
 from jaxgpt.model import GPT, count_params
@@ -61,7 +61,7 @@ def _init_from(cfg: TrainConfig):
     if lm.tokenizer.name != cfg.tokenizer:
         raise ConfigError(f"{cfg.init_from} uses the {lm.tokenizer.name} tokenizer; "
                           f"pass --tokenizer {lm.tokenizer.name}")
-    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.dtype,
+    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.compute_dtype,
                                     remat=cfg.remat)
     params = nnx.state(lm.model, nnx.Param)
     params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])
@@ -92,15 +92,80 @@ def sample_text(model, tok, n_tokens: int, seed: int) -> str:
     return tok.decode(ids[1:])
 
 
-def eval_batches(cfg: TrainConfig) -> int:
-    """Val batches per evaluation: --eval-iters, but at most one per training step between two
+def eval_batches(cfg: TrainConfig, block: int) -> int:
+    """Val batches per evaluation: --eval-iters (shards: --val-tokens), but at most one per training step between two
     evaluations, so an evaluation (a forward pass: about a third of a step) never costs more
     than the training it reports on (a 2-step smoke run of GPT-2 evaluates 2 batches, not 50)."""
-    return max(1, min(cfg.eval_iters, cfg.eval_interval, cfg.max_iters))
+    wanted = cfg.val_tokens // (cfg.batch_size * block) if is_shards(cfg.data) else cfg.eval_iters
+    return max(1, min(wanted, cfg.eval_interval, cfg.max_iters))
+
+
+def is_shards(data: str) -> bool:
+    """--data names token shards (a folder, a glob or a .bin file), not a text file."""
+    return Path(data).is_dir() or any(c in data for c in "*?[") or data.endswith(".bin")
+
+
+class TextData:
+    """A text file tokenized into OUT/data: random windows per step, fixed random val batches."""
+
+    def __init__(self, cfg: TrainConfig, block: int, tok):
+        self.cfg, self.block = cfg, block
+        self.data = prepare(cfg.data, cfg.tokenizer, Path(cfg.out) / "data", block_size=block,
+                            progress=cfg.progress, tok=tok)
+        self.tokenizer, self.vocab_size = self.data.tokenizer, self.data.tokenizer.vocab_size
+
+    def batch(self, step: int, rows) -> tuple[np.ndarray, np.ndarray]:
+        return get_batch(self.data.train, self.block, self.cfg.batch_size,
+                         step_rng(self.cfg.seed, step), rows)
+
+    def val(self, n: int, rows) -> list:
+        erng = np.random.default_rng([self.cfg.seed, EVAL_SEED_OFFSET])
+        return [get_batch(self.data.val, self.block, self.cfg.batch_size, erng, rows) for _ in range(n)]
+
+
+class ShardData:
+    """Token shards (jaxgpt.shards): windows without replacement as f(seed, step), the fixed val
+    prefix of --val-tokens."""
+
+    def __init__(self, cfg: TrainConfig, block: int, tok):
+        from jaxgpt.shards import ShardDataset
+
+        self.cfg, self.block = cfg, block
+        self.ds = ShardDataset(cfg.data)
+        own = tokenizer_from_dict(self.ds.tokenizer)
+        if tok is not None and tok.to_dict() != own.to_dict():
+            raise ConfigError(f"--data {cfg.data} was tokenized with {_describe(own)}, but the model "
+                              f"(--init-from / --resume) uses {_describe(tok)}")
+        self.tokenizer = own
+        self.vocab_size = self.ds.vocab_size  # a char preparation's EOT is one past its characters
+        self.ds.num_val_batches(block, cfg.batch_size, cfg.val_tokens)  # no val shard: refused now
+
+    def batch(self, step: int, rows) -> tuple[np.ndarray, np.ndarray]:
+        return self.ds.batch(self.cfg.seed, step, self.cfg.batch_size, self.block, rows)
+
+    def val(self, n: int, rows) -> list:
+        n = min(n, self.ds.num_val_batches(self.block, self.cfg.batch_size, self.cfg.val_tokens))
+        return list(self.ds.val_batches(self.block, self.cfg.batch_size,
+                                        n * self.cfg.batch_size * self.block, rows))
+
+
+def _hellaswag(cfg: TrainConfig, tok) -> list | None:
+    """The --hellaswag examples, read (and checked) before anything is trained."""
+    if not cfg.hellaswag:
+        return None
+    from jaxgpt.hellaswag import read_examples
+
+    if getattr(tok, "name", None) != "gpt2":
+        raise ConfigError("--hellaswag needs a model with the GPT-2 tokenizer (--tokenizer gpt2)")
+    return read_examples(cfg.hellaswag)
+
+
+def _describe(tok) -> str:
+    return f"the {tok.to_dict()['type']} tokenizer (vocab {tok.vocab_size})"
 
 
 def _model_and_data(cfg: TrainConfig, resume_meta: dict | None):
-    """(model config, tokenized data, init params or None) for a new, fine-tuning or resumed run."""
+    """(model config, data, init params or None) for a new, fine-tuning or resumed run."""
     shape_cfg = cfg.model_config(vocab_size=1)  # preset / shape errors surface here
     init_params, tok, model_cfg = None, None, None
     if resume_meta is not None:  # the saved run fixes the model shape and the tokenizer
@@ -110,10 +175,12 @@ def _model_and_data(cfg: TrainConfig, resume_meta: dict | None):
     elif cfg.init_from:
         model_cfg, tok, init_params = _init_from(cfg)
     block = model_cfg.block_size if model_cfg is not None else shape_cfg.block_size
-    data = prepare(cfg.data, cfg.tokenizer, Path(cfg.out) / "data", block_size=block,
-                   progress=cfg.progress, tok=tok)
+    data = (ShardData if is_shards(cfg.data) else TextData)(cfg, block, tok)
     if model_cfg is None:  # from scratch: the vocabulary comes from the data
-        model_cfg = cfg.model_config(vocab_size=data.tokenizer.vocab_size)
+        model_cfg = cfg.model_config(vocab_size=data.vocab_size)
+    elif model_cfg.vocab_size < data.vocab_size:
+        raise ConfigError(f"--data {cfg.data} has a vocabulary of {data.vocab_size}, more than the "
+                          f"model's {model_cfg.vocab_size}")
     return model_cfg, data, init_params
 
 
@@ -135,8 +202,10 @@ def train(cfg: TrainConfig, log=None) -> dict:
     cfg.model_config(vocab_size=1)
     resume_step, resume_meta = resume_point(cfg, KIND, "train_config") if cfg.resume else (0, None)
     mesh = setup_devices(cfg)
+    parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     model_cfg, data, init_params = _model_and_data(cfg, resume_meta)
     tok, block = data.tokenizer, model_cfg.block_size
+    hellaswag = _hellaswag(cfg, tok)
 
     # 2. the model and the trainer (state on the mesh: replicated, or split over `fsdp`)
     model = GPT(model_cfg, rngs=nnx.Rngs(cfg.seed))
@@ -159,22 +228,32 @@ def train(cfg: TrainConfig, log=None) -> dict:
     B = cfg.batch_size
 
     def batches(steps: range) -> dict:
-        xs, ys = zip(*(get_batch(data.train, block, B, step_rng(cfg.seed, s), trainer.local_rows)
-                       for s in steps))
+        xs, ys = zip(*(data.batch(s, trainer.local_rows) for s in steps))
         return {"x": np.stack(xs), "y": np.stack(ys)}
 
-    erng = np.random.default_rng([cfg.seed, EVAL_SEED_OFFSET])
-    ev = [get_batch(data.val, block, B, erng, trainer.eval_rows) for _ in range(eval_batches(cfg))]
+    ev = data.val(eval_batches(cfg, block), trainer.eval_rows)
     val = {"x": np.stack([e[0] for e in ev]), "y": np.stack([e[1] for e in ev])}
     samples = cfg.sample_tokens if jax.process_count() == 1 else 0  # sampling is single-process
 
     trainer.log(f"jaxgpt: {n_params / 1e6:.2f}M params | {model_cfg.n_layer}L {model_cfg.n_head}H "
-                f"{model_cfg.n_embd}C ctx {block} vocab {tok.vocab_size} | {len(jax.devices())} device(s) "
+                f"{model_cfg.n_embd}C ctx {block} vocab {model_cfg.vocab_size} | {len(jax.devices())} device(s) "
                 f"[{jax.devices()[0].platform}] | batch {B}x{block} | "
                 + (f"resuming at step {resume_step}" if cfg.resume
                    else f"fine-tuning {cfg.init_from}" if cfg.init_from else "from scratch"))
+    def evaluate(step: int) -> dict:
+        row = {}
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            row["val_loss"] = trainer.evaluate(val)
+        if hellaswag and (step % cfg.hellaswag_interval == 0 or step == cfg.max_iters):
+            from jaxgpt.hellaswag import score
+
+            got = score(trainer.host_model(), tok, hellaswag, progress=False)
+            row.update(hellaswag_acc=got["acc"], hellaswag_acc_norm=got["acc_norm"])
+        return row
+
     summary = trainer.fit(
-        batches, evaluate=lambda: {"val_loss": trainer.evaluate(val)},
+        batches, evaluate=evaluate,
+        eval_every=(cfg.hellaswag_interval,) if hellaswag else (),
         sample=(lambda: sample_text(trainer.model(), tok, samples, cfg.seed)) if samples else None,
         rows=read_rows(out, resume_step) if cfg.resume else None)
     summary.update(val_loss=summary["eval"].get("val_loss"), params=n_params, state=trainer.state,

@@ -33,6 +33,7 @@ from jaxgpt import checkpoint, parallel
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.data import atomic_write
 from jaxgpt.losses import lm_loss
+from jaxgpt.model import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
@@ -102,6 +103,13 @@ def make_eval(graphdef, loss_fn: LossFn = lm_loss):
     return evaluate
 
 
+def flops_per_token(config, n_params: int) -> float:
+    """Model FLOPs of one training token (forward + backward), as nanoGPT / PaLM count them:
+    6 per weight (the position table is a lookup, not a matmul) + 12 L C T for attention."""
+    n = n_params - config.block_size * config.n_embd
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+
+
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current call and exits."""
 
@@ -145,6 +153,8 @@ class Trainer:
     def __init__(self, model, *, optim: OptimConfig, run: RunConfig, total_steps: int, mesh,
                  meta: dict, wrt=nnx.Param, loss_fn: LossFn = lm_loss, log=log_stderr):
         self.optim, self.run, self.total_steps, self.mesh, self.meta = optim, run, total_steps, mesh, meta
+        self.flops_per_token = flops_per_token(model.config, count_params(model))
+        self.peak = parallel.peak_flops(model.config.dtype)  # None: no MFU column
         self.main = parallel.is_main()  # only process 0 logs and writes run files
         self.log = log if self.main else (lambda msg: None)
         parallel.check_batch(optim.batch_size, optim.grad_accum, mesh)
@@ -180,6 +190,17 @@ class Trainer:
     def model(self):
         """The model with the current weights (frozen + trainable), e.g. for samples."""
         return nnx.merge(self.graphdef, self.state["params"], self.frozen)
+
+    def host_model(self):
+        """`model()` with every array whole in this process: in a multi-process run the weights
+        span all processes' devices, and decoding (test generations, samples) needs a local copy."""
+        if jax.process_count() == 1:
+            return self.model()
+        from jax.experimental import multihost_utils
+
+        graphdef, state = nnx.split(self.model())
+        return nnx.merge(graphdef, jax.tree.map(
+            lambda x: jnp.asarray(multihost_utils.process_allgather(x, tiled=True)), state))
 
     def restore(self, out, step: int | None = None, warn=None) -> int:
         """Load the trainable params, optimizer state and step of run `out`'s checkpoint `step`
@@ -237,14 +258,15 @@ class Trainer:
         return {k: parallel.to_host(v) for k, v in m.items()}
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, batch_fn, *, evaluate=None, sample=None, rows: list[dict] | None = None) -> dict:
+    def fit(self, batch_fn, *, evaluate=None, sample=None, rows: list[dict] | None = None,
+            eval_every: tuple[int, ...] = ()) -> dict:
         """Train from the current step to total_steps.
 
         batch_fn(steps: range) -> {name: [len(steps), len(local_rows), ...]} host arrays: the
-        batches of those steps, this process's rows. evaluate() -> {metric: value} (logged at
-        step 0, every eval_interval and at the end); sample() -> str (logged after each
-        evaluation past the start). `rows`: metrics already logged (a resumed run's, up to its
-        checkpoint). Returns the run summary.
+        batches of those steps, this process's rows. evaluate(step) -> {metric: value} (called
+        at step 0, every eval_interval, every interval of `eval_every` and at the end);
+        sample() -> str (logged after each evaluation past the start). `rows`: metrics already
+        logged (a resumed run's, up to its checkpoint). Returns the run summary.
         """
         run, out = self.run, Path(self.run.out)
         metrics_path = out / "metrics.jsonl"
@@ -265,23 +287,25 @@ class Trainer:
         bar = tqdm(total=total, initial=start, disable=not (run.progress and self.main),
                    dynamic_ncols=True, unit="it", file=sys.stderr)
         K = run.steps_per_call
-        every = (run.log_interval, run.eval_interval, run.ckpt_interval, K)
+        evals = (run.eval_interval, *eval_every)
+        every = (run.log_interval, run.ckpt_interval, K, *evals)
         steps_since, compile_s, tokens_since = 0, None, 0.0
         last_loss, last_eval, last_sample, last_good, stopped_by = float("nan"), {}, None, start, None
         t_wall = time.perf_counter()
         with jax.set_mesh(self.mesh), StopSignal() as stop:
             try:
                 while True:
-                    if evaluate is not None and (step % run.eval_interval == 0 or step == total):
+                    if evaluate is not None and (any(step % e == 0 for e in evals) or step == total):
                         t0 = time.perf_counter()
-                        last_eval = evaluate()
+                        now = evaluate(step)
+                        last_eval = {**last_eval, **now}
                         self.timers["eval"] += time.perf_counter() - t0
-                        row = {"step": step, **last_eval, "lr": float(self.schedule(step))}
+                        row = {"step": step, **now, "lr": float(self.schedule(step))}
                         if step > start:
                             row["train_loss"] = last_loss
                         write_row(row)
                         self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}"
-                                                             for k, v in last_eval.items())
+                                                             for k, v in now.items())
                                  + (f", train loss {last_loss:.4f}" if step > start else ""))
                         if sample is not None and step > start:
                             t0 = time.perf_counter()
@@ -322,9 +346,13 @@ class Trainer:
                     bar.update(n)
                     if step % run.log_interval == 0:
                         tps = tokens_since / self.timers["steps"] if steps_since else 0.0
-                        write_row({"step": step, "train_loss": last_loss, "lr": float(m["lr"][-1]),
-                                   "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)})
-                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                        row = {"step": step, "train_loss": last_loss, "lr": float(m["lr"][-1]),
+                               "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)}
+                        if self.peak:  # model FLOPs/s over the devices' peak
+                            row["mfu"] = round(tps * self.flops_per_token / self.peak, 4)
+                        write_row(row)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False,
+                                        **({"mfu": f"{row['mfu']:.0%}"} if self.peak else {}))
             except FloatingPointError as e:
                 kept = (f"the last good checkpoint (step {last_good}) is kept in "
                         f"{checkpoint.checkpoint_dir(out)}" if last_good > start or start > 0

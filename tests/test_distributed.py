@@ -67,7 +67,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(corpus, tmp
 FSDP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from jaxgpt.train import parse_args, train
+    from jaxgpt.cli.train import parse_args
+    from jaxgpt.train import train
     argv = sys.argv[1:]
     s = train(parse_args(argv), log=lambda m: None)
     shards = []

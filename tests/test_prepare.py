@@ -442,3 +442,43 @@ def test_corpus_only_fits_validation_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="pass a smaller --val-tokens"):
         prep.prepare([tmp_path / "a.txt"], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# ---- pretraining on shards, end to end ----------------------------------------------------------
+def test_prepare_then_train_on_the_shards(tmp_path):
+    """A multi-file jsonl corpus -> jaxgpt.prepare -> jaxgpt.train --data DIR (GPT-2 BPE from the
+    manifest, windows without replacement, val on the val shard's prefix) -> it learns; a model
+    with another tokenizer is refused on that data."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import default_data_path, run_cli
+
+    text = Path(default_data_path()).read_text()[:300_000]
+    src = tmp_path / "src"
+    src.mkdir()
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    for k in range(3):
+        (src / f"part{k}.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[k::3]))
+    data = tmp_path / "shards"
+    r = run_cli("jaxgpt.prepare", src / "*.jsonl", "--out", data, "--shard-tokens", "20000",
+                "--val-tokens", "8000", "--workers", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = ShardDataset(data)
+    assert len(ds.train.files) >= 3 and ds.val.tokens == 8000
+    out = tmp_path / "run"
+    tiny = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+            "--sample-tokens", "0", "--no-progress", "--lr", "3e-3", "--warmup-iters", "10"]
+    r = run_cli("jaxgpt.train", "--data", data, "--out", out, *tiny, "--max-iters", "60",
+                "--eval-interval", "30", "--ckpt-interval", "60", "--val-tokens", "4096")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "vocab 50257" in r.stderr
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [x["val_loss"] for x in rows if "val_loss" in x]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals
+    # a char-level model cannot continue on GPT-2 shards
+    char_run = tmp_path / "char"
+    assert run_cli("jaxgpt.train", "--out", char_run, *tiny, "--max-iters", "10", "--eval-interval", "10",
+                   "--ckpt-interval", "10").returncode == 0
+    r = run_cli("jaxgpt.train", "--data", data, "--out", tmp_path / "ft", *tiny, "--max-iters", "10",
+                "--init-from", char_run)
+    assert r.returncode == 2 and "was tokenized with the gpt2 tokenizer" in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "ft").exists()

@@ -36,7 +36,6 @@ HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "clip gradients to this global norm (0 disables)",
-    "dtype": "compute dtype: float32, bfloat16 or float16 (weights stay float32)",
     "lora_rank": "train LoRA adapters of rank r (A [in, r], B [r, out]) instead of every weight",
     "lora_alpha": "LoRA scale numerator: the update is (alpha / r) A B",
     "lora_targets": "comma-separated layers to adapt: c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc",

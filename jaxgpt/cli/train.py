@@ -12,8 +12,13 @@ from jaxgpt.cli import run
 from jaxgpt.config import TrainConfig, add_dataclass_flags
 
 HELP = {
-    "data": "text file to train on (UTF-8); default: Tiny Shakespeare shipped with jaxgpt",
-    "tokenizer": "char (vocabulary built from the corpus) or gpt2 (GPT-2 BPE, 50257 tokens)",
+    "data": "what to train on: a UTF-8 text file (tokenized into OUT/data, 90%% train / 10%% val), "
+            "or token shards: a folder written by python -m jaxgpt.prepare, or a folder / glob of "
+            "llm.c .bin shards (GPT-2 BPE); default: Tiny Shakespeare shipped with jaxgpt",
+    "tokenizer": "for a text file: char (vocabulary built from the corpus) or gpt2 (GPT-2 BPE, "
+                 "50257 tokens); shards carry their own",
+    "val_tokens": "shards: evaluate the first N tokens of the val shard (as llm.c; at most one "
+                  "val batch per training step between evaluations)",
     "preset": "model shape: baby (4L/4H/128, ctx 64), gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl",
     "n_layer": "number of transformer blocks (overrides the preset)",
     "n_head": "attention heads per block (overrides the preset); must divide --n-embd",
@@ -24,8 +29,8 @@ HELP = {
              "pass instead of storing them (less memory, about a third more compute)",
     "init_from": "fine-tune from this model instead of a random init: a jaxgpt run dir, a Hugging "
                  "Face GPT-2 folder, a hub name (gpt2, gpt2-medium, ...) or a nanoGPT ckpt.pt",
-    "dtype": "compute dtype: float32, or bfloat16/float16 for activations and matmuls "
-             "(params and optimizer state stay float32)",
+    "dtype": "compute dtype of activations and matmuls: float32, bfloat16 or float16 (params "
+             "and optimizer state stay float32); default: bfloat16 on a GPU/TPU, float32 on a CPU",
     "batch_size": "global batch size in sequences per optimizer step (split over all devices)",
     "grad_accum": "gradient-accumulation micro-steps per optimizer step (divides --batch-size)",
     "max_iters": "number of optimizer steps",
@@ -51,6 +56,9 @@ HELP = {
     "eval_iters": "number of fixed val batches per evaluation (at most one per training step "
                   "between evaluations: min(--eval-iters, --eval-interval, --max-iters))",
     "log_interval": "write a metrics row every N steps",
+    "hellaswag": "a HellaSwag file (the official jsonl) to score during training: logs "
+                 "hellaswag_acc_norm (and acc) to metrics.jsonl (needs the GPT-2 tokenizer)",
+    "hellaswag_interval": "score --hellaswag every N steps (and at the end)",
     "sample_tokens": "tokens in the sample printed at each evaluation (0: no samples)",
     "out": "output directory (checkpoints, metrics.jsonl, loss.png, config.json, data cache)",
     "ckpt_interval": "save a checkpoint every N steps (and at the end, and on SIGTERM/SIGINT)",
@@ -59,9 +67,8 @@ HELP = {
               "required, except where the run lives and the cadence/device flags)",
     "progress": "show a progress bar (--no-progress to hide it)",
     "deterministic": "GPU: XLA's deterministic kernels, so the same seed gives the same losses "
-                     "(default). --no-deterministic is about twice as fast there (with cuDNN's "
-                     "fused attention; experiments/gpu_h200.md) but runs differ in the last "
-                     "digits. CPU runs are deterministic either way",
+                     "bit for bit (off by default: about 2x slower on an H200, with cuDNN's fused "
+                     "attention off; experiments/gpu_h200.md). CPU runs are deterministic either way",
 }
 
 
