@@ -20,7 +20,7 @@ WHAT = {
     "prepare": "tokenize corpora into llm.c-format token shards + manifest.json",
     "sample": "sample text from a model",
     "chat": "chat with a model in the terminal",
-    "eval": "cross-entropy and perplexity of a model on a text file",
+    "eval": "cross-entropy and perplexity of a model on a text file, or HellaSwag accuracy",
     "convert": "Hugging Face / nanoGPT weights <-> jaxgpt checkpoints",
     "quantize": "write an int8 copy of a model",
 }
