@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
             if meta["model_config"].get("quant") and not allow_int8:
                 raise ConfigError(f"{path} is an int8-quantized checkpoint, usable only for inference "
                                   "(sample, eval); fine-tune the float32 checkpoint it was made from")
-            model, tok, meta = checkpoint.load_model(run, step)
+            model, tok, meta = checkpoint.load_model(run, step, warn=_warn)
             return LoadedModel(model, tok, {**meta, "source": meta.get("source", str(run))})
         if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
             return LoadedModel(*_as_meta(convert.read_hf_folder(p)))
@@ -148,6 +149,10 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
     if HUB_NAME.match(str(path)) and not str(path).startswith("."):
         return LoadedModel(*_as_meta(convert.read_hf_folder(_download(str(path)))))
     raise ConfigError(f"{path}: no such file or folder")
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def _load_adapter(p: Path) -> LoadedModel:

@@ -194,12 +194,14 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     deterministic: bool = False  # GPU: XLA's deterministic kernels (CPU is deterministic anyway)
+    tensorboard: str | None = None  # also log metrics rows to TensorBoard event files here
+    wandb: str | None = None  # also log metrics rows to this Weights & Biases project
 
     # fields that do not change what a run computes: a resumed run may change them (and `out`:
     # a run folder may be moved or copied and resumed where it now is)
     RESUMABLE = ("out", "resume", "progress", "remat", "log_interval", "eval_interval", "mesh",
                  "coordinator", "num_processes", "process_id", "init_timeout", "ckpt_interval",
-                 "keep_checkpoints", "deterministic")
+                 "keep_checkpoints", "deterministic", "tensorboard", "wandb")
 
     def __post_init__(self):
         for name in ("eval_interval", "log_interval", "ckpt_interval", "keep_checkpoints",
@@ -259,7 +261,7 @@ class TrainConfig(OptimConfig, RunConfig):
     block_size: int | None = None
     init_from: str | None = None  # fine-tune: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
     # evaluation and samples
-    eval_iters: int = 50  # val batches per evaluation (nanoGPT's CPU recipe uses 20)
+    eval_iters: int = 20  # val batches per evaluation (as nanoGPT's CPU recipe)
     sample_tokens: int = 200  # length of the text sample printed at each evaluation (0: none)
     hellaswag: str | None = None  # a HellaSwag jsonl scored during training (jaxgpt.hellaswag)
     hellaswag_interval: int = 250

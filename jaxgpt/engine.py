@@ -634,7 +634,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
 
 def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eot: int | None = None,
-             use_cache: bool = True, fast_decode: bool | None = None):
+             use_cache: bool = True, fast_decode: bool | None = None, min_prefill: int = 16):
     """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
 
     With a cache (default) the prompt is prefilled once and each new token costs one single-token
@@ -652,6 +652,8 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     vocabulary and only the candidates are recomputed in float32 -- the same ids as the full
     head, reading ~115 MB less per token at 124M. (Batched rows keep the full head: there the
     int8 product is slower.) `fast_decode=False` decodes with the model as it is.
+    `min_prefill`: the shortest padded prompt length compiled for (prompts of different lengths
+    padded to the same bucket share one compiled program).
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     prompt = np.asarray(prompt, np.int32)
@@ -673,7 +675,7 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
         model, head_screen = decode_model(model, fast_decode, screen_rows=temperature == 0.0 and B == 1)
     graphdef, params = nnx.split(model)
     out = _generate(graphdef, params, buf, np.int32(T0), np.int32(total), key, head_screen,
-                    prefill_len=min(bucket(T0, cap=L), S), temperature=float(temperature),
+                    prefill_len=min(bucket(T0, cap=L, lo=min_prefill), S), temperature=float(temperature),
                     top_k=None if top_k is None else int(top_k),
                     top_p=None if top_p is None else float(top_p),
                     eot=None if eot is None else int(eot), use_cache=use_cache)

@@ -6,7 +6,11 @@ trainer its batches (random windows, a pure function of (seed, step)), its evalu
 set of val batches) and its samples. `python -m jaxgpt.train` is the CLI (jaxgpt/cli/train.py).
 """
 
-from __future__ import annotations
+if __name__ == "__main__":  # python -m jaxgpt.train: the CLI (imports point cli -> library), run
+    import runpy  # before this module's imports: the CLI re-executes itself before importing jax
+
+    runpy.run_module("jaxgpt.cli.train", run_name="__main__")
+    raise SystemExit
 
 import dataclasses
 import json
@@ -74,8 +78,8 @@ def sample_text(model, tok, n_tokens: int, seed: int) -> str:
 
     Always decoded with the KV cache: past the context, the sample continues from its last
     block_size/2 tokens in a new call (rather than re-running a full window for every token, as
-    the exact sliding window of `generate` does), so it costs about one decode step per token
-    and a sample of any length reuses the same two compiled programs."""
+    the exact sliding window of `generate` does), so it costs about one decode step per token,
+    and every call of every sample of a run reuses one compiled program."""
     L, eot = model.config.block_size, tok.eot_token
     ids = [eot if eot is not None else tok.encode("\n")[0]]
     key = jax.random.key(seed)
@@ -83,7 +87,8 @@ def sample_text(model, tok, n_tokens: int, seed: int) -> str:
         context = ids if len(ids) < L else ids[-(L // 2):]
         new = min(n_tokens - (len(ids) - 1), L - len(context))
         out = generate(model, np.array([context]), new, key=jax.random.fold_in(key, len(ids)),
-                       temperature=0.8, top_k=200, eot=eot)
+                       temperature=0.8, top_k=200, eot=eot,
+                       min_prefill=L // 2 if n_tokens >= L else 16)  # continued: one program
         row = np.asarray(out[0, len(context):]).tolist()
         if eot is not None and eot in row:
             ids += row[:row.index(eot)]
@@ -260,7 +265,3 @@ def train(cfg: TrainConfig, log=None) -> dict:
                    model=trainer.model(), tokenizer=tok)
     return summary
 
-
-if __name__ == "__main__":  # python -m jaxgpt.train: the CLI (imports point cli -> library)
-    import runpy
-    runpy.run_module("jaxgpt.cli.train", run_name="__main__")

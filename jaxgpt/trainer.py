@@ -275,11 +275,15 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
+        sinks = metric_sinks(run, self.meta) if self.main else []
+
         def write_row(row):
             rows.append(row)
             if self.main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                for sink in sinks:
+                    sink(row)
 
         from tqdm import tqdm
         start = step = self.step
@@ -361,6 +365,8 @@ class Trainer:
             finally:
                 bar.close()
                 self.close()
+                for sink in sinks:
+                    sink(None)
         if compile_s is not None:
             self.timers["steps"] += compile_s
         if self.main:
@@ -416,6 +422,44 @@ def resume_point(cfg, kind: str, config_key: str) -> tuple[int, dict]:
     if diff:
         raise ConfigError(f"--resume config disagrees with the checkpoint in {cfg.out}: {', '.join(diff)}")
     return step, meta
+
+
+def metric_sinks(run: RunConfig, meta: dict) -> list:
+    """Where metrics rows go besides metrics.jsonl: TensorBoard (--tensorboard DIR, through
+    tensorboardX) and Weights & Biases (--wandb PROJECT), both optional extras. Each sink is
+    called with a row, and with None at the end of the run."""
+    sinks = []
+    if run.tensorboard:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs tensorboardX: pip install 'jaxgpt[tracking]'") from None
+        writer = SummaryWriter(run.tensorboard)
+
+        def tensorboard(row):
+            if row is None:
+                return writer.close()
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, row["step"])
+            writer.flush()
+
+        sinks.append(tensorboard)
+    if run.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb needs wandb: pip install 'jaxgpt[tracking]'") from None
+        wrun = wandb.init(project=run.wandb, dir=str(run.out), resume="allow",
+                          config={k: v for k, v in meta.items() if k.endswith("config")})
+
+        def log_wandb(row):
+            if row is None:
+                return wrun.finish()
+            wrun.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+        sinks.append(log_wandb)
+    return sinks
 
 
 def read_rows(out, upto: int) -> list[dict]:

@@ -310,3 +310,27 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert "checkpoints/20 is corrupt" in p.stderr and "resuming at step 10" in p.stderr
     assert losses(out)[(20, "val_loss")] > 0
+
+
+def test_metrics_also_go_to_tensorboard(corpus, tmp_path):
+    """--tensorboard DIR: the metrics rows as TensorBoard scalars (event file read back here)."""
+    import struct
+
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto import event_pb2
+
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    assert main(["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "20",
+                 "--eval-interval", "10", "--log-interval", "5", "--tensorboard", str(tb)]) == 0
+    scalars = {}
+    for f in tb.glob("events.out.tfevents.*"):
+        data = f.read_bytes()
+        while data:
+            (n,) = struct.unpack("<Q", data[:8])
+            event = event_pb2.Event.FromString(data[12:12 + n])
+            data = data[12 + n + 4:]
+            for v in event.summary.value:
+                scalars[(event.step, v.tag)] = v.simple_value
+    want = {(r["step"], k): v for r in rows(out) for k, v in r.items() if k != "step"}
+    assert want and want.keys() == scalars.keys()
+    assert all(abs(scalars[k] - want[k]) <= 1e-5 * max(1.0, abs(want[k])) for k in want)

@@ -65,6 +65,10 @@ HELP = {
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "resume": "continue the run in --out from its newest intact checkpoint (the same flags "
               "required, except where the run lives and the cadence/device flags)",
+    "tensorboard": "also write the metrics rows as TensorBoard event files into this folder "
+                   "(needs tensorboardX: pip install 'jaxgpt[tracking]')",
+    "wandb": "also log the metrics rows to this Weights & Biases project (needs wandb: "
+             "pip install 'jaxgpt[tracking]'; WANDB_MODE=offline works without an account)",
     "progress": "show a progress bar (--no-progress to hide it)",
     "deterministic": "GPU: XLA's deterministic kernels, so the same seed gives the same losses "
                      "bit for bit (off by default: about 2x slower on an H200, with cuDNN's fused "
