@@ -36,3 +36,21 @@ def reexec_with_malloc_tunables(args: list[str]) -> None:
 
     argv = [sys.executable, *subprocess._args_from_interpreter_flags(), *args]
     os.execve(sys.executable, argv, {**env, "GLIBC_TUNABLES": tunables})
+
+
+def enable_compilation_cache() -> str | None:
+    """Keep XLA's compiled programs on disk (JAX's persistent compilation cache), so a second run
+    of the same shapes skips compiling: the model's initializers, the train step, the evaluation
+    and the sample decoder (the default run: ~8 s of its ~12 s outside the steps). The folder is
+    $JAXGPT_COMPILATION_CACHE, default ~/.cache/jaxgpt/xla; set it to 0 to turn the cache off.
+    Returns the folder, or None when off."""
+    where = os.environ.get("JAXGPT_COMPILATION_CACHE", os.path.join("~", ".cache", "jaxgpt", "xla"))
+    if where in ("", "0"):
+        return None
+    import jax
+
+    where = os.path.expanduser(where)
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs add up
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where

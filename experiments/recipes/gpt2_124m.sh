@@ -32,9 +32,9 @@ PY
   python -m jaxgpt.prepare "$WORK/corpus/*.jsonl" --out "$WORK/shards" --shard-tokens 100K --val-tokens 32K --workers 2
   DATA="$WORK/shards"; HELLASWAG="$WORK/hellaswag_tiny.jsonl"
   python -m jaxgpt.train --data "$DATA" --out "$OUT" --n-layer 4 --n-head 4 --n-embd 128 --block-size 128 \
-    --batch-size 32 --grad-accum 2 --lr 3e-3 --warmup-iters 50 --min-lr 3e-4 --max-iters 600 \
-    --beta1 0.9 --beta2 0.95 --weight-decay 0.1 --grad-clip 1.0 --val-tokens 32768 --eval-interval 200 \
-    --hellaswag "$HELLASWAG" --hellaswag-interval 200 --ckpt-interval 200 --sample-tokens 100 $EXTRA
+    --batch-size 16 --grad-accum 2 --lr 3e-3 --warmup-iters 30 --min-lr 3e-4 --max-iters 300 \
+    --beta1 0.9 --beta2 0.95 --weight-decay 0.1 --grad-clip 1.0 --val-tokens 32768 --eval-interval 100 \
+    --hellaswag "$HELLASWAG" --hellaswag-interval 100 --ckpt-interval 100 --sample-tokens 100 $EXTRA
   python -m jaxgpt.eval "$OUT" --task hellaswag --data "$HELLASWAG"
   exit 0
 fi

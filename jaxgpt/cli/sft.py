@@ -79,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel
+    from jaxgpt import parallel, runtime
 
     cfg = SFTConfig(**vars(build_parser().parse_args(argv)))
     if cfg.deterministic:  # before JAX starts its backends
         parallel.deterministic_gpu_ops()
+    runtime.enable_compilation_cache()
     if cfg.merge:
         if not cfg.out:
             raise ConfigError("--merge needs --out MERGED_DIR")

@@ -93,12 +93,13 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel, trainer
+    from jaxgpt import parallel, runtime, trainer
     from jaxgpt.train import train
 
     cfg = parse_args(argv)
     if cfg.deterministic:  # before JAX starts its backends
         parallel.deterministic_gpu_ops()
+    runtime.enable_compilation_cache()
     summary = train(cfg)
     if summary["stopped_by"]:
         return 128 + signal.Signals[summary["stopped_by"]].value
