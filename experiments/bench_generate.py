@@ -11,7 +11,7 @@ default it is timed once, on its first call, minus the compile time that jax.mon
 for that call (--no-cache-repeats adds ordinary timed repeats). The int8 row is the same model through
 jaxgpt.quant (int8 matmul kernels and embedding); its ids may differ from HF's where random
 weights leave near-tied logits. On a CPU "jaxgpt (KV cache)" is the default decode, through the
-model's decode copy (`jaxgpt.sample.decode_copy`: layer kernels kept transposed, and at batch 1
+model's decode copy (`jaxgpt.engine.decode_copy`: layer kernels kept transposed, and at batch 1
 an int8 screen of the head with a float32 recompute of the candidates, exact:
 `screened_argmax`); "jaxgpt (plain weights)" is the same decode over the model's own arrays
 (`generate(..., fast_decode=False)`).
@@ -38,7 +38,7 @@ import transformers
 
 from jaxgpt.convert import config_from_hf, model_from_tensors
 from jaxgpt.quant import quantize_model
-from jaxgpt.sample import generate
+from jaxgpt.engine import generate
 
 
 COMPILE_S = [0.0]  # seconds jax spent tracing, lowering and compiling, summed (jax.monitoring)

@@ -288,16 +288,22 @@ def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
 
 
 def prefill(model, ids: jax.Array, n, cache):
-    """Run prompts ids [B, Tb] (padded on the right; the first n tokens real, n a traced scalar)
-    into an empty `cache`: (hidden state x [B, C] at position n - 1, the cache with index n).
-    The padding's keys/values land at positions >= n, which the causal mask hides and decoding
-    overwrites."""
-    x, cache = model(ids, cache=cache, logits_at=n - 1, hidden=True)
+    """Run prompts ids [B, Tb] (padded on the right; the first n tokens real: n a traced scalar,
+    or [B], a length per row) into an empty `cache`: (hidden state x [B, C] at each row's
+    position n - 1, the cache with index n). The padding's keys/values land at positions >= n,
+    which the causal mask hides and decoding overwrites."""
+    if jnp.ndim(n) == 0:
+        x, cache = model(ids, cache=cache, logits_at=n - 1, hidden=True)  # the head's input only
+    else:
+        (B, Tb), n = ids.shape, jnp.asarray(n, jnp.int32)
+        h, cache = model(ids, cache=cache, hidden=True)  # [B*Tb, C]
+        x = h.reshape(B, Tb, -1)[jnp.arange(B), n - 1]  # [B, C]
     return x, {**cache, "index": jnp.asarray(n, jnp.int32)}
 
 
 def decode_step(model, tok: jax.Array, cache):
-    """One token per row, tok [B, 1] at position cache["index"]: (x [B, C], the advanced cache)."""
+    """One token per row, tok [B, 1] at position cache["index"] (a scalar, or [B]: a position
+    per row): (x [B, C], the advanced cache)."""
     return model(tok, cache=cache, logits_at=0, hidden=True)
 
 
@@ -346,10 +352,9 @@ class Request:
 
 
 def _slot_cache(config, slots: int, max_len: int):
-    """The Engine's cache: one model cache of batch 1 per slot, stacked on a leading axis:
-    {"k": L x [N, H, S, D], "v": L x [N, H, S, D], "index": int32 [N]} (index = filled positions)."""
-    one = init_cache(config, 1, max_len)
-    return jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), one)
+    """The Engine's cache: the model's KV cache for `slots` rows (slot s = rows s*H .. s*H+H-1
+    of each [N*H, S, D] buffer) with a position per row, index int32 [N]."""
+    return {**init_cache(config, slots, max_len), "index": jnp.zeros((slots,), jnp.int32)}
 
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
@@ -358,13 +363,14 @@ def _engine_prefill(graphdef, state, cache, ids, lens, slots, key_data, temperat
     """Prefill G prompts ids [G, Tb] (real lengths lens [G]) into cache slots `slots` [G] (an
     index past the last slot drops the row: padding) and pick their first tokens: (ids [G], cache)."""
     model = nnx.merge(graphdef, state)
-    S = cache["k"][0].shape[2]
-    one = lambda ids, n: prefill(model, ids[None], n, init_cache(model.config, 1, S))
-    x, rows = jax.vmap(one)(ids, lens)  # x [G, 1, C]; rows: the caches, [G, H, S, D] per layer
+    G, (H, S) = ids.shape[0], (model.config.n_head, cache["k"][0].shape[1])
+    x, new = prefill(model, ids, lens, init_cache(model.config, G, S))  # x [G, C]
     keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
-    tok = next_tokens(model, x[:, 0], keys, temperature, top_k, top_p, screen)
-    cache = jax.tree.map(lambda c, r: c.at[slots].set(r, mode="drop"), cache, rows)
-    return tok, cache
+    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
+    rows = (slots[:, None] * H + jnp.arange(H)[None, :]).reshape(-1)  # [G*H] cache rows
+    put = lambda c, r: c.at[rows].set(r, mode="drop")  # rows past the end (padding) are dropped
+    return tok, {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
+                 "index": cache["index"].at[slots].set(lens, mode="drop")}
 
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
@@ -372,11 +378,11 @@ def _engine_step(graphdef, state, cache, tokens, active, key_data, temperature, 
     """Every slot's last token tokens [N] -> its next token [N] and the cache; rows not `active`
     keep their position (what they compute is ignored)."""
     model = nnx.merge(graphdef, state)
-    index = cache["index"]  # [N]
-    x, new = jax.vmap(lambda c, t: decode_step(model, t[None, None], c))(cache, tokens)
+    index = cache["index"]  # [N], one position per slot
+    x, new = decode_step(model, tokens[:, None], cache)  # x [N, C]
     new = {**new, "index": jnp.where(active, new["index"], index)}
     keys = position_keys(jax.random.wrap_key_data(key_data), index + 1)
-    return next_tokens(model, x[:, 0], keys, temperature, top_k, top_p, screen), new
+    return next_tokens(model, x, keys, temperature, top_k, top_p, screen), new
 
 
 class Engine:

@@ -56,6 +56,8 @@ assert tuple(ACTIVATION_FNS) == ACTIVATIONS  # config.py validates the names, th
 # A KV cache is a plain pytree: {"k": L x [B*H, S, D], "v": L x [B*H, S, D], "index": int32[]}
 # (one 3-D buffer per layer, updated in place inside a decode loop; see CausalSelfAttention).
 # `index` is how many positions are filled; it is passed in and returned, never hidden in the model.
+# It is one int32 scalar when all rows are at the same position, or int32 [B], one per row (rows
+# at different positions, as jaxgpt.engine's slots are).
 Cache = dict[str, Any]
 
 
@@ -154,7 +156,7 @@ class RowLinear(nnx.Module):
 
     For a few rows (decoding), XLA:CPU runs `W @ x^T` as a row-major matrix-vector product that
     streams W as stored, ~15-20% faster than the column-major product over nnx.Linear's [in, out]
-    kernel (batch-1 and batch-8 decode of GPT-2 124M; experiments/PERF.md). jaxgpt.sample builds
+    kernel (batch-1 and batch-8 decode of GPT-2 124M; experiments/PERF.md). jaxgpt.engine builds
     these from nnx.Linear layers for decoding; training keeps nnx.Linear.
     """
 
@@ -166,7 +168,11 @@ class RowLinear(nnx.Module):
     def __call__(self, x):
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         kernel, bias = self.kernel[...].astype(dtype), self.bias[...].astype(dtype)
-        return jnp.dot(kernel, x.astype(dtype).T).T + bias  # [N, out]
+        # one product per row, W @ [in, 1]: written as a vmap so that XLA:CPU keeps W the left
+        # operand of a plain dot; `jnp.dot(W, x.T)` on [N, in] is rewritten into x @ W^T, which
+        # runs ~35% slower at 8 rows (the same at 1; experiments/PERF.md "Decode (batch 8)")
+        y = jax.vmap(lambda r: jnp.dot(kernel, r[None].T).T[0])(x.astype(dtype))  # [N, out]
+        return y + bias
 
 
 class Int8Embed(nnx.Module):
@@ -204,6 +210,15 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
 def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.float32, rngs=rngs)
+
+
+def _cache_write(cache: jax.Array, new: jax.Array, index, H: int) -> jax.Array:
+    """cache [B*H, S, D] with new [B*H, T, D] written at position `index`: one in-place
+    dynamic_update_slice for a scalar index, a scatter (row b's heads at index[b]) for [B]."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0))
+    write = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0))  # one row [S, D]
+    return jax.vmap(write)(cache, new, jnp.repeat(index, H))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -255,12 +270,14 @@ class CausalSelfAttention(nnx.Module):
             # buffer 4x per layer per step (96 copies per token for GPT-2 small; none now).
             k_cache, v_cache = kv  # [B*H, S, D]
             S = k_cache.shape[1]
-            k = jax.lax.dynamic_update_slice(k_cache, k.reshape(B * H, T, D).astype(k_cache.dtype),
-                                             (0, index, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.reshape(B * H, T, D).astype(v_cache.dtype),
-                                             (0, index, 0))
+            k = _cache_write(k_cache, k.reshape(B * H, T, D).astype(k_cache.dtype), index, H)
+            v = _cache_write(v_cache, v.reshape(B * H, T, D).astype(v_cache.dtype), index, H)
             kv = (k, v)  # [B*H, S, D]; positions >= index + T are masked out below
-            mask = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]  # [T, S] causal
+            if jnp.ndim(index) == 0:
+                mask = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]  # [T, S] causal
+            else:  # a position per row: [B*H, T, S]
+                last = jnp.repeat(index, H)[:, None] + jnp.arange(T)[None, :]  # [B*H, T]
+                mask = jnp.arange(S)[None, None, :] <= last[:, :, None]
             att = jnp.einsum("ntd,nsd->nts", q.reshape(B * H, T, D).astype(sdtype),
                              k.astype(sdtype)) * scale  # [B*H, T, S]
             att = jnp.where(mask, att.astype(jnp.float32), neg)
@@ -360,9 +377,9 @@ class GPT(nnx.Module):
         """
         B, T = ids.shape
         index = None if cache is None else cache["index"]
-        pos = jnp.arange(T) if cache is None else index + jnp.arange(T)  # [T]
+        pos = jnp.arange(T) if cache is None else index[..., None] + jnp.arange(T)  # [T] or [B, T]
         keys = _split(key, self.config.n_layer + 1)
-        x = self.wte(ids) + self.wpe(pos)[None]  # [B, T, C]
+        x = self.wte(ids) + self.wpe(pos).reshape(-1, T, self.config.n_embd)  # [B, T, C]
         x = dropout(x, self.config.dropout, keys[0]).reshape(B * T, -1)  # [B*T, C]
         new_k, new_v = [], []
         for i, block in enumerate(self.h):

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from jaxgpt import templates
+from jaxgpt.api import load_for_inference
 from jaxgpt.chat import ChatSession
 from jaxgpt.cli import run
 from jaxgpt.engine import check_sampling
@@ -37,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax; --help stays quick
 
     def write(s):
         sys.stdout.write(s)

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxgpt.api import load_for_inference
 from jaxgpt.cli import run
 from jaxgpt.config import ConfigError
 from jaxgpt.eval import check_stride, evaluate
@@ -46,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax; --help stays quick
-
     if args.task == "hellaswag":
         return _hellaswag(args)
     for flag in ("data", "limit"):

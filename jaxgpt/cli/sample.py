@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from jaxgpt.api import load_for_inference
 from jaxgpt.cli import run
 from jaxgpt.engine import check_sampling
 from jaxgpt.sample import text_samples
@@ -48,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax; --help stays quick
-
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     lm = load_for_inference(args.ckpt, args.int8)
     samples = text_samples(lm, args.prompt, args.max_new_tokens, num_samples=args.num_samples,
