@@ -216,7 +216,8 @@ class RunConfig:
     @property
     def compute_dtype(self) -> str:
         """--dtype, or by default bfloat16 on an accelerator and float32 on a CPU (where bf16
-        matmuls are slower; params and optimizer state are float32 either way)."""
+        matmuls are slower; params and optimizer state are float32 either way). Asking starts
+        JAX's backends: a multi-process run asks only after joining jax.distributed."""
         if self.dtype is not None:
             return self.dtype
         import jax
@@ -285,12 +286,14 @@ class TrainConfig(OptimConfig, RunConfig):
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
 
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        """The GPTConfig this run trains: the preset, overridden by any explicit flags."""
+    def model_config(self, vocab_size: int, dtype: str | None = None) -> GPTConfig:
+        """The GPTConfig this run trains: the preset, overridden by any explicit flags. `dtype`
+        overrides the compute dtype (a shape check passes one, so that nothing asks JAX for its
+        backend before a multi-process run has joined jax.distributed)."""
         overrides = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
                      if getattr(self, k) is not None}
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, dropout=self.dropout,
-                                     dtype=self.compute_dtype, remat=self.remat, **overrides)
+                                     dtype=dtype or self.compute_dtype, remat=self.remat, **overrides)
 
 
 def add_dataclass_flags(parser, cls, helps: dict[str, str], positional: tuple[str, ...] = ()) -> None:

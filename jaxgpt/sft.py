@@ -387,13 +387,13 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
         raise ConfigError("--out DIR is required (where the model and report go)")
     _prepare_out(cfg)
     resume_step = resume_point(cfg, KIND, "sft_config")[0] if cfg.resume else 0
+    mesh = setup_devices(cfg)  # before anything starts JAX's backends (multi-process runs)
     lm = load_base(cfg)
     tok = lm.tokenizer
     template, parts, train_ex, val_ex = _data(cfg, lm, log)
     test_recs = parts["test"][:cfg.max_test] if cfg.max_test else parts["test"]
     pad, out = tok.eot_token, Path(cfg.out)
     model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, log)
-    mesh = setup_devices(cfg)
     parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
     data = RecordBatches(train_ex, cfg.batch_size, cfg.seed, lm.config.block_size, pad, cfg.mask_prompt)
     total_steps = cfg.max_iters or cfg.epochs * data.steps_per_epoch

@@ -171,7 +171,7 @@ def _describe(tok) -> str:
 
 def _model_and_data(cfg: TrainConfig, resume_meta: dict | None):
     """(model config, data, init params or None) for a new, fine-tuning or resumed run."""
-    shape_cfg = cfg.model_config(vocab_size=1)  # preset / shape errors surface here
+    shape_cfg = cfg.model_config(vocab_size=1, dtype="float32")  # preset / shape errors surface here
     init_params, tok, model_cfg = None, None, None
     if resume_meta is not None:  # the saved run fixes the model shape and the tokenizer
         model_cfg = dataclasses.replace(GPTConfig.from_dict(resume_meta["model_config"]),
@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
     if existing is not None:  # refused now, not by orbax's first save minutes later
         raise ConfigError(f"{out} already holds a training run (checkpoint at step {existing}): "
                           f"continue it with --resume, or pick another --out (or delete that one)")
-    cfg.model_config(vocab_size=1)
+    cfg.model_config(vocab_size=1, dtype="float32")  # shape errors, before any device work
     resume_step, resume_meta = resume_point(cfg, KIND, "train_config") if cfg.resume else (0, None)
     mesh = setup_devices(cfg)
     parallel.check_batch(cfg.batch_size, cfg.grad_accum, mesh)
