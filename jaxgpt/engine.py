@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgpt import lora
 from jaxgpt.config import ConfigError
 from jaxgpt.model import RowLinear, init_cache
 from jaxgpt.quant import LINEARS, dequantize_rows, quantize_rows
@@ -78,10 +79,35 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+FILTER_TOP = 256  # _filter_rows reads this many of the largest logits before sorting them all
+
+
 def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """top_k_filter then top_p_filter with a setting per row: logits [B, V] (already divided by
     the temperature), top_k int [B] (0 = off), top_p float [B] (1 = off). The same thresholds as
-    the two filters (one descending sort serves both)."""
+    the two filters (one descending sort serves both).
+
+    Sorting GPT-2's 50257 logits costs ~90 ms for 8 rows on a CPU (more than a decode step of
+    the 124M model), so the thresholds are first found among the FILTER_TOP largest logits
+    (lax.top_k, ~2 ms); only when some row's k, or its nucleus, reaches past them is the whole
+    row sorted. (The same thresholds either way, up to float rounding of the nucleus mass.)"""
+    K = min(FILTER_TOP, logits.shape[-1])
+    top = jax.lax.top_k(logits, K)[0]  # [B, K] descending
+    kth = jnp.take_along_axis(top, jnp.clip(top_k, 1, K)[:, None] - 1, axis=1)
+    kth = jnp.where(top_k[:, None] > 0, kth, NEG_INF)  # [B, 1]
+    lse = jax.nn.logsumexp(jnp.where(logits < kth, NEG_INF, logits), axis=-1, keepdims=True)
+    top = jnp.where(top < kth, NEG_INF, top)
+    probs = jnp.exp(top - lse)  # the top-k-filtered row's probabilities, of its K largest
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+    threshold = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.where(top_p[:, None] < 1.0, threshold, NEG_INF)
+    fits = (top_k <= K) & ((top_p >= 1.0) | ~keep[:, -1] | (top[:, -1] == NEG_INF))
+    fast = lambda l: jnp.where((l < kth) | (l < threshold), NEG_INF, l)
+    return jax.lax.cond(jnp.all(fits), fast, lambda l: _filter_rows_sorted(l, top_k, top_p), logits)
+
+
+def _filter_rows_sorted(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """_filter_rows by sorting the whole vocabulary."""
     V = logits.shape[-1]
     desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V]
     kth = jnp.take_along_axis(desc, jnp.clip(top_k, 1, V)[:, None] - 1, axis=1)  # [B, 1]
@@ -322,6 +348,25 @@ def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, t
     return jax.lax.cond(jnp.all(jnp.asarray(temperature) == 0.0), screened, full)
 
 
+TOP_LOGPROBS = 20  # alternatives the Engine can report per token (OpenAI's top_logprobs limit)
+
+
+def token_logprobs(model, x: jax.Array, tok: jax.Array, want: jax.Array):
+    """(logprob of tok [B], the TOP_LOGPROBS most likely ids [B, K] and their logprobs [B, K])
+    under the model's own distribution (log-softmax of the float32 logits, before temperature and
+    filters), for final hidden states x [B, C]; computed only when some row `want`s them (zeros
+    otherwise: the head is not run a second time)."""
+    B, K = x.shape[0], TOP_LOGPROBS
+
+    def compute():
+        logp = jax.nn.log_softmax(model.head(x, rows=True), axis=-1)  # [B, V]
+        top_lp, top_id = jax.lax.top_k(logp, K)
+        return jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0], top_id.astype(jnp.int32), top_lp
+
+    none = lambda: (jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32))
+    return jax.lax.cond(jnp.any(want), compute, none)
+
+
 # ---- Engine: slots of a KV cache that requests enter and leave ----------------------------------
 @dataclass(eq=False)
 class Request:
@@ -332,6 +377,11 @@ class Request:
     `max_new_tokens`, or when the sequence fills the engine's cache. `on_token(token)` is called
     for each emitted token as soon as it exists. The engine fills in `tokens` (the emitted ids),
     `slot`, and `finish_reason` ("stop", "length" or "released") when it ends.
+
+    `logprobs` (None: off; k in 0..TOP_LOGPROBS) asks for each token's logprob and the k most
+    likely alternatives, appended to `token_logprobs` as (logprob, [(id, logprob)] * k) before
+    `on_token` is called (see token_logprobs). `adapter` picks the engine's LoRA adapter for
+    this row (0: the base model; k: the engine's adapters[k - 1]).
     """
 
     prompt: Sequence[int]
@@ -342,7 +392,10 @@ class Request:
     seed: int | jax.Array = 0
     stop: Sequence[int] = ()
     on_token: Callable[[int], None] | None = None
+    logprobs: int | None = None
+    adapter: int = 0
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)
     slot: int | None = None
     finish_reason: str | None = None
 
@@ -359,30 +412,36 @@ def _slot_cache(config, slots: int, max_len: int):
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
 def _engine_prefill(graphdef, state, cache, ids, lens, slots, key_data, temperature, top_k, top_p,
-                    screen):
+                    want_lp, adapter, screen):
     """Prefill G prompts ids [G, Tb] (real lengths lens [G]) into cache slots `slots` [G] (an
-    index past the last slot drops the row: padding) and pick their first tokens: (ids [G], cache)."""
+    index past the last slot drops the row: padding) and pick their first tokens:
+    ((ids [G], token_logprobs), cache). adapter [G]: each row's LoRA adapter (0: none)."""
     model = nnx.merge(graphdef, state)
+    lora.set_adapter_rows(model, jnp.repeat(adapter, ids.shape[1]))  # one id per row of [G*Tb, C]
     G, (H, S) = ids.shape[0], (model.config.n_head, cache["k"][0].shape[1])
     x, new = prefill(model, ids, lens, init_cache(model.config, G, S))  # x [G, C]
     keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
     tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
+    lp = token_logprobs(model, x, tok, want_lp)
     rows = (slots[:, None] * H + jnp.arange(H)[None, :]).reshape(-1)  # [G*H] cache rows
     put = lambda c, r: c.at[rows].set(r, mode="drop")  # rows past the end (padding) are dropped
-    return tok, {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
+    return (tok, lp), {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
                  "index": cache["index"].at[slots].set(lens, mode="drop")}
 
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _engine_step(graphdef, state, cache, tokens, active, key_data, temperature, top_k, top_p, screen):
-    """Every slot's last token tokens [N] -> its next token [N] and the cache; rows not `active`
-    keep their position (what they compute is ignored)."""
+def _engine_step(graphdef, state, cache, tokens, active, key_data, temperature, top_k, top_p,
+                 want_lp, adapter, screen):
+    """Every slot's last token tokens [N] -> (its next token [N], token_logprobs) and the cache;
+    rows not `active` keep their position (what they compute is ignored)."""
     model = nnx.merge(graphdef, state)
+    lora.set_adapter_rows(model, adapter)
     index = cache["index"]  # [N], one position per slot
     x, new = decode_step(model, tokens[:, None], cache)  # x [N, C]
     new = {**new, "index": jnp.where(active, new["index"], index)}
     keys = position_keys(jax.random.wrap_key_data(key_data), index + 1)
-    return next_tokens(model, x, keys, temperature, top_k, top_p, screen), new
+    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
+    return (tok, token_logprobs(model, x, tok, want_lp)), new
 
 
 class Engine:
@@ -403,18 +462,24 @@ class Engine:
     bucket has been seen) nothing recompiles.
 
     On a CPU the engine decodes through the model's decode copy (`fast_decode`), and with one
-    slot greedy rows use the exact int8 head screen. The weights are those of `model` when the
-    engine is made.
+    slot greedy rows use the exact int8 head screen. `adapters` (jaxgpt.lora.adapter_weights
+    results) are LoRA adapters a request may pick (Request.adapter): rows of one batch may use
+    different ones (jaxgpt.lora.MultiLoRALinear: the base matmul once, each row's update added).
+    The weights are those of `model` when the engine is made.
     """
 
     def __init__(self, model, slots: int = 1, *, max_len: int | None = None,
-                 fast_decode: bool | None = None):
+                 fast_decode: bool | None = None, adapters: Sequence[dict] = ()):
         if slots < 1:
             raise ConfigError(f"an engine needs at least one slot, got {slots}")
         self.config = model.config
         self.slots = int(slots)
         self.max_len = min(int(max_len or self.config.block_size), self.config.block_size)
         model, self.screen = decode_model(model, fast_decode, screen_rows=self.slots == 1)
+        self.n_adapters = len(adapters)
+        if adapters:  # (on a twin: the caller's model is left as it is)
+            model = nnx.merge(*nnx.split(model))
+            lora.attach_adapters(model, list(adapters))
         self.graphdef, self.state = nnx.split(model)
         self.cache = _slot_cache(self.config, self.slots, self.max_len)
         N = self.slots
@@ -425,6 +490,8 @@ class Engine:
         self._temperature = np.zeros(N, np.float32)
         self._top_k = np.zeros(N, np.int32)
         self._top_p = np.ones(N, np.float32)
+        self._want_lp = np.zeros(N, bool)
+        self._adapter = np.zeros(N, np.int32)
 
     # -- the slots --
     @property
@@ -442,11 +509,15 @@ class Engine:
         leave room for a new token in the cache. A request for 0 new tokens ends at once."""
         r = request
         check_sampling(r.temperature, r.top_k, r.top_p, r.max_new_tokens)
+        if not 0 <= r.adapter <= self.n_adapters:
+            raise ConfigError(f"adapter {r.adapter} does not exist: this engine has {self.n_adapters}")
+        if r.logprobs is not None and not 0 <= r.logprobs <= TOP_LOGPROBS:
+            raise ConfigError(f"logprobs must be in 0..{TOP_LOGPROBS}, got {r.logprobs}")
         free = self.free_slots
         if not free:
             raise RuntimeError(f"all {self.slots} slots are busy; release one or wait for step()")
         slot = free[0]
-        r.slot, r.tokens, r.finish_reason = slot, [], None
+        r.slot, r.tokens, r.token_logprobs, r.finish_reason = slot, [], [], None
         if r.max_new_tokens == 0:
             r.finish_reason = "length"
             return slot
@@ -463,6 +534,8 @@ class Engine:
         self._temperature[slot] = r.temperature
         self._top_k[slot] = r.top_k or 0
         self._top_p[slot] = 1.0 if r.top_p is None else r.top_p
+        self._want_lp[slot] = r.logprobs is not None
+        self._adapter[slot] = r.adapter
         return slot
 
     def release(self, slot: int, reason: str = "released") -> None:
@@ -471,16 +544,24 @@ class Engine:
         if r is not None and r.finish_reason is None:
             r.finish_reason = reason
         self.requests[slot] = None
+        # a free slot's row is computed and ignored: make it the cheapest (greedy, no filters), so
+        # it does not keep the batch on the sampling / sorting / logprobs paths
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
+        self._want_lp[slot] = False
         if slot in self._pending:
             self._pending.remove(slot)
 
     # -- decoding --
     def _settings(self, rows):
-        return (self._key_data[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows])
+        return (self._key_data[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows],
+                self._want_lp[rows], self._adapter[rows])
 
-    def _emit(self, slot: int, token: int, events: list) -> None:
+    def _emit(self, slot: int, token: int, events: list, lp=None, i: int = 0) -> None:
         r = self.requests[slot]
         r.tokens.append(token)
+        if r.logprobs is not None:  # lp: the step's token_logprobs, this row at index i
+            top = zip(lp[1][i, :r.logprobs].tolist(), lp[2][i, :r.logprobs].tolist())
+            r.token_logprobs.append((float(lp[0][i]), list(top)))
         self._tokens[slot] = token
         events.append((slot, token))
         if r.on_token is not None:
@@ -503,9 +584,9 @@ class Engine:
             lens[i] = len(p)
         rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
         settings = self._settings(np.minimum(rows, self.slots - 1))
-        tok, self.cache = _engine_prefill(self.graphdef, self.state, self.cache, ids, lens, rows,
+        out, self.cache = _engine_prefill(self.graphdef, self.state, self.cache, ids, lens, rows,
                                           *settings, self.screen)
-        return tok
+        return out
 
     def step(self) -> list[tuple[int, int]]:
         """One token for every active row: prefill the requests added since the last step (their
@@ -519,19 +600,20 @@ class Engine:
         running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
         if self._pending:
             slots, self._pending = self._pending, []
-            tok = np.asarray(self._prefill(slots))
+            tok, lp = self._prefill(slots)
+            tok, lp = np.asarray(tok), _host(lp, self._want_lp[slots])
             for i, s in enumerate(slots):
                 if self.requests[s] is not None:
-                    self._emit(s, int(tok[i]), events)
+                    self._emit(s, int(tok[i]), events, lp, i)
         if running:
             active = np.zeros(self.slots, bool)
             active[running] = True
-            tok, self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                           active, *self._settings(slice(None)), self.screen)
-            tok = np.asarray(tok)
+            (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                                 active, *self._settings(slice(None)), self.screen)
+            tok, lp = np.asarray(tok), _host(lp, self._want_lp)
             for s in running:
                 if self.requests[s] is not None:  # (an on_token callback may have released it)
-                    self._emit(s, int(tok[s]), events)
+                    self._emit(s, int(tok[s]), events, lp, s)
         return events
 
     def run(self) -> None:
@@ -539,9 +621,10 @@ class Engine:
         while self.busy:
             self.step()
 
-    def warmup(self) -> None:
+    def warmup(self, max_prompt: int | None = None) -> None:
         """Compile every shape this engine can meet (idle engines only): the step, and the
-        prefill for each bucket of prompt length and of prompts per call. Touches no slot."""
+        prefill for each bucket of prompt length and of prompts per call. Touches no slot.
+        `max_prompt` stops at the bucket of that prompt length (longer prompts compile later)."""
         if self.busy:
             raise RuntimeError("warm up an idle engine")
         G = 1
@@ -550,19 +633,24 @@ class Engine:
             while True:
                 Tb = bucket(T, cap=self.max_len)
                 rows = np.full(G, self.slots, np.int32)  # all dropped: no slot is written
-                tok, self.cache = _engine_prefill(
+                (tok, _), self.cache = _engine_prefill(
                     self.graphdef, self.state, self.cache, np.zeros((G, Tb), np.int32),
                     np.ones(G, np.int32), rows, *self._settings(np.zeros(G, np.int32)), self.screen)
-                if Tb >= self.max_len:
+                if Tb >= self.max_len or (max_prompt and Tb >= bucket(max_prompt, cap=self.max_len)):
                     break
                 T *= 2
             if G >= self.slots:
                 break
             G = bucket(G + 1, cap=self.slots, lo=1)
-        tok, self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                       np.zeros(self.slots, bool), *self._settings(slice(None)),
-                                       self.screen)
+        (tok, _), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                            np.zeros(self.slots, bool), *self._settings(slice(None)),
+                                            self.screen)
         tok.block_until_ready()
+
+
+def _host(lp, want) -> tuple | None:
+    """A step's token_logprobs as numpy arrays, or None when no row asked for them."""
+    return tuple(np.asarray(a) for a in lp) if np.any(want) else None
 
 
 # ---- generate: offline batched decoding as one fused loop ---------------------------------------

@@ -182,3 +182,80 @@ def load_adapter(path: str | Path, base_model) -> None:
         raise ConfigError(f"adapter {path} is corrupt or does not match: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     nnx.update(base_model, restored)
+
+
+# ---- many adapters in one batch (jaxgpt.engine.Engine, the server) ----------------------------
+class MultiLoRALinear(nnx.Module):
+    """A layer (nnx.Linear, its decode copy RowLinear, or Int8Linear) plus the low-rank updates of
+    several adapters, one chosen per row:  y[i] = base(x)[i] + (x[i] @ A_k) @ B_k  for row i's
+    adapter k (0: none, the base alone).
+
+    The adapters are stored concatenated, A [in, n*r] and B [n*r, out] (adapter k in block k-1,
+    zero-padded to the largest rank r, alpha/r folded into B), so a batch costs the base matmul
+    once plus two thin matmuls, and a row's unselected blocks are masked to exact zeros: a base
+    row computes exactly what the base does. The rows' adapter ids (int [N], one per row of x)
+    are set with `set_adapter_rows` before the call, inside the jitted function.
+    """
+
+    def __init__(self, base, a_cat: jax.Array, b_cat: jax.Array, rank: int):
+        self.base = base
+        self.lora_a = nnx.Param(a_cat)  # [in, n*r]
+        self.lora_b = nnx.Param(b_cat)  # [n*r, out]
+        self.rank = int(rank)
+        self.rows = None
+
+    def __call__(self, x):  # x: [N, in]
+        y = self.base(x)
+        if self.rows is None:
+            return y
+        a, b = self.lora_a[...], self.lora_b[...]
+        n = a.shape[1] // self.rank
+        h = x.astype(a.dtype) @ a  # [N, n*r]
+        block = jnp.repeat(jnp.arange(1, n + 1), self.rank)  # [n*r] the adapter of each column
+        h = jnp.where(self.rows[:, None] == block[None, :], h, 0.0)
+        return y + (h @ b).astype(y.dtype)
+
+
+def adapter_weights(path: str | Path, base_model) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The adapter at `path` as {layer path: (A [in, r], B [r, out] * alpha / r)}, restored onto
+    a twin of the float `base_model` (its arrays are shared, not copied; the base is unchanged).
+    ConfigError if the adapter does not fit the base."""
+    twin = nnx.merge(*nnx.split(base_model))  # new module objects over the same arrays
+    load_adapter(path, twin)
+    out = {}
+    for p, parent, attr in _linears(twin):
+        layer = getattr(parent, attr)
+        if isinstance(layer, LoRALinear):
+            out[p] = (layer.lora_a[...], layer.lora_b[...] * (layer.alpha / layer.rank))
+    return out
+
+
+def attach_adapters(model, adapters) -> int:
+    """Wrap every layer that some adapter updates in a MultiLoRALinear, in place; `adapters` is
+    a list of `adapter_weights` results (adapter k = adapters[k-1]). Returns how many layers."""
+    paths = sorted({p for a in adapters for p in a})
+    for path in paths:
+        *parents, attr = path.split(".")
+        parent = model
+        for name in parents:
+            parent = parent[int(name)] if name.isdigit() else getattr(parent, name)
+        base = getattr(parent, attr)
+        shapes = [a[path] for a in adapters if path in a]
+        d_in, d_out = shapes[0][0].shape[0], shapes[0][1].shape[1]
+        r = max(a.shape[1] for a, _ in shapes)
+        a_cat = np.zeros((d_in, len(adapters) * r), np.float32)
+        b_cat = np.zeros((len(adapters) * r, d_out), np.float32)
+        for k, ad in enumerate(adapters):
+            if path in ad:
+                a, b = (np.asarray(w, np.float32) for w in ad[path])
+                a_cat[:, k * r:k * r + a.shape[1]] = a
+                b_cat[k * r:k * r + a.shape[1]] = b
+        setattr(parent, attr, MultiLoRALinear(base, jnp.asarray(a_cat), jnp.asarray(b_cat), r))
+    return len(paths)
+
+
+def set_adapter_rows(model, rows: jax.Array) -> None:
+    """Tell every MultiLoRALinear of `model` which adapter each row of its input uses (int [N])."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MultiLoRALinear):
+            module.rows = rows

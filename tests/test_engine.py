@@ -216,3 +216,76 @@ def test_chat_greedy_reply_equals_transformers(tiny):
     assert chat.messages[-1] == {"role": "assistant", "content": answer}
     chat.reset()
     assert chat.reply("Name a primary color.") == answer  # reset: the same first turn again
+
+
+def random_adapter(base_dir, out, rank, targets, seed):
+    """A LoRA adapter folder (as jaxgpt.sft writes one) with random, non-zero A and B."""
+    from flax import nnx
+
+    from jaxgpt import lora
+    lm = jaxgpt.load(base_dir)
+    lora.apply_lora(lm.model, rank, 2.0 * rank, targets, seed=seed)
+    rng = np.random.RandomState(seed)
+    state = nnx.state(lm.model, nnx.LoRAParam)
+    nnx.update(lm.model, jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape).astype(np.float32) * 0.3), state))
+    lora.save_adapter(out, lm.model, {"base": str(base_dir), "rank": rank, "alpha": 2.0 * rank,
+                                      "targets": targets, "model_config": lm.config.to_dict()})
+    return out
+
+
+def test_per_row_adapters_and_logprobs(tiny, tmp_path):
+    """Rows of one batch with different LoRA adapters (and the base) each decode what their merged
+    model decodes alone; logprobs are the model's log-softmax at each position, the alternatives
+    its most likely tokens."""
+    from jaxgpt import lora
+    from jaxgpt.engine import generate
+    hf, lm = tiny
+    base_dir = lm.meta["source"]
+    paths = [random_adapter(base_dir, tmp_path / "a", 4, ["c_attn", "mlp.c_proj"], 1),
+             random_adapter(base_dir, tmp_path / "b", 2, ["c_fc", "attn.c_proj"], 2)]
+    engine = Engine(lm.model, slots=4, adapters=[lora.adapter_weights(p, lm.model) for p in paths])
+    ps = prompts(5, (6, 9, 4, 12))
+    reqs = [Request(ps[0], 8, temperature=0.0, adapter=1, logprobs=3),
+            Request(ps[1], 6, temperature=0.0, logprobs=0),
+            Request(ps[2], 7, temperature=0.0, adapter=2),
+            Request(ps[3], 5, temperature=0.0, adapter=1)]
+    run_schedule(engine, {0: reqs[:2], 2: reqs[2:]})
+    models = {0: lm.model, 1: jaxgpt.load(paths[0]).model, 2: jaxgpt.load(paths[1]).model}
+    for r in reqs:
+        want = np.asarray(generate(models[r.adapter], np.array([r.prompt]), len(r.tokens), temperature=0.0))
+        assert r.tokens == want[0, len(r.prompt):].tolist(), r.adapter
+    base0 = np.asarray(generate(lm.model, np.array([ps[0]]), 8, temperature=0.0))[0, 6:].tolist()
+    assert reqs[0].tokens != base0  # the adapter changes the model
+    for r in reqs[:2]:
+        logits = jaxgpt.load(paths[0]).logits(r.prompt + r.tokens) if r.adapter else lm.logits(r.prompt + r.tokens)
+        assert len(r.token_logprobs) == len(r.tokens)
+        for i, (lp, top) in enumerate(r.token_logprobs):
+            ref = np.asarray(jax.nn.log_softmax(logits[len(r.prompt) - 1 + i]))
+            assert abs(lp - ref[r.tokens[i]]) < 1e-4 and len(top) == r.logprobs
+            assert [t for t, _ in top] == np.argsort(-ref)[:r.logprobs].tolist()
+            assert np.allclose([v for _, v in top], np.sort(ref)[::-1][:r.logprobs], atol=1e-4)
+    assert reqs[2].token_logprobs == []
+    with pytest.raises(ConfigError):
+        engine.add(Request(ps[0], 2, adapter=3))
+    with pytest.raises(ConfigError):
+        engine.add(Request(ps[0], 2, logprobs=21))
+
+
+def test_per_row_filters_read_the_top_logits_first():
+    """_filter_rows finds top-k / top-p thresholds among the FILTER_TOP largest logits when they
+    suffice and sorts the vocabulary otherwise: the kept tokens are those of the shared filters
+    either way (small k / peaked rows: the fast path; k or the nucleus past FILTER_TOP: sorted)."""
+    from jaxgpt.engine import FILTER_TOP, _filter_rows
+    rng = np.random.RandomState(1)
+    V = 2000
+    peaked = rng.randn(4, V).astype(np.float32) * 4
+    flat = rng.randn(4, V).astype(np.float32) * 0.1  # its 0.9-nucleus holds ~1800 tokens
+    for logits, ks, ps in ((peaked, (0, 7, 40, 0), (0.9, 1.0, 0.5, 0.95)),  # fits
+                           (flat, (0, 3, 0, 0), (1.0, 1.0, 0.9, 1.0)),  # nucleus past FILTER_TOP
+                           (peaked, (FILTER_TOP + 5, 0, 2, 0), (1.0, 0.8, 1.0, 1.0))):  # k past it
+        got = np.isfinite(np.asarray(_filter_rows(jnp.asarray(logits), jnp.array(ks), jnp.array(ps))))
+        for b in range(4):
+            want = jnp.asarray(logits[b])
+            want = top_k_filter(want, ks[b]) if ks[b] else want
+            want = top_p_filter(want, ps[b]) if ps[b] < 1 else want
+            assert (got[b] == np.isfinite(np.asarray(want))).all(), (ks, ps, b)

@@ -1,0 +1,358 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one Scheduler (one decode engine).
+
+    service = build_service("out_sft", adapters=[("help", "out_lora")], max_batch=8)
+    app = create_app(service)          # then uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
+`stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the web
+chat page, jaxgpt/serve/static/index.html). Every client mistake is a 4xx answer with
+OpenAI's error JSON (schemas.APIError); an unexpected failure is a 500 with the same shape and
+no traceback. The handlers validate, submit to the scheduler and relay its output; the model
+runs in the scheduler's thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxgpt import lora, templates
+from jaxgpt.config import ConfigError
+from jaxgpt.engine import Engine, Request as EngineRequest
+from jaxgpt.serve.metrics import Metrics
+from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
+from jaxgpt.serve.schemas import APIError, Context, GenRequest, parse_chat, parse_completion, parse_json
+
+MAX_BODY = 1 << 20  # bytes of a request body
+
+
+@dataclass
+class Service:
+    """Everything the routes serve: the validation context, the scheduler, the served names."""
+
+    ctx: Context
+    scheduler: Scheduler
+    models: list[dict]  # /v1/models entries
+    api_key: str | None = None
+    max_body: int = MAX_BODY
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.scheduler.metrics
+
+
+def _name(path: str) -> str:
+    p = Path(str(path).rstrip("/"))
+    return p.name or str(path)
+
+
+def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int = 8,
+                  max_queue: int = 64, template: str | None = None, api_key: str | None = None,
+                  name: str | None = None, max_len: int | None = None, warmup: bool = True,
+                  warmup_prompt: int | None = None, fast_decode: bool | None = None,
+                  log=lambda s: print(s, file=sys.stderr, flush=True)) -> Service:
+    """Load CKPT (anything jaxgpt.load takes) and the adapters [(NAME, PATH)], build the engine
+    with `max_batch` slots of `max_len` positions (default: the model's context), compile every
+    shape it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given; the rest
+    compiles on first use), start the scheduler."""
+    from jaxgpt.api import load_for_inference  # (the heavy imports stay out of `import app`)
+
+    if max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_len is not None and max_len < 2:
+        raise ConfigError(f"--max-len must be >= 2, got {max_len}")
+    if max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {max_queue}")
+    if template is not None:
+        templates.check_template(template)
+    lm = load_for_inference(ckpt)
+    base_name = name or _name(ckpt)
+    names = {base_name: 0}
+    weights, tmpl = [], {base_name: template or lm.meta.get("template") or templates.DEFAULT}
+    for i, (aname, path) in enumerate(adapters, start=1):
+        if aname in names:
+            raise ConfigError(f"--adapter {aname}: the name is already taken")
+        if not lora.is_adapter(path):
+            raise ConfigError(f"--adapter {aname}={path}: not a LoRA adapter folder (no {lora.ADAPTER_META})")
+        if lm.is_int8:
+            raise ConfigError("adapters need a float base; pass the float checkpoint and --int8")
+        weights.append(lora.adapter_weights(path, lm.model))
+        meta = lora.read_adapter_meta(path)
+        names[aname] = i
+        tmpl[aname] = template or meta.get("template") or tmpl[base_name]
+    if int8:
+        if lm.is_int8:
+            raise ConfigError(f"--int8: {ckpt} is already int8-quantized; drop the flag")
+        lm = lm.quantize()
+    tok = lm.tokenizer
+    eot = getattr(tok, "eot_token", None)
+    t = time.perf_counter()
+    engine = Engine(lm.model, slots=max_batch, max_len=max_len, adapters=weights, fast_decode=fast_decode)
+    if warmup:
+        engine.warmup(warmup_prompt)
+        # the eager bits of a request (its key, the logprobs path), once
+        for a in range(len(weights) + 1):
+            engine.add(EngineRequest([0], 2, seed=seed_key(1, 1), logprobs=1, adapter=a))
+            engine.run()
+        log(f"engine: {max_batch} slots, context {engine.max_len}, compiled in "
+            f"{time.perf_counter() - t:.1f} s")
+    created = int(time.time())
+    models = [{"id": n, "object": "model", "created": created, "owned_by": "jaxgpt",
+               "root": base_name, "parent": None if i == 0 else base_name,
+               "max_model_len": engine.max_len} for n, i in names.items()]
+    ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot)
+    scheduler = Scheduler(engine, tok, max_queue=max_queue, eot=eot)
+    scheduler.start()
+    return Service(ctx, scheduler, models, api_key)
+
+
+# ---- responses ---------------------------------------------------------------------------------
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _usage(job: Job) -> dict:
+    p, c = job.prompt_tokens, job.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _completion_logprobs(infos, offset: int) -> dict:
+    return {"tokens": [_text(i.bytes) for i in infos],
+            "token_logprobs": [i.logprob for i in infos],
+            "top_logprobs": [{_text(b): v for _, b, v in i.top} for i in infos],
+            "text_offset": [i.offset + offset for i in infos]}
+
+
+def _chat_logprobs(infos) -> dict:
+    entry = lambda b, v: {"token": _text(b), "logprob": v, "bytes": list(b)}
+    return {"content": [{**entry(i.bytes, i.logprob), "top_logprobs": [entry(b, v) for _, b, v in i.top]}
+                        for i in infos]}
+
+
+def _prompt_text(service: Service, req: GenRequest, choice_index: int) -> str:
+    p = choice_index // req.n
+    text = req.prompt_texts[p]
+    return text if text is not None else service.ctx.tokenizer.decode(req.prompts[p])
+
+
+def _full_response(service: Service, job: Job) -> dict:
+    req = job.req
+    choices = []
+    for c in job.choices:
+        if req.kind == "chat":
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                            "logprobs": _chat_logprobs(c.infos) if req.logprobs is not None else None,
+                            "finish_reason": c.finish_reason})
+        else:
+            echo = _prompt_text(service, req, c.index) if req.echo else ""
+            choices.append({"index": c.index, "text": echo + c.text,
+                            "logprobs": (_completion_logprobs(c.infos, len(echo))
+                                         if req.logprobs is not None else None),
+                            "finish_reason": c.finish_reason})
+    kind = "chat.completion" if req.kind == "chat" else "text_completion"
+    return {"id": _id(job), "object": kind, "created": job.created, "model": req.model,
+            "system_fingerprint": None, "choices": choices, "usage": _usage(job)}
+
+
+def _id(job: Job) -> str:
+    return ("chatcmpl-" if job.req.kind == "chat" else "cmpl-") + job.id
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(service: Service, job: Job):
+    """The job's server-sent events; a client that goes away cancels it (finally)."""
+    req = job.req
+    chat = req.kind == "chat"
+    head = {"id": _id(job), "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": job.created, "model": req.model, "system_fingerprint": None}
+    usage = {"usage": None} if req.include_usage else {}
+
+    def chunk(index, text, infos, finish, first=False):
+        if chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text or not finish else {})
+            lp = _chat_logprobs(infos) if req.logprobs is not None and infos else None
+            c = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            lp = (_completion_logprobs(infos, offsets[index]) if req.logprobs is not None and infos
+                  else None)
+            c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+        return _sse({**head, "choices": [c], **usage})
+
+    offsets = {}
+    try:
+        for c in job.choices:
+            if chat:
+                yield chunk(c.index, "", [], None, first=True)
+            elif req.echo:
+                echo = _prompt_text(service, req, c.index)
+                offsets[c.index] = len(echo)
+                yield chunk(c.index, echo, [], None)
+            offsets.setdefault(c.index, 0)
+        left = len(job.choices)
+        while left:
+            events = await job.queue.get()
+            if job.error is not None:
+                yield _sse(job.error.body())
+                break
+            for index, text, infos, finish in events:
+                if text or infos or finish:
+                    yield chunk(index, text, infos, finish)
+                if finish:
+                    left -= 1
+        else:
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(job)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not job.finished:
+            service.scheduler.cancel(job)
+
+
+# ---- the app -----------------------------------------------------------------------------------
+def page_html() -> str:
+    return (resources.files("jaxgpt.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app serving `service` (its scheduler is stopped on shutdown)."""
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.scheduler.stop()
+
+    app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    page = page_html()
+    metrics = service.metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        if e.status < 500:
+            metrics.inc("bad_requests_total")
+        return _error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        metrics.inc("bad_requests_total")
+        msg = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return _error(APIError(msg, None, status=e.status_code,
+                               code={404: "not_found", 405: "method_not_allowed"}.get(e.status_code)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        metrics.inc("bad_requests_total")
+        return _error(APIError(f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        print(f"jaxgpt.serve: internal error on {request.url.path}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        return _error(APIError("internal server error", None, status=500, type="server_error"))
+
+    def check_key(request: Request) -> None:
+        if service.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if not auth:
+            raise APIError("missing API key: send the header 'Authorization: Bearer KEY'", None,
+                           status=401, code="invalid_api_key")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), service.api_key.encode()):
+            raise APIError("incorrect API key", None, status=401, code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise APIError(f"the Content-Type must be application/json, got {ctype or 'none'}", None,
+                           status=415, code="unsupported_media_type")
+        limit = service.max_body
+        length = request.headers.get("content-length", "")
+        too_big = APIError(f"the request body is larger than {limit} bytes", None, status=413,
+                           code="request_too_large")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > limit:
+                raise too_big
+        return parse_json(bytes(data))
+
+    async def generate(request: Request, parse) -> Response:
+        check_key(request)
+        req = parse(await read_body(request), service.ctx)
+        job = service.scheduler.submit(req, asyncio.get_running_loop())
+        if req.stream:
+            return StreamingResponse(_stream(service, job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while not job.done.is_set():
+                try:
+                    await asyncio.wait_for(job.done.wait(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        service.scheduler.cancel(job)
+                        return Response(status_code=499)
+        finally:
+            if not job.finished:
+                service.scheduler.cancel(job)
+        if job.error is not None:
+            raise job.error
+        return JSONResponse(_full_response(service, job))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, parse_chat)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": service.models}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        check_key(request)
+        for m in service.models:
+            if m["id"] == model_id:
+                return m
+        raise APIError(f"the model '{model_id}' does not exist", "model", status=404,
+                       code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        s = service.scheduler
+        return {"status": "ok", "slots": s.engine.slots, "running": int(metrics.value("requests_running")),
+                "waiting": int(metrics.value("requests_waiting")), "models": list(service.ctx.models)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page)
+
+    return app

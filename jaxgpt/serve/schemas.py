@@ -1,0 +1,337 @@
+"""Request bodies -> validated generation settings, or an OpenAI-shaped error.
+
+Every client mistake becomes an `APIError` (HTTP 4xx) whose JSON is what OpenAI's API answers:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "top_p", "code": null}}
+
+`parse_completion` and `parse_chat` read the bodies of /v1/completions and
+/v1/chat/completions (the OpenAI fields jaxgpt implements; unknown fields are ignored, as
+OpenAI-compatible servers do, and unsupported features asked for with a non-default value are
+refused by name) into a `GenRequest`: the prompts as token ids plus the per-row settings the
+engine runs with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxgpt import templates
+
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.engine.TOP_LOGPROBS)
+MAX_N = 128
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-shaped JSON with HTTP `status` (and extra response headers)."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+        self.type, self.code, self.headers = type, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class Context:
+    """What validation needs to know about the served model."""
+
+    models: dict[str, int]  # model name -> adapter index (0: the base)
+    base_name: str
+    context: int  # positions in the engine's cache (the model's block_size)
+    vocab_size: int
+    tokenizer: Any
+    templates: dict[str, str]  # model name -> chat template
+    eot: int | None
+
+
+@dataclass
+class GenRequest:
+    """One validated generation request: len(prompts) * n sequences (choices)."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    adapter: int
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    max_tokens: int | list[int]  # one per prompt when it came from the remaining room
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob + k alternatives
+    echo: bool = False
+    stream: bool = False
+    include_usage: bool = False
+
+    def max_tokens_for(self, i: int) -> int:
+        return self.max_tokens[i] if isinstance(self.max_tokens, list) else self.max_tokens
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, or APIError 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON ({e})", None, code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {_kind(body)}")
+    return body
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _int(body, name, default, lo=None, hi=None, what=""):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise APIError(f"'{name}' must be an integer, got {_kind(v)}", name)
+    if lo is not None and v < lo:
+        raise APIError(f"'{name}' must be >= {lo}{what}, got {v}", name)
+    if hi is not None and v > hi:
+        raise APIError(f"'{name}' must be <= {hi}{what}, got {v}", name)
+    return v
+
+
+def _num(body, name, default):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(f"'{name}' must be a number, got {_kind(v)}", name)
+    if not math.isfinite(v):
+        raise APIError(f"'{name}' must be a finite number, got {v}", name)
+    return float(v)
+
+
+def _bool(body, name, default=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(f"'{name}' must be a boolean, got {_kind(v)}", name)
+    return v
+
+
+def _model(body, ctx: Context) -> tuple[str, int]:
+    name = body.get("model", ctx.base_name)
+    if name is None:
+        name = ctx.base_name
+    if not isinstance(name, str):
+        raise APIError(f"'model' must be a string, got {_kind(name)}", "model")
+    if name not in ctx.models:
+        raise APIError(f"the model '{name}' does not exist; this server has: "
+                       f"{', '.join(ctx.models)}", "model", status=404, code="model_not_found")
+    return name, ctx.models[name]
+
+
+def _refuse_unsupported(body, names_defaults):
+    for name, ok in names_defaults:
+        if name in body and body[name] is not None and not ok(body[name]):
+            raise APIError(f"'{name}' is not supported by this server", name, code="unsupported")
+
+
+UNSUPPORTED_COMMON = [
+    ("frequency_penalty", lambda v: v == 0), ("presence_penalty", lambda v: v == 0),
+    ("logit_bias", lambda v: v == {}), ("best_of", lambda v: v == 1), ("suffix", lambda v: v == ""),
+    ("tools", lambda v: v == []), ("functions", lambda v: v == []),
+    ("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text"),
+]
+
+
+def _sampling(body, ctx: Context, req: GenRequest) -> None:
+    req.n = _int(body, "n", 1, lo=1, hi=MAX_N)
+    t = _num(body, "temperature", 1.0)
+    if t < 0:
+        raise APIError(f"'temperature' must be >= 0 (0 = greedy), got {t:g}", "temperature")
+    req.temperature = t
+    p = _num(body, "top_p", None)
+    if p is not None and not 0 < p <= 1:
+        raise APIError(f"'top_p' must be in (0, 1], got {p:g}", "top_p")
+    req.top_p = None if p is None or p == 1.0 else p
+    req.top_k = _int(body, "top_k", None, lo=0, what=" (0: off)") or None
+    seed = body.get("seed")
+    if seed is not None:
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise APIError(f"'seed' must be an integer, got {_kind(seed)}", "seed")
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise APIError(f"'seed' must fit in 64 bits, got {seed}", "seed")
+        req.seed = seed
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError(f"'stop' must be a string or an array of strings, got {_kind(stop)}", "stop")
+    if len(stop) > MAX_STOP:
+        raise APIError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    if any(s == "" for s in stop):
+        raise APIError("'stop' strings must not be empty", "stop")
+    req.stop = list(dict.fromkeys(stop))
+    req.stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise APIError(f"'stream_options' must be an object, got {_kind(opts)}", "stream_options")
+        if not req.stream:
+            raise APIError("'stream_options' is only allowed with 'stream': true", "stream_options")
+        req.include_usage = _bool(opts, "include_usage")
+
+
+def _max_tokens(body, ctx: Context, req: GenRequest, names, default) -> None:
+    """max_tokens (or the first of `names` given), checked against each prompt and the context."""
+    name = next((n for n in names if body.get(n) is not None), names[0])
+    L = ctx.context
+    m = _int(body, name, None, lo=1, hi=L, what=f" (the model's context is {L} tokens)")
+    for i, p in enumerate(req.prompts):
+        if len(p) > L - 1:
+            raise APIError(f"the prompt{f' {i}' if len(req.prompts) > 1 else ''} has {len(p)} tokens; "
+                           f"this model's context is {L} tokens, so a prompt may have at most "
+                           f"{L - 1}", "messages" if req.kind == "chat" else "prompt",
+                           code="context_length_exceeded")
+        if m is not None and len(p) + m > L:
+            raise APIError(f"this model's context is {L} tokens, but {len(p) + m} were asked for "
+                           f"({len(p)} in the prompt, {m} for the completion); lower '{name}'",
+                           name, code="context_length_exceeded")
+    if m is not None:
+        req.max_tokens = m
+    elif default is None:  # chat: as long as the context allows
+        req.max_tokens = [L - len(p) for p in req.prompts]
+    else:
+        req.max_tokens = [min(default, L - len(p)) for p in req.prompts]
+
+
+def _token_list(v, ctx: Context, param: str) -> list[int] | None:
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        bad = [t for t in v if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise APIError(f"'{param}' holds token id {bad[0]}, outside the vocabulary "
+                           f"(0..{ctx.vocab_size - 1})", param)
+        return list(v)
+    return None
+
+
+def _encode(ctx: Context, text: str, param: str) -> list[int]:
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer; send the prompt as token ids", param)
+    if text == "":  # as jaxgpt.sample: the empty prompt is <|endoftext|> (or a newline)
+        return [ctx.eot] if ctx.eot is not None else ctx.tokenizer.encode("\n")
+    try:
+        return ctx.tokenizer.encode(text)
+    except Exception as e:  # a char-level vocabulary without this character
+        raise APIError(f"the prompt cannot be tokenized: {e}", param) from None
+
+
+def parse_completion(body: dict, ctx: Context) -> GenRequest:
+    """The body of POST /v1/completions."""
+    _refuse_unsupported(body, UNSUPPORTED_COMMON)
+    model, adapter = _model(body, ctx)
+    if "prompt" not in body or body["prompt"] is None:
+        raise APIError("'prompt' is required", "prompt")
+    p = body["prompt"]
+    prompts, texts = [], []
+    if isinstance(p, str):
+        prompts, texts = [_encode(ctx, p, "prompt")], [p]
+    elif (ids := _token_list(p, ctx, "prompt")) is not None:
+        prompts, texts = [ids], [None]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        prompts, texts = [_encode(ctx, x, "prompt") for x in p], list(p)
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        for i, x in enumerate(p):
+            ids = _token_list(x, ctx, f"prompt[{i}]")
+            if ids is None:
+                raise APIError(f"'prompt[{i}]' must be a non-empty array of token ids", "prompt")
+            prompts.append(ids)
+            texts.append(None)
+    else:
+        raise APIError("'prompt' must be a string, an array of strings, an array of token ids, "
+                       f"or an array of arrays of token ids; got {_kind(p)}"
+                       + (" (empty)" if p == [] else ""), "prompt")
+    req = GenRequest("completion", model, adapter, prompts, texts, 16)
+    _sampling(body, ctx, req)
+    lp = body.get("logprobs")
+    if lp is not None and lp is not False:
+        req.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    req.echo = _bool(body, "echo")
+    _max_tokens(body, ctx, req, ("max_tokens",), 16)
+    return req
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    param = f"messages[{i}].content"
+    if c is None:
+        if m.get("role") == "assistant":
+            return ""
+        raise APIError(f"'{param}' is required", param)
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for j, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(f"'{param}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
+                               "this model reads text only", param)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(f"'{param}' must be a string or an array of text parts, got {_kind(c)}", param)
+
+
+def parse_chat(body: dict, ctx: Context) -> GenRequest:
+    """The body of POST /v1/chat/completions; the conversation is rendered with the served
+    template (the checkpoint's, or --template) and tokenized."""
+    _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tool_choice", lambda v: v == "none")])
+    model, adapter = _model(body, ctx)
+    msgs = body.get("messages")
+    if msgs is None:
+        raise APIError("'messages' is required", "messages")
+    if not isinstance(msgs, list):
+        raise APIError(f"'messages' must be an array of messages, got {_kind(msgs)}", "messages")
+    if not msgs:
+        raise APIError("'messages' must hold at least one message", "messages")
+    messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise APIError(f"'messages[{i}]' must be an object, got {_kind(m)}", f"messages[{i}]")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise APIError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got "
+                           f"{json.dumps(role)}", f"messages[{i}].role")
+        messages.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer, so it cannot chat; use /v1/completions with "
+                       "token ids", "messages")
+    template = ctx.templates[model]
+    text = templates.render_prompt(template, messages)
+    ids = ctx.tokenizer.encode_ordinary(text) if hasattr(ctx.tokenizer, "encode_ordinary") \
+        else _encode(ctx, text, "messages")
+    req = GenRequest("chat", model, adapter, [ids], [text], None)
+    _sampling(body, ctx, req)
+    if _bool(body, "logprobs"):
+        req.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    _max_tokens(body, ctx, req, ("max_completion_tokens", "max_tokens"), None)
+    if template == "chatml" and "<|im_end|>" not in req.stop:
+        req.stop.append("<|im_end|>")  # the template's end of turn (beside <|endoftext|>)
+    return req
