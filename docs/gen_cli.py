@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sft", "prepare", "sample", "chat", "eval", "convert", "quantize"]
+COMMANDS = ["train", "sft", "prepare", "sample", "chat", "serve", "eval", "convert", "quantize"]
 WHAT = {
     "train": "pretrain (or fine-tune with `--init-from`) on a text file",
     "sft": "supervised fine-tuning on instruction records: full or LoRA; `--merge`, `--eval-only`",
     "prepare": "tokenize corpora into llm.c-format token shards + manifest.json",
     "sample": "sample text from a model",
     "chat": "chat with a model in the terminal",
+    "serve": "an OpenAI-compatible HTTP server (continuous batching, LoRA adapters) and a web chat page",
     "eval": "cross-entropy and perplexity of a model on a text file, or HellaSwag accuracy",
     "convert": "Hugging Face / nanoGPT weights <-> jaxgpt checkpoints",
     "quantize": "write an int8 copy of a model",

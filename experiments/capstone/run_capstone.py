@@ -11,7 +11,9 @@ exact match, ends-with-<|endoftext|>) -> a few chat turns with the fine-tuned mo
 OUT/capstone_report.md, also copied into the "## Results" section of this folder's README.md.
 `--base scratch` trains the small GPT-2-BPE model of experiments/scratch_base.py first (4
 layers, 128 wide, Tiny Shakespeare), because GPT-2 weights cannot be downloaded here; the report
-says which base it used. Afterwards: `python -m jaxgpt.chat OUT/full` to talk to it.
+says which base it used. Afterwards: `python -m jaxgpt.chat OUT/full` to talk to it, or ship the
+LoRA adapter: `python -m jaxgpt.serve BASE --adapter capstone=OUT/lora` serves it over the
+OpenAI API with a chat page at http://127.0.0.1:8000/ (the report ends with the exact command).
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ def main():
         *transcript,
         f"Per-run reports with side-by-side answers: `{out}/full/report.md`, `{out}/lora/report.md`.",
         "Reproduce: `python experiments/capstone/run_capstone.py" + (" --base scratch" if scratch else
-                                                                      f" --base {base}") + "`.", ""])
+                                                                      f" --base {base}") + "`.", "",
+        "Ship it: serve the LoRA adapter beside its base over the OpenAI API, with the chat page "
+        "at http://127.0.0.1:8000/ (pick `capstone` in the model menu):", "",
+        f"    python -m jaxgpt.serve {base} --adapter capstone={out / 'lora'}", ""])
     (out / "capstone_report.md").write_text(report)
     print(report)
     if not args.no_readme:
