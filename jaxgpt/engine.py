@@ -71,12 +71,18 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
     temperature 0 means greedy (argmax)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = _shared_filters(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _shared_filters(logits, temperature: float, top_k, top_p) -> jax.Array:
+    """logits [B, V] / temperature, then top-k and top-p, one setting for every row."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
 
 
 FILTER_TOP = 256  # _filter_rows reads this many of the largest logits before sorting them all
@@ -133,12 +139,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top
     if isinstance(temperature, (int, float)):
         if temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logits = logits.astype(jnp.float32) / temperature
-        if top_k is not None:
-            logits = top_k_filter(logits, top_k)
-        if top_p is not None and top_p < 1.0:
-            logits = top_p_filter(logits, top_p)
-        return draw(keys, logits).astype(jnp.int32)
+        return draw(keys, _shared_filters(logits, temperature, top_k, top_p)).astype(jnp.int32)
     B = logits.shape[0]
     temperature = jnp.asarray(temperature, jnp.float32)
     top_k = jnp.zeros(B, jnp.int32) if top_k is None else jnp.asarray(top_k, jnp.int32)
