@@ -72,31 +72,33 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = _shared_filters(logits, temperature, top_k, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return draw(jax.random.split(key, logits.shape[0]), logits)
 
 
 def _shared_filters(logits, temperature: float, top_k, top_p) -> jax.Array:
-    """logits [B, V] / temperature, then top-k and top-p, one setting for every row."""
+    """logits [B, V] / temperature, then top-k and top-p (the thresholds of top_k_filter and
+    top_p_filter, found as _filter_rows does), one setting for every row."""
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    return logits
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return logits
+    B = logits.shape[0]
+    return _filter_rows(logits, jnp.full(B, top_k or 0, jnp.int32),
+                        jnp.full(B, 1.0 if top_p is None else top_p, jnp.float32))
 
 
-FILTER_TOP = 256  # _filter_rows reads this many of the largest logits before sorting them all
+FILTER_TOP = 256  # _filter_rows reads this many of the largest logits before searching them all
 
 
 def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """top_k_filter then top_p_filter with a setting per row: logits [B, V] (already divided by
     the temperature), top_k int [B] (0 = off), top_p float [B] (1 = off). The same thresholds as
-    the two filters (one descending sort serves both).
+    the two filters.
 
     Sorting GPT-2's 50257 logits costs ~90 ms for 8 rows on a CPU (more than a decode step of
     the 124M model), so the thresholds are first found among the FILTER_TOP largest logits
-    (lax.top_k, ~2 ms); only when some row's k, or its nucleus, reaches past them is the whole
-    row sorted. (The same thresholds either way, up to float rounding of the nucleus mass.)"""
+    (lax.top_k, ~2 ms); only when some row's k, or its nucleus, reaches past them are they found
+    by bisection over the whole row (_filter_rows_bisect). (The same thresholds either way, up
+    to float rounding of the nucleus mass.)"""
     K = min(FILTER_TOP, logits.shape[-1])
     top = jax.lax.top_k(logits, K)[0]  # [B, K] descending
     kth = jnp.take_along_axis(top, jnp.clip(top_k, 1, K)[:, None] - 1, axis=1)
@@ -109,22 +111,72 @@ def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     threshold = jnp.where(top_p[:, None] < 1.0, threshold, NEG_INF)
     fits = (top_k <= K) & ((top_p >= 1.0) | ~keep[:, -1] | (top[:, -1] == NEG_INF))
     fast = lambda l: jnp.where((l < kth) | (l < threshold), NEG_INF, l)
-    return jax.lax.cond(jnp.all(fits), fast, lambda l: _filter_rows_sorted(l, top_k, top_p), logits)
+    return jax.lax.cond(jnp.all(fits), fast, lambda l: _filter_rows_bisect(l, top_k, top_p), logits)
 
 
-def _filter_rows_sorted(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """_filter_rows by sorting the whole vocabulary."""
-    V = logits.shape[-1]
-    desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V]
-    kth = jnp.take_along_axis(desc, jnp.clip(top_k, 1, V)[:, None] - 1, axis=1)  # [B, 1]
-    kth = jnp.where(top_k[:, None] > 0, kth, NEG_INF)
-    logits = jnp.where(logits < kth, NEG_INF, logits)
-    desc = jnp.where(desc < kth, NEG_INF, desc)  # the top-k-filtered logits, still descending
-    probs = jax.nn.softmax(desc, axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
-    threshold = jnp.where(top_p[:, None] < 1.0, threshold, NEG_INF)
-    return jnp.where(logits < threshold, NEG_INF, logits)
+def _order_key(x: jax.Array) -> jax.Array:
+    """float32 -> uint32, order-preserving (a < b iff key(a) < key(b)), so that a threshold
+    can be found by bisection over integers."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 0, bits | jnp.uint32(1 << 31), ~bits)
+
+
+def _smallest_key(pred, B: int) -> jax.Array:
+    """The smallest uint32 key k [B, 1] with pred(k) true, for pred monotone in k and true at the
+    largest key: 32 steps of bisection."""
+    def halve(_, bounds):
+        lo, hi = bounds  # pred(lo) false (or lo = 0), pred(hi) true
+        mid = lo + (hi - lo) // 2
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    lo, hi = jnp.zeros((B, 1), jnp.uint32), jnp.full((B, 1), 0xFFFFFFFF, jnp.uint32)
+    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jnp.where(pred(lo), lo, hi)
+
+
+def _filter_rows_bisect(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """_filter_rows for k or nuclei past FILTER_TOP, without sorting the vocabulary: the k-th
+    largest logit is the smallest value with fewer than k logits above it, and the nucleus
+    threshold the smallest value whose strictly larger logits hold less than p of the
+    (top-k-filtered) mass: each found by bisection over the values' order keys (32 passes over
+    the row instead of a sort, ~30x faster for 8 GPT-2 rows)."""
+    B, V = logits.shape
+    key = _order_key(logits)  # [B, V]
+    k = jnp.clip(top_k, 1, V)[:, None]
+    kth = jax.lax.cond(jnp.any(top_k > 0),  # (most requests set no k: skip those 32 passes)
+                       lambda: _smallest_key(lambda t: jnp.sum(key > t, axis=-1, keepdims=True) < k, B),
+                       lambda: jnp.zeros((B, 1), jnp.uint32))
+    kth = jnp.where(top_k[:, None] > 0, kth, 0)
+    logits = jnp.where(key < kth, NEG_INF, logits)  # top-k filtered
+    probs = jax.nn.softmax(logits, axis=-1)
+    mass_above = lambda t: jnp.sum(jnp.where(key > t, probs, 0.0), axis=-1, keepdims=True)
+    threshold = _smallest_key(lambda t: mass_above(t) < top_p[:, None], B)
+    threshold = jnp.where(top_p[:, None] < 1.0, threshold, 0)
+    return jnp.where(key < threshold, NEG_INF, logits)
+
+
+def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One id per row of logits [B, V] (-inf = excluded) drawn from softmax(logits), row b with
+    keys[b]: one uniform number per row, inverted through the row's cumulative distribution
+    (a Gumbel draw needs V random numbers per row, ~6x slower for GPT-2's vocabulary). The
+    distribution is walked in two levels, blocks of DRAW_BLOCK ids then ids within the chosen
+    block (a cumulative sum over all V costs as much as the Gumbel draw on a CPU)."""
+    B, V = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    n = -(-V // DRAW_BLOCK)
+    blocks = jnp.pad(probs, ((0, 0), (0, n * DRAW_BLOCK - V))).reshape(B, n, DRAW_BLOCK)
+    cum = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, n] mass up to each block's end
+    u = jax.vmap(jax.random.uniform)(keys) * cum[:, -1]  # [B] in [0, total)
+    j = jnp.minimum(jnp.sum(cum <= u[:, None], axis=-1), n - 1)  # the block u falls in
+    before = jnp.where(j > 0, jnp.take_along_axis(cum, jnp.maximum(j - 1, 0)[:, None], 1)[:, 0], 0.0)
+    row = jnp.take_along_axis(blocks, j[:, None, None], 1)[:, 0]  # [B, bs] the chosen block
+    i = jnp.sum(jnp.cumsum(row, axis=-1) <= (u - before)[:, None], axis=-1)  # lands on mass > 0
+    last = DRAW_BLOCK - 1 - jnp.argmax(row[:, ::-1] > 0, axis=-1)  # (float rounding past the
+    return (j * DRAW_BLOCK + jnp.minimum(i, last)).astype(jnp.int32)  # block's end: its last id)
+
+
+DRAW_BLOCK = 256
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
@@ -135,11 +187,10 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top
     them: temperature 0 = greedy, top_k 0 = off, top_p 1 = off). A greedy row is the exact
     argmax of its float32 logits either way.
     """
-    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))
     if isinstance(temperature, (int, float)):
         if temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return draw(keys, _shared_filters(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        return draw(keys, _shared_filters(logits, temperature, top_k, top_p))
     B = logits.shape[0]
     temperature = jnp.asarray(temperature, jnp.float32)
     top_k = jnp.zeros(B, jnp.int32) if top_k is None else jnp.asarray(top_k, jnp.int32)
@@ -150,7 +201,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top
         scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
         filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),  # skip the sort if unused
                                 lambda l: _filter_rows(l, top_k, top_p), lambda l: l, scaled)
-        return draw(keys, filtered).astype(jnp.int32)
+        return draw(keys, filtered)
 
     drawn = jax.lax.cond(jnp.all(temperature == 0.0), lambda: greedy, sampled)
     return jnp.where(temperature == 0.0, greedy, drawn)

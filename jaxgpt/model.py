@@ -11,8 +11,8 @@ GELU backward with a transpose (measured ~30% faster on the baby model); attenti
 to `[B, H, T, D]` internally.
 
 With `config.quant == "int8"` the Linear layers (and, unless `quant_embedding` is off, the tied
-embedding) are `Int8Linear` / `Int8Embed`: int8 weights plus float32 per-output-channel scales,
-dequantized inside the matmul, so no float copy of the model is kept (see jaxgpt/quant.py).
+embedding) are `Int8Linear` / `Int8Embed` (jaxgpt/quant.py): int8 weights plus float32
+per-output-channel scales; no float copy of the model is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxgpt.config import ACTIVATIONS, GPTConfig
 from jaxgpt.parallel import gpu_ops_deterministic
+from jaxgpt.quant import Int8Embed, Int8Linear  # noqa: F401  (the int8 layers live with their kernels)
 
 _tanh_gelu = lambda x: jax.nn.gelu(x, approximate=True)  # 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
 _erf_gelu = lambda x: jax.nn.gelu(x, approximate=False)  # 0.5x(1 + erf(x / sqrt(2)))
@@ -94,13 +95,6 @@ def _split(key: jax.Array | None, n: int) -> list:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def _tie(x, w):
-    """(x, w) unchanged, but w now depends on x for XLA: inside a decode loop the int8 -> float
-    conversion of w would otherwise be hoisted out as loop-invariant, materialising a float copy
-    of every weight (4x the memory, and the loop then reads float32 weights)."""
-    return jax.lax.optimization_barrier((x, w))
-
-
 def _remat(f):
     """f(state, x, key) with activation rematerialisation: the forward pass keeps only the inputs
     and the backward pass recomputes f's internals from them.
@@ -129,28 +123,6 @@ def _remat(f):
     return run
 
 
-class Int8Linear(nnx.Module):
-    """y = (x @ W_int8^T) * scale + bias, with W stored int8 [out, in] and scale float32 [out].
-
-    The kernel is kept transposed relative to nnx.Linear ([out, in], one row per output channel):
-    for a single decoded token XLA's CPU matrix-vector product then reads the int8 rows directly,
-    whereas an int8 [in, out] operand is first converted to a float copy (measured ~2x slower).
-    """
-
-    def __init__(self, d_in: int, d_out: int, dtype, use_bias: bool = True):
-        self.kernel = nnx.Param(jnp.zeros((d_out, d_in), jnp.int8))  # [out, in]
-        self.scale = nnx.Param(jnp.ones((d_out,), jnp.float32))  # [out]
-        # [out]; None for the bias-free untied lm_head
-        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
-        self.dtype = dtype
-
-    def __call__(self, x):
-        x, kernel = _tie(x.astype(self.dtype), self.kernel[...])  # [N, in], [out, in] int8
-        y = x @ kernel.astype(self.dtype).T  # [N, out], dequantized inside the dot
-        y = y * self.scale[...].astype(self.dtype)
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
 class RowLinear(nnx.Module):
     """y = (W @ x^T)^T + bias with the kernel W stored [out, in] (PyTorch's layout): the decode copy.
 
@@ -173,27 +145,6 @@ class RowLinear(nnx.Module):
         # runs ~35% slower at 8 rows (the same at 1; experiments/PERF.md "Decode (batch 8)")
         y = jax.vmap(lambda r: jnp.dot(kernel, r[None].T).T[0])(x.astype(dtype))  # [N, out]
         return y + bias
-
-
-class Int8Embed(nnx.Module):
-    """A token embedding stored int8 [V, C] with one float32 scale per row (per vocabulary entry).
-
-    The row scale serves both uses: the lookup (`emb[id] * scale[id]`) and the tied head
-    (`attend`: logits[v] = (x . emb[v]) * scale[v], a per-output-channel scale).
-    """
-
-    def __init__(self, num: int, features: int, dtype):
-        self.embedding = nnx.Param(jnp.zeros((num, features), jnp.int8))  # [V, C]
-        self.scale = nnx.Param(jnp.ones((num,), jnp.float32))  # [V]
-        self.dtype = dtype
-
-    def __call__(self, ids):
-        rows = self.embedding[...][ids].astype(self.dtype)  # [..., C]
-        return rows * self.scale[...][ids][..., None].astype(self.dtype)
-
-    def attend(self, x):
-        x, table = _tie(x.astype(self.dtype), self.embedding[...])  # [N, C], [V, C] int8
-        return (x @ table.astype(self.dtype).T) * self.scale[...].astype(self.dtype)  # [N, V]
 
 
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):

@@ -1,17 +1,26 @@
-"""INT8 weight quantization: float GPT -> int8 GPT (symmetric, per-output-channel scales).
+"""INT8: the int8 layers, their matmul kernels, and float GPT -> int8 GPT (symmetric, per channel).
 
-Every matmul kernel (attn c_attn / c_proj, mlp c_fc / c_proj) becomes int8 with one float32
-scale per output channel, scale = max|w| / 127 over that channel, q = round(w / scale), so the
-reconstruction error of every weight is at most scale / 2. By default the tied embedding `wte`
+Weights. Every matmul kernel (attn c_attn / c_proj, mlp c_fc / c_proj) becomes int8 with one
+float32 scale per output channel, scale = max|w| / 127 over that channel, q = round(w / scale), so
+the reconstruction error of every weight is at most scale / 2. By default the tied embedding `wte`
 is quantized the same way per vocabulary row (one scale per row serves both the lookup and the
 tied head); `embedding=False` keeps it float32. An untied `lm_head` follows the embedding (int8,
 one scale per vocabulary row, or float32). LayerNorms, biases and `wpe` stay float32.
 
+Matmuls (`int8_matmul`). With several rows (a batch of decoded tokens, a prompt, an eval batch)
+the activations are quantized on the fly, per row and symmetric (`quantize_activations`), and the
+product is int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`), exact in the
+integers, rescaled once: the CPU's integer dot instructions do the work. A single row (batch-1
+decoding) keeps the activations in float and streams the int8 weights through a float
+matrix-vector product: there XLA:CPU's integer product is ~30x slower (experiments/PERF.md
+"Int8 kernels"). `set_activations(model, "float" | "int8" | "auto")` forces one path (quality
+and speed comparisons); "auto" is the default.
+
     qmodel = quantize_model(model)          # a GPT whose config has quant="int8"
     lm = jaxgpt.load(path).quantize()       # the same, on a LoadedModel
 
-The result is an ordinary GPT module (see Int8Linear / Int8Embed in jaxgpt.model) that saves and
-loads like any jaxgpt checkpoint; its meta carries {"quant": {"bits": 8, "embedding": ...}}.
+The result is an ordinary GPT module (its int8 layers are Int8Linear / Int8Embed below) that
+saves and loads like any jaxgpt checkpoint; its meta carries {"quant": {"bits": 8, "embedding": ...}}.
 """
 
 from __future__ import annotations
@@ -23,11 +32,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import ConfigError
-from jaxgpt.model import GPT
 
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
 
 LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+ACTIVATION_MODES = ("auto", "int8", "float")
+INT8_DOT_MIN_ROWS = 2  # "auto": from this many rows on, int8 x int8 (measured: PERF.md "Int8 kernels")
 
 
 @jax.jit
@@ -45,6 +55,94 @@ def dequantize_rows(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale[:, None]
 
 
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x float [N, K] -> (int8 [N, K], float32 scale [N, 1]): x ~= xq * scale, per row, symmetric,
+    so |x - xq * scale| <= scale / 2 elementwise (an all-zero row gets scale 1)."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # [N, 1]
+    scale = jnp.where(amax > 0, amax / QMAX, 1.0)
+    return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8), scale
+
+
+def _tie(x, w):
+    """(x, w) unchanged, but w now depends on x for XLA: inside a decode loop the int8 -> float
+    conversion of w would otherwise be hoisted out as loop-invariant, materialising a float copy
+    of every weight (4x the memory, and the loop then reads float32 weights)."""
+    return jax.lax.optimization_barrier((x, w))
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto") -> jax.Array:
+    """x float [N, K] times int8 weights q [M, K] (one row per output channel) with scales [M]:
+    float32 [N, M] ~= x @ (q * scale[:, None]).T.
+
+    "int8" (and "auto" from INT8_DOT_MIN_ROWS rows): x is quantized per row and the product runs
+    int8 x int8 -> int32, exact, then * x_scale * scale; its distance from the weight-only result
+    is at most x_scale / 2 * scale[m] * sum_k |q[m, k]| (the activation rounding). "float" (and
+    "auto" for one row): x @ q.T in x's float dtype, q converted inside the product, * scale.
+    """
+    if mode == "int8" or (mode == "auto" and x.shape[0] >= INT8_DOT_MIN_ROWS):
+        xq, x_scale = quantize_activations(x)
+        acc = jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32)  # [N, M], exact
+        return acc.astype(jnp.float32) * x_scale * scale.astype(jnp.float32)
+    x, q = _tie(x, q)
+    return (x @ q.astype(x.dtype).T).astype(jnp.float32) * scale.astype(jnp.float32)
+
+
+class Int8Linear(nnx.Module):
+    """y = int8_matmul(x, W_int8, scale) + bias, with W stored int8 [out, in] and scale float32 [out].
+
+    The kernel is kept transposed relative to nnx.Linear ([out, in], one row per output channel):
+    for a single decoded token XLA's CPU matrix-vector product then reads the int8 rows directly,
+    whereas an int8 [in, out] operand is first converted to a float copy (measured ~2x slower).
+    `activations` picks int8_matmul's mode (static; see set_activations).
+    """
+
+    def __init__(self, d_in: int, d_out: int, dtype, use_bias: bool = True):
+        self.kernel = nnx.Param(jnp.zeros((d_out, d_in), jnp.int8))  # [out, in]
+        self.scale = nnx.Param(jnp.ones((d_out,), jnp.float32))  # [out]
+        # [out]; None for the bias-free untied lm_head
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
+        self.dtype = dtype
+        self.activations = "auto"
+
+    def __call__(self, x):
+        y = int8_matmul(x.astype(self.dtype), self.kernel[...], self.scale[...], self.activations)
+        y = y if self.bias is None else y + self.bias[...]
+        return y.astype(self.dtype)  # [N, out]
+
+
+class Int8Embed(nnx.Module):
+    """A token embedding stored int8 [V, C] with one float32 scale per row (per vocabulary entry).
+
+    The row scale serves both uses: the lookup (`emb[id] * scale[id]`) and the tied head
+    (`attend`: logits[v] = (x . emb[v]) * scale[v], a per-output-channel scale, int8_matmul).
+    """
+
+    def __init__(self, num: int, features: int, dtype):
+        self.embedding = nnx.Param(jnp.zeros((num, features), jnp.int8))  # [V, C]
+        self.scale = nnx.Param(jnp.ones((num,), jnp.float32))  # [V]
+        self.dtype = dtype
+        self.activations = "auto"
+
+    def __call__(self, ids):
+        rows = self.embedding[...][ids].astype(self.dtype)  # [..., C]
+        return rows * self.scale[...][ids][..., None].astype(self.dtype)
+
+    def attend(self, x):
+        y = int8_matmul(x.astype(self.dtype), self.embedding[...], self.scale[...], self.activations)
+        return y.astype(self.dtype)  # [N, V]
+
+
+def set_activations(model, mode: str) -> None:
+    """Make every int8 layer of `model` use int8_matmul mode `mode` ("auto", "int8", "float")."""
+    if mode not in ACTIVATION_MODES:
+        raise ConfigError(f"int8 activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    for _, layer in nnx.iter_graph(model):
+        if isinstance(layer, (Int8Linear, Int8Embed)):
+            layer.activations = mode
+
+
 def is_quantized(config) -> bool:
     return getattr(config, "quant", None) is not None
 
@@ -56,7 +154,7 @@ def quant_meta(config) -> dict | None:
     return {"bits": 8, "embedding": bool(config.quant_embedding)}
 
 
-def quantize_model(model: GPT, embedding: bool = True) -> GPT:
+def quantize_model(model, embedding: bool = True):
     """An int8 copy of float `model` (the float model is left untouched).
 
     Only the int8 weights, their scales and the small float leftovers are allocated for the new
@@ -65,7 +163,7 @@ def quantize_model(model: GPT, embedding: bool = True) -> GPT:
     if is_quantized(model.config):
         raise ConfigError("this model is already int8-quantized; quantize its float32 source instead")
     qcfg = dataclasses.replace(model.config, quant="int8", quant_embedding=bool(embedding))
-    graphdef, qstate = nnx.split(nnx.eval_shape(lambda: GPT(qcfg)))  # shapes only, no allocation
+    graphdef, qstate = nnx.split(nnx.eval_shape(lambda: type(model)(qcfg)))  # shapes only, no allocation
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # nested dict of float arrays
     for i in range(qcfg.n_layer):
         block = pure["h"][i]

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 import jaxgpt  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 from jaxgpt.model import GPT, Int8Embed, Int8Linear, param_bytes  # noqa: E402
-from jaxgpt.quant import dequantize_rows, quantize_model, quantize_rows  # noqa: E402
+from jaxgpt.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
+                          quantize_activations, quantize_model, quantize_rows, set_activations)
 
 from conftest import run_cli  # noqa: E402
 
@@ -54,6 +55,42 @@ def test_quantize_rows_error_at_most_half_a_step():
     assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
 
 
+def _np_quantize_rows(x):
+    """An independent per-row symmetric int8 quantization (numpy, float64 scale arithmetic)."""
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.int64), scale
+
+
+@pytest.mark.parametrize("rows,k", [(8, 768), (3, 3072), (2, 50)])
+def test_int8_x_int8_dot_is_the_exact_integer_product(rows, k):
+    rng = np.random.RandomState(rows)
+    x = rng.randn(rows, k).astype(np.float32) * rng.uniform(0.01, 30, (rows, 1)).astype(np.float32)
+    x[0, 3] = 80.0  # an outlier activation, as GPT-2's residual stream has
+    w = rng.randn(96, k).astype(np.float32)
+    q, wscale = quantize_rows(jnp.asarray(w))
+    got = np.asarray(int8_matmul(jnp.asarray(x), q, wscale, "int8"))
+    xq, xscale = _np_quantize_rows(x)
+    exact = (xq @ np.asarray(q, np.int64).T).astype(np.float64) * xscale * np.asarray(wscale)
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-30)  # int32 sum exact, 2 roundings
+    # and within the activation-rounding bound of the weight-only product
+    wonly = np.asarray(int8_matmul(jnp.asarray(x), q, wscale, "float"), np.float64)
+    deq = np.asarray(dequantize_rows(q, wscale), np.float64)
+    np.testing.assert_allclose(wonly, x.astype(np.float64) @ deq.T, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    bound = xscale / 2 * np.abs(deq).sum(axis=1)  # [rows, 96]
+    assert (np.abs(got - wonly) <= bound * (1 + 1e-4) + 1e-5 * np.abs(wonly)).all()
+    assert (np.abs(got - wonly) > 0).any()  # the int8 path really quantized the activations
+
+
+def test_auto_mode_picks_the_path_by_row_count():
+    x = jax.random.normal(jax.random.key(1), (4, 64))
+    q, s = quantize_rows(jax.random.normal(jax.random.key(2), (32, 64)))
+    for n in (1, INT8_DOT_MIN_ROWS, 4):
+        want = "int8" if n >= INT8_DOT_MIN_ROWS else "float"
+        np.testing.assert_array_equal(int8_matmul(x[:n], q, s), int8_matmul(x[:n], q, s, want))
+    assert not np.array_equal(int8_matmul(x[:1], q, s, "int8"), int8_matmul(x[:1], q, s, "float"))
+
+
 def test_int8_layers_compute_the_dequantized_matmul(lm):
     qlm = lm.quantize()
     lin_f, lin_q = lm.model.h[0].mlp.c_fc, qlm.model.h[0].mlp.c_fc
@@ -61,16 +98,24 @@ def test_int8_layers_compute_the_dequantized_matmul(lm):
     assert lin_q.kernel[...].shape == (4 * 32, 32)  # [out, in]: one row per output channel
     x = jax.random.normal(jax.random.key(0), (5, 32))
     w = dequantize_rows(lin_q.kernel[...], lin_q.scale[...]).T  # [in, out]
+    xq, xs = quantize_activations(x)
+    w_bound = jnp.abs(x).sum(-1, keepdims=True) * lin_q.scale[...] / 2  # [5, out] weight rounding
+    x_bound = xs / 2 * jnp.abs(w).sum(0)  # [5, out] activation rounding
+    set_activations(qlm.model, "float")  # weight-only: x stays float
     np.testing.assert_allclose(lin_q(x), x @ w + lin_f.bias[...], rtol=1e-5, atol=1e-5)
-    # ... and within half a quantization step per weight of the float layer
-    bound = jnp.abs(x).sum(-1, keepdims=True) * lin_q.scale[...] / 2  # [5, out]
-    assert (jnp.abs(lin_q(x) - lin_f(x)) <= bound + 1e-5).all()
+    assert (jnp.abs(lin_q(x) - lin_f(x)) <= w_bound + 1e-5).all()
+    set_activations(qlm.model, "auto")  # 5 rows: int8 x int8
+    np.testing.assert_allclose(lin_q(x), (xq * xs) @ w + lin_f.bias[...], rtol=1e-5, atol=1e-5)
+    assert (jnp.abs(lin_q(x) - lin_f(x)) <= w_bound + x_bound + 1e-5).all()
     emb = qlm.model.wte
     assert isinstance(emb, Int8Embed) and emb.embedding[...].dtype == jnp.int8
     table = dequantize_rows(emb.embedding[...], emb.scale[...])  # [V, C]
     ids = jnp.array([[0, 7, 50256]])
     np.testing.assert_allclose(emb(ids), table[ids], rtol=1e-6)
-    np.testing.assert_allclose(emb.attend(x), x @ table.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(emb.attend(x), (xq * xs) @ table.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(emb.attend(x[:1]), x[:1] @ table.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="int8 activations"):
+        set_activations(qlm.model, "int4")
 
 
 def test_keep_embedding_leaves_wte_float(lm):
