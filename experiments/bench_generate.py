@@ -1,50 +1,99 @@
-"""Greedy generation speed: jaxgpt (fp32 KV cache, no cache, int8 weights) vs transformers' generate.
+"""Decode speed on a CPU: jaxgpt (float32, int8) against CTranslate2, HF generate and llama.cpp, with rooflines.
 
-    python experiments/bench_generate.py [--quick]
+    python experiments/bench_generate.py               # the default run (under 10 minutes on 2 cores)
+    python experiments/bench_generate.py --llama-cpp   # + llama.cpp f32 / q8_0 rows (batch 1)
+    python experiments/bench_generate.py --quick       # 32 new tokens, 2 rounds
+    python experiments/bench_generate.py --no-peers    # jaxgpt and HF generate only
 
-Same random GPT-2 124M weights in both (converted through jaxgpt.convert), a 16-token prompt,
-batch 1 and 8, 128 new tokens, greedy. Each implementation is warmed up (jaxgpt compiles) and
-then timed in alternating order over the repeats (A B C, C B A, ...), so drift on a shared
-machine hits all of them alike. Prints one table: tokens/s (new tokens x batch / wall time).
-The no-cache row (every step re-runs the model over the whole prefix) is ~10-30x slower, so by
-default it is timed once, on its first call, minus the compile time that jax.monitoring reports
-for that call (--no-cache-repeats adds ordinary timed repeats). The int8 row is the same model through
-jaxgpt.quant (int8 matmul kernels and embedding); its ids may differ from HF's where random
-weights leave near-tied logits. On a CPU "jaxgpt (KV cache)" is the default decode, through the
-model's decode copy (`jaxgpt.engine.decode_copy`: layer kernels kept transposed, and at batch 1
-an int8 screen of the head with a float32 recompute of the candidates, exact:
-`screened_argmax`); "jaxgpt (plain weights)" is the same decode over the model's own arrays
-(`generate(..., fast_decode=False)`).
+The peers come with `pip install -e '.[bench]'` (ctranslate2, torch, transformers); llama.cpp with
+`CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (built from source, ~8+ minutes on 2
+cores; its `convert_hf_to_gguf.py` is not installed with it: `--gguf-converter PATH`, or a copy of
+the sdist's vendor/llama.cpp in `<venv>/share/llama.cpp/`). jaxgpt itself never imports them.
 
-The int8 rows are opt-in (`--int8`) so that the default run, which has every row the GPT-2
-issue asks for (cache and no cache, against HF, at batch 1 and 8) plus the plain-weights row at
-batch 1, stays under 10 minutes on the 2-core development machine; the no-cache row at batch 8
-alone takes ~3 minutes there (`--no-cache-max-batch 1` skips it), and `--plain-max-batch 8`
-adds the plain-weights row at batch 8 (~1 minute more).
+One run prints one table. First the machine's limits: memory-read bandwidth (jitted `jnp.sum`
+over 500 MB of float32, medians of 7, the faster of a flat sum and a sum by rows of 1000: the flat
+one reads ~25% slower on 2 cores) and float32 GEMM peak (a jitted 2048^3 matmul, median of 7).
+One set of random GPT-2 124M weights (`transformers.GPT2LMHeadModel`, seed 0) goes to every
+implementation: jaxgpt through `jaxgpt.convert`, CTranslate2 through its `TransformersConverter`
+(float32; int8) of the HF model saved to a temporary directory with a tokenizer made from
+jaxgpt's shipped BPE files, llama.cpp through `convert_hf_to_gguf.py` (f32; q8_0). Rows:
+
+- greedy, per batch size (`--batches`, default 1 and 8), a 16-token random prompt and exactly 128
+  new tokens everywhere (end-of-text never stops a row): "jaxgpt float32" is the default
+  `jaxgpt.engine.generate(model, prompt, 128, temperature=0.0)` (on a CPU the decode copy, and
+  at batch 1 the exact int8 head screen), "jaxgpt int8" the same call on
+  `jaxgpt.quant.quantize_model(model)`, "CTranslate2 float32 / int8" `Generator.generate_batch`
+  (prompt forwarded at once, `include_prompt_in_result=False`), "HF generate" torch's
+  `generate` with its KV cache, "llama.cpp f32 / q8_0" (`--llama-cpp`, batch 1 only: its Python
+  API decodes one sequence at a time);
+- sampled (temperature 0.8, top-p 0.95, no top-k), same prompts and lengths, for jaxgpt and
+  CTranslate2, each printed under its greedy row with its speed as a multiple of greedy's;
+- prefill: batch 1, a 512-token prompt and 1 new token (time to first token), as prompt tokens/s.
+
+Timing: every implementation is warmed up first (jaxgpt compiles, so its warm-up is the very call
+that is timed; the peers get a 2-token call), then all rows of one batch size are timed together
+in 3 rounds whose order alternates (A B C, C B A, ...), so drift on a shared machine hits them
+alike. The table shows the median and min-max of tokens/s = new tokens x batch / wall time
+(prefill included). torch, CTranslate2 (intra_threads) and llama.cpp get `--threads` (2); XLA uses
+the machine's cores (2 on the development box). The footer says how long jax spent compiling
+inside the timed rounds (0 s: nothing was recompiled).
+
+Checks: every float32 greedy row says whether its ids equal HF generate's; int8 rows how many
+generated tokens agree with jaxgpt float32's (random weights leave near-tied logits, and one
+flipped token changes the rest of its row); prefill rows whether the first token equals jaxgpt
+float32's.
+
+Rooflines, per row: "% bw" = weight bytes read per step / step time / measured bandwidth and
+"% FLOP" = 2 x params x batch / step time / GEMM peak, with step time = wall / new tokens; for a
+prefill row the whole prompt is the step (2 x layer params x prompt tokens + the head once;
+attention's own FLOPs are not counted), and there "% FLOP" is the number that matters. Params =
+the layer kernels + the head table (123.5M at 124M; position table, biases and layernorms left
+out); bytes per param: 4 for float32 rows, 1 for jaxgpt int8 and CTranslate2 int8, 34/32 for q8_0
+(blocks of 32 int8 with a float16 scale). jaxgpt float32's batch-1 head screen reads ~115 MB less
+than its row counts, so that row's "% bw" is the fraction of the float32 bound it reaches (it can
+pass 100%); likewise "% FLOP" is always against the float32 GEMM peak, which int8 dot instructions
+can pass.
+
+Opt-in extra rows (greedy only): `--plain-max-batch N` adds "jaxgpt float32 plain" (`fast_decode=
+False`, the model's own arrays) up to batch N, `--no-cache-max-batch N` "jaxgpt no cache" (every
+step re-runs the whole prefix; ~10x slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
 from jaxgpt.convert import config_from_hf, model_from_tensors
-from jaxgpt.quant import quantize_model
 from jaxgpt.engine import generate
+from jaxgpt.quant import quantize_model
 
-
+ASSETS = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "gpt2"
+SAMPLING = dict(temperature=0.8, top_p=0.95)
+PROMPT_LEN = 16
 COMPILE_S = [0.0]  # seconds jax spent tracing, lowering and compiling, summed (jax.monitoring)
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
+TIMED_COMPILE_S = [0.0]  # of which inside timed rounds (0 when the warm-ups compiled everything)
 
 
 def _on_duration(event: str, seconds: float, **_):
@@ -53,6 +102,10 @@ def _on_duration(event: str, seconds: float, **_):
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def build(seed: int = 0, **shape):
@@ -64,97 +117,370 @@ def build(seed: int = 0, **shape):
     return hf, model_from_tensors(cfg, tensors, "bench")
 
 
-def contestants(hf, jx, prompt: np.ndarray, new: int, jq=None, plain: bool = True) -> dict:
-    """name -> zero-argument function generating `new` tokens greedily for `prompt` [B, T0]."""
-    pt = torch.tensor(prompt, device=hf.device)
-    mask = torch.ones_like(pt)
+def weight_params(n_layer: int, n_embd: int, vocab_size: int) -> tuple[int, int]:
+    """(layer kernel params, head table params): what a decode step must read."""
+    return 12 * n_layer * n_embd * n_embd, vocab_size * n_embd  # qkv 3C^2, proj C^2, mlp 4C^2 + 4C^2
 
-    def jax_run(use_cache, model=jx, fast=None):
-        return lambda: np.asarray(generate(model, prompt, new, temperature=0.0, use_cache=use_cache,
-                                           fast_decode=fast))
 
-    def hf_run():
+def _time_median(fn, reps: int) -> float:
+    fn().block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn().block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_limits(mbytes: int = 500, n: int = 2048, reps: int = 7) -> tuple[dict, float]:
+    """({way: memory-read bytes/s}, float32 GEMM FLOP/s), measured with XLA, medians of `reps`.
+
+    Two jitted jnp.sum over the same float32 array: flat (on 2 cores XLA reads it ~25% slower)
+    and by rows of 1000 (the rows summed in parallel); the bandwidth bound uses the faster."""
+    x = jax.random.normal(jax.random.key(0), (mbytes * 250_000,), jnp.float32)
+    flat, rows = jax.jit(jnp.sum), jax.jit(lambda v: jnp.sum(v.reshape(-1, 1000), axis=1))
+    bw = {way: x.nbytes / _time_median(lambda: f(x), reps) for way, f in (("flat", flat), ("rows", rows))}
+    del x
+    a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(jax.random.key(1)))
+    matmul = jax.jit(jnp.matmul)
+    return bw, 2 * n ** 3 / _time_median(lambda: matmul(a, b), reps)
+
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation: run(prompt [B, T] int, new, sampled) -> generated ids [B, new]."""
+    name: str
+    run: Callable | None
+    bytes_per_param: float
+    float32: bool
+    sampled: bool = True
+    prefill: bool = True
+    max_batch: int | None = None
+    compiles: bool = False  # jaxgpt: its warm-up is the timed call itself (compilation)
+    skip: str | None = None  # why there are no numbers (the row says so)
+
+
+def jaxgpt_impl(name, model, bytes_per_param, float32, **kw) -> Impl:
+    extra = kw.pop("generate_kw", {})
+
+    def run(prompt, new, sampled):
+        mode = dict(SAMPLING, key=jax.random.key(1)) if sampled else dict(temperature=0.0)
+        return np.asarray(generate(model, prompt, new, **mode, **extra))[:, prompt.shape[1]:]
+    return Impl(name, run, bytes_per_param, float32, compiles=True, **kw)
+
+
+def hf_impl(hf, threads: int) -> Impl:
+    torch.set_num_threads(threads)
+
+    def run(prompt, new, sampled):
+        assert not sampled
+        pt = torch.tensor(prompt, dtype=torch.long, device=hf.device)
         with torch.inference_mode():
-            return hf.generate(pt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, use_cache=True, pad_token_id=50256).cpu().numpy()
-
-    fns = {"jaxgpt (KV cache)": jax_run(True), "jaxgpt (no cache)": jax_run(False),
-           "HF generate (KV cache)": hf_run}
-    if plain and jax.default_backend() == "cpu":  # the decode without the decode copy (CPU default)
-        fns["jaxgpt (plain weights)"] = jax_run(True, fast=False)
-    if jq is not None:
-        fns["jaxgpt int8 (KV cache)"] = jax_run(True, jq)
-    return fns
+            out = hf.generate(pt, attention_mask=torch.ones_like(pt), max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=50256)
+        return out[:, prompt.shape[1]:].cpu().numpy()
+    return Impl("HF generate", run, 4, True, sampled=False, prefill=False)
 
 
-def bench(batch: int, hf, jx, new: int, repeats: int, no_cache: bool = True, prompt_len: int = 16,
-          jq=None, no_cache_repeats: int = 1, plain: bool = True) -> dict:
-    prompt = np.random.RandomState(batch).randint(0, 50257, (batch, prompt_len)).astype(np.int32)
-    fns = contestants(hf, jx, prompt, new, jq, plain)
-    if not no_cache:
-        del fns["jaxgpt (no cache)"]
-    outs, first = {}, {}
-    for name, fn in fns.items():  # warm-up / compile, and a correctness check
-        t0, c0 = time.perf_counter(), COMPILE_S[0]
-        outs[name] = fn()
-        first[name] = time.perf_counter() - t0 - (COMPILE_S[0] - c0)  # run time without compiling
-    ref = outs["HF generate (KV cache)"]
-    agree = {name: bool((o == ref).all()) for name, o in outs.items()}
-    times = {name: [] for name in fns}
-    order = list(fns)
-    reps = {name: no_cache_repeats if name == "jaxgpt (no cache)" else repeats for name in fns}
-    if "jaxgpt (no cache)" in fns and no_cache_repeats == 0:
-        times["jaxgpt (no cache)"].append(first["jaxgpt (no cache)"])
-    for r in range(max(reps.values())):
-        for name in (order if r % 2 == 0 else order[::-1]):  # alternate A/B order
-            if r >= reps[name]:
-                continue
+def hf_tokenizer():
+    """transformers' GPT2Tokenizer from jaxgpt's shipped encoder.json / vocab.bpe (offline)."""
+    import inspect
+    vocab, merges = ASSETS / "encoder.json", ASSETS / "vocab.bpe"
+    if "vocab_file" in inspect.signature(transformers.GPT2Tokenizer.__init__).parameters:  # v4
+        return transformers.GPT2Tokenizer(vocab_file=str(vocab), merges_file=str(merges))
+    lines = merges.read_text(encoding="utf-8").split("\n")[1:]  # v5: the vocabulary and merge pairs
+    return transformers.GPT2Tokenizer(vocab=json.loads(vocab.read_text(encoding="utf-8")),
+                                      merges=[tuple(line.split(" ")) for line in lines if line])
+
+
+def export_hf(hf, folder: str) -> None:
+    """The HF model + tokenizer in `folder`, config.json with n_ctx (convert_hf_to_gguf.py reads it)."""
+    hf.save_pretrained(folder)
+    hf_tokenizer().save_pretrained(folder)
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["n_ctx"] = cfg.get("n_positions", 1024)
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def ct2_runner(generator, vocab: dict[str, int]):
+    tokens = {i: s for s, i in vocab.items()}
+
+    def run(prompt, new, sampled):
+        mode = (dict(sampling_topk=0, sampling_topp=SAMPLING["top_p"],
+                     sampling_temperature=SAMPLING["temperature"]) if sampled else dict(sampling_topk=1))
+        res = generator.generate_batch([[tokens[int(i)] for i in row] for row in prompt],
+                                       max_batch_size=len(prompt), max_length=new, min_length=new,
+                                       include_prompt_in_result=False, **mode)
+        ids = np.array([[vocab[s] for s in r.sequences[0]] for r in res], np.int32)
+        if ids.shape != (len(prompt), new):
+            raise RuntimeError(f"CTranslate2 generated {ids.shape}, expected {(len(prompt), new)}")
+        return ids
+    return run
+
+
+CT2_ROWS = (("CTranslate2 float32", None, "float32", 4), ("CTranslate2 int8", "int8", "int8", 1))
+
+
+def ct2_impls(hf_dir: str, tmp: str, threads: int, skip: str | None) -> list[Impl]:
+    if skip is None:
+        try:
+            import ctranslate2
+        except ImportError:
+            skip = "ctranslate2 not installed"
+    if skip is not None:
+        return [Impl(name, None, bpp, quant is None, skip=skip) for name, quant, _, bpp in CT2_ROWS]
+    ctranslate2.set_random_seed(1)
+    vocab = json.loads((ASSETS / "encoder.json").read_text(encoding="utf-8"))
+    out = []
+    for name, quant, compute_type, bpp in CT2_ROWS:
+        folder = os.path.join(tmp, f"ct2-{compute_type}")
+        ctranslate2.converters.TransformersConverter(hf_dir).convert(folder, quantization=quant, force=True)
+        gen = ctranslate2.Generator(folder, device="cpu", compute_type=compute_type,
+                                    intra_threads=threads, inter_threads=1)
+        out.append(Impl(name, ct2_runner(gen, vocab), bpp, quant is None))
+    return out
+
+
+def find_gguf_converter(path: str | None) -> Path | None:
+    if path:
+        return Path(path)
+    here = []
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is not None and spec.origin:
+        pkg = Path(spec.origin).parent
+        here += [pkg, pkg / "vendor" / "llama.cpp", pkg.parent / "vendor" / "llama.cpp"]
+    here += [Path(sys.prefix) / "share" / "llama.cpp", Path.cwd() / "llama.cpp"]
+    return next((d / "convert_hf_to_gguf.py" for d in here if (d / "convert_hf_to_gguf.py").is_file()), None)
+
+
+def llama_runner(llm):
+    def run(prompt, new, sampled):
+        assert not sampled
+        rows = []
+        for row in prompt:  # one sequence at a time
+            llm.reset()
+            out = []
+            for tok in llm.generate([int(i) for i in row], top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                    repeat_penalty=1.0, reset=True):
+                out.append(tok)
+                if len(out) == new:
+                    break
+            rows.append(out)
+        return np.array(rows, np.int32)
+    return run
+
+
+LLAMA_ROWS = (("llama.cpp f32", "f32", 4), ("llama.cpp q8_0", "q8_0", 34 / 32))
+
+
+def llama_impls(hf_dir: str, tmp: str, threads: int, converter: str | None, n_ctx: int) -> list[Impl]:
+    def skipped(why):
+        return [Impl(name, None, bpp, outtype == "f32", prefill=False, max_batch=1, skip=why)
+                for name, outtype, bpp in LLAMA_ROWS]
+    try:
+        import llama_cpp
+    except ImportError:
+        return skipped("llama_cpp not installed")
+    script = find_gguf_converter(converter)
+    if script is None or not script.is_file():
+        return skipped("convert_hf_to_gguf.py not found: --gguf-converter PATH")
+    out = []
+    for name, outtype, bpp in LLAMA_ROWS:
+        path = os.path.join(tmp, f"model-{outtype}.gguf")
+        done = subprocess.run([sys.executable, str(script), hf_dir, "--outfile", path, "--outtype", outtype],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["?"])[-1][:80]
+            out.append(Impl(name, None, bpp, outtype == "f32", prefill=False, max_batch=1,
+                            skip=f"conversion failed: {why}"))
+            continue
+        llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                              logits_all=False, verbose=False)
+        out.append(Impl(name, llama_runner(llm), bpp, outtype == "f32", sampled=False, prefill=False,
+                        max_batch=1))
+    return out
+
+
+def measure(entries: list, repeats: int) -> tuple[dict, dict]:
+    """entries: [(key, zero-argument fn)] timed in alternating order; ({key: [s]}, {key: 1st output})."""
+    times, outs, c0 = {k: [] for k, _ in entries}, {}, COMPILE_S[0]
+    for r in range(repeats):
+        for key, fn in (entries if r % 2 == 0 else entries[::-1]):
             t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (sorted(batch * new / t for t in ts), agree[name]) for name, ts in times.items()}
+            out = fn()
+            times[key].append(time.perf_counter() - t0)
+            outs.setdefault(key, out)
+    TIMED_COMPILE_S[0] += COMPILE_S[0] - c0
+    return times, outs
 
 
-def main():
+def warm_entries(impls: list[Impl], prompt, new: int, modes) -> list:
+    """Warm every live implementation up for each mode it has; [(key, timed fn)] in order."""
+    entries = []
+    for impl in impls:
+        for mode in modes:
+            if impl.skip or (mode == "sampled" and not impl.sampled) or (
+                    mode == "prefill" and not impl.prefill) or (impl.max_batch or 1e9) < len(prompt):
+                continue
+            sampled = mode == "sampled"
+            impl.run(prompt, new if impl.compiles else min(new, 2), sampled)
+            entries.append(((impl.name, mode), functools.partial(impl.run, prompt, new, sampled)))
+    return entries
+
+
+def check(mode: str, impl: Impl, outs: dict, tps: dict) -> str:
+    own = outs.get((impl.name, mode))
+    if mode == "sampled":
+        return f"{statistics.median(tps[impl.name, 'sampled']) / statistics.median(tps[impl.name, 'greedy']):.2f}x greedy"
+    ref = outs.get(("jaxgpt float32", mode))
+    if mode == "prefill":
+        return "reference" if impl.name == "jaxgpt float32" else (
+            "-" if ref is None else f"1st token = jaxgpt f32: {'yes' if (own == ref).all() else 'NO'}")
+    if impl.float32:
+        hf = outs.get(("HF generate", "greedy"))
+        return "reference" if impl.name == "HF generate" else (
+            "-" if hf is None else f"same ids as HF: {'yes' if (own == hf).all() else 'NO'}")
+    return "-" if ref is None else f"agree {int((own == ref).sum())}/{own.size} with jaxgpt f32"
+
+
+def bench(impls: list[Impl], batch: int, new: int, repeats: int, modes, prompt_len: int,
+          vocab: int) -> list[dict]:
+    """Rows for one batch size (modes greedy/sampled) or the prefill (modes ("prefill",))."""
+    prompt = np.random.RandomState(batch + prompt_len).randint(0, vocab, (batch, prompt_len)).astype(np.int32)
+    entries = warm_entries(impls, prompt, new, modes)
+    times, outs = measure(entries, repeats)
+    count = prompt_len if modes == ("prefill",) else new * batch
+    tps = {key: sorted(count / t for t in ts) for key, ts in times.items()}
+    rows = []
+    for impl in impls:
+        for mode in modes:
+            if impl.skip and mode != "sampled" and (impl.max_batch or 1e9) >= batch and (
+                    mode != "prefill" or impl.prefill):
+                rows.append(dict(batch=batch, mode=mode, impl=impl, skip=impl.skip))
+            elif (impl.name, mode) in tps:
+                rows.append(dict(batch=batch, mode=mode, impl=impl, tps=tps[impl.name, mode],
+                                 check=check(mode, impl, outs, tps), prompt_len=prompt_len))
+    return rows
+
+
+def roofline(row: dict, limits: tuple[float, float], params: tuple[int, int]) -> tuple[float, float]:
+    """(fraction of the bandwidth bound, fraction of the compute bound) of a row's median."""
+    (bw, peak), (layer, head) = limits, params
+    tps = statistics.median(row["tps"])
+    if row["mode"] == "prefill":
+        step, flops = row["prompt_len"] / tps, 2 * layer * row["prompt_len"] + 2 * head
+    else:
+        step, flops = row["batch"] / tps, 2 * (layer + head) * row["batch"]
+    return (layer + head) * row["impl"].bytes_per_param / step / bw, flops / step / peak
+
+
+def table(rows: list[dict], limits, params) -> str:
+    lines = ["| batch | decode | implementation | tokens/s (median) | min - max | % bw | % FLOP | check |",
+             "|--:|---|---|--:|--:|--:|--:|---|"]
+    for row in rows:
+        name = row["impl"].name
+        mode = f"prefill {row['prompt_len']}" if row["mode"] == "prefill" else row["mode"]
+        if "skip" in row:
+            lines.append(f"| {row['batch']} | {mode} | {name} | skipped ({row['skip']}) | | | | |")
+            continue
+        tps = row["tps"]
+        fb, fc = roofline(row, limits, params)
+        lines.append(f"| {row['batch']} | {mode} | {name} | {statistics.median(tps):.1f} | "
+                     f"{tps[0]:.1f} - {tps[-1]:.1f} | {100 * fb:.0f}% | {100 * fc:.1f}% | {row['check']} |")
+    return "\n".join(lines)
+
+
+def order_rows(rows: list[dict], impls: list[Impl]) -> list[dict]:
+    """Batch by batch, each implementation's greedy row followed by its sampled row; prefill last."""
+    rank = {impl.name: i for i, impl in enumerate(impls)}
+    key = {"greedy": 0, "sampled": 1, "prefill": 2}
+    return sorted(rows, key=lambda r: (r["mode"] == "prefill", r["batch"], rank[r["impl"].name], key[r["mode"]]))
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller run: 32 new tokens, 2 repeats")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per implementation after the warm-up (default 3; --quick: 2)")
-    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--no-cache-max-batch", type=int, default=8,
-                   help="skip the no-cache path above this batch (default 8: never)")
-    p.add_argument("--no-cache-repeats", type=int, default=0,
-                   help="timed repeats of the no-cache path (0: its first call minus compile time)")
-    p.add_argument("--plain-max-batch", type=int, default=1,
-                   help="time the plain-weights row (CPU) up to this batch (default 1)")
-    p.add_argument("--int8", action="store_true", help="add the int8 rows (jaxgpt.quant weights)")
-    args = p.parse_args()
-    new = 32 if args.quick else 128
-    repeats = args.repeats or (2 if args.quick else 3)
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf, jx = build()  # GPT2Config() defaults: GPT-2 small, 124M
-    if torch.cuda.is_available():  # on a GPU machine both run on the GPU
-        hf = hf.cuda()
-    jq = quantize_model(jx) if args.int8 else None
-    hf_where = "cuda" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads"
-    print(f"GPT-2 124M (random weights), greedy, 16-token prompt, {new} new tokens, {repeats} "
-          f"timed repeats after warm-up (no cache: {args.no_cache_repeats or 'first call minus compile'}) | "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} [{jax.devices()[0].platform}], torch {torch.__version__} "
-          f"({hf_where}, attention {hf.config._attn_implementation}), "
-          f"transformers {transformers.__version__}", flush=True)
+    p.add_argument("--quick", action="store_true", help="smaller run: 32 new tokens, 2 rounds")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; --quick: 2)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--new", type=int, default=None, help="new tokens per row (default 128; --quick 32)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill prompt length (0: no prefill rows)")
+    p.add_argument("--no-sampled", action="store_true", help="leave the sampled rows out")
+    p.add_argument("--threads", type=int, default=2, help="threads for torch, CTranslate2, llama.cpp")
+    p.add_argument("--no-peers", action="store_true", help="no CTranslate2 / llama.cpp rows")
+    p.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32 and q8_0 rows (batch 1)")
+    p.add_argument("--gguf-converter", default=None, help="path of llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--plain-max-batch", type=int, default=0,
+                   help="add jaxgpt float32 with fast_decode=False up to this batch (default 0: none)")
+    p.add_argument("--no-cache-max-batch", type=int, default=0,
+                   help="add jaxgpt without its KV cache up to this batch (default 0: none; slow)")
+    p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # int8 rows are always on now
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a 2-layer shape, for the tests
+    args = p.parse_args(argv)
+    args.new = args.new or (32 if args.quick else 128)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
+    impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True), jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
+    if args.plain_max_batch:
+        impls.append(jaxgpt_impl("jaxgpt float32 plain", jx, 4, True, sampled=False, prefill=False,
+                                 max_batch=args.plain_max_batch, generate_kw=dict(fast_decode=False)))
+    if args.no_cache_max_batch:
+        impls.append(jaxgpt_impl("jaxgpt no cache", jx, 4, True, sampled=False, prefill=False,
+                                 max_batch=args.no_cache_max_batch, generate_kw=dict(use_cache=False)))
+    hf_dir = os.path.join(tmp, "hf")
+    if not args.no_peers or args.llama_cpp:
+        export_hf(hf, hf_dir)
+    impls += ct2_impls(hf_dir, tmp, args.threads, "--no-peers" if args.no_peers else None)
+    impls.append(hf_impl(hf, args.threads))
+    if args.llama_cpp and not args.no_peers:
+        impls += llama_impls(hf_dir, tmp, args.threads, args.gguf_converter, hf.config.n_positions)
+    return impls
+
+
+def versions(impls: list[Impl]) -> str:
+    out = [f"jax {jax.__version__} [{jax.devices()[0].platform}]", f"torch {torch.__version__}",
+           f"transformers {transformers.__version__}"]
+    for mod in ("ctranslate2", "llama_cpp"):
+        if mod in sys.modules:
+            out.append(f"{mod} {sys.modules[mod].__version__}")
+    return ", ".join(out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     t_start = time.perf_counter()
-    print(f"| batch | implementation         | tokens/s (median) | min-max         | same ids as HF |")
-    print(f"|------:|------------------------|------------------:|-----------------|:--------------:|")
-    for batch in map(int, args.batches.split(",")):  # rows print as each batch size finishes
-        results = bench(batch, hf, jx, new, repeats, no_cache=batch <= args.no_cache_max_batch, jq=jq,
-                        no_cache_repeats=args.no_cache_repeats, plain=batch <= args.plain_max_batch)
-        for name, (tps, agree) in results.items():
-            print(f"| {batch:5d} | {name:22s} | {statistics.median(tps):17.1f} | "
-                  f"{tps[0]:6.1f} - {tps[-1]:6.1f} | {'yes' if agree else 'NO':^14s} |", flush=True)
-        if batch > args.no_cache_max_batch:
-            print(f"| {batch:5d} | {'jaxgpt (no cache)':22s} | skipped: --no-cache-max-batch {batch} adds it |")
-    print(f"(whole run, model building excluded: {time.perf_counter() - t_start:.0f} s)")
+    mbytes, n = (50, 512) if args.tiny else (500, 2048)
+    bws, peak = machine_limits(mbytes, n)
+    limits = (max(bws.values()), peak)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores: memory-read bandwidth "
+          f"{limits[0] / 1e9:.1f} GB/s (jitted jnp.sum over {mbytes} MB float32, medians of 7: flat "
+          f"{bws['flat'] / 1e9:.1f}, by rows of 1000 {bws['rows'] / 1e9:.1f}), float32 GEMM {peak / 1e9:.0f} "
+          f"GFLOP/s (jitted {n}^3 matmul, median of 7)", flush=True)
+    shape = dict(n_layer=2, n_embd=64, n_head=2) if args.tiny else {}  # GPT2Config() defaults: 124M
+    hf, jx = build(**shape)
+    c = hf.config
+    params = weight_params(c.n_layer, c.n_embd, c.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
+        impls = make_impls(args, hf, jx, tmp)
+        print(f"GPT-2 {'tiny' if args.tiny else '124M'} shape (random weights, {sum(params) / 1e6:.1f}M "
+              f"layer-kernel + head params: {4 * sum(params) / 1e6:.0f} MB float32, {sum(params) / 1e6:.0f} MB "
+              f"int8), {PROMPT_LEN}-token prompt, {args.new} new tokens, sampled = temperature "
+              f"{SAMPLING['temperature']} top-p {SAMPLING['top_p']}, medians of {args.repeats} alternated "
+              f"rounds, {args.threads} threads | {versions(impls)}", flush=True)
+        rows = []
+        modes = ("greedy",) if args.no_sampled else ("greedy", "sampled")
+        for batch in map(int, args.batches.split(",")):
+            rows += bench(impls, batch, args.new, args.repeats, modes, PROMPT_LEN, c.vocab_size)
+            log(f"[{time.perf_counter() - t_start:5.0f} s] batch {batch} done")
+        if args.prefill:
+            rows += bench(impls, 1, 1, args.repeats, ("prefill",), args.prefill, c.vocab_size)
+            log(f"[{time.perf_counter() - t_start:5.0f} s] prefill done")
+    print(table(order_rows(rows, impls), limits, params))
+    print(f"(whole run, model building and conversions included: {time.perf_counter() - t_start:.0f} s; "
+          f"jax compiling inside the timed rounds: {TIMED_COMPILE_S[0]:.1f} s)")
 
 
 if __name__ == "__main__":
