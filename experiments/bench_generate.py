@@ -473,8 +473,8 @@ def main(argv=None):
         print(f"GPT-2 {'tiny' if args.tiny else '124M'} shape (random weights, {sum(params) / 1e6:.1f}M "
               f"layer-kernel + head params: {4 * sum(params) / 1e6:.0f} MB float32, "
               f"{sum(params) / 1e6:.0f} MB int8), {PROMPT_LEN}-token prompt, {args.new} new tokens, "
-              f"sampled = temperature {SAMPLING['temperature']} top-p {SAMPLING['top_p']}, medians of {args.repeats} alternated "
-              f"rounds, {args.threads} threads | {versions(impls)}", flush=True)
+              f"sampled = temperature {SAMPLING['temperature']} top-p {SAMPLING['top_p']}, medians of "
+              f"{args.repeats} alternated rounds, {args.threads} threads | {versions(impls)}", flush=True)
         rows = []
         modes = ("greedy",) if args.no_sampled else ("greedy", "sampled")
         for batch in map(int, args.batches.split(",")):
