@@ -8,7 +8,9 @@ on Tiny Shakespeare) and out_bpe_small (a GPT-2-BPE model trained on the same te
 --block-size 64 --batch-size 8 --max-iters 600`). For each run: the fp32 model, int8 (default:
 int8 embedding too) and int8 --keep-embedding are scored on the run's own validation tokens
 (RUN/data/val.bin, non-overlapping context windows, as `python -m jaxgpt.eval`), and each int8
-model's greedy continuation of a few prompts is compared token by token with fp32's.
+model's greedy continuation of a few prompts is compared token by token with fp32's. Each int8
+model is scored in both matmul modes: int8 x int8 (activations quantized per row) and
+weight-only (float activations).
 Prints one markdown table.
 """
 
@@ -23,6 +25,12 @@ import numpy as np
 import jaxgpt
 from jaxgpt.eval import evaluate
 from jaxgpt.model import param_bytes
+from jaxgpt.quant import set_activations
+
+# int8_matmul modes: "int8" = activations quantized per row, int8 x int8 -> int32 (the default
+# from 2 rows on: prompts, eval batches, batched decoding); "float" = weight-only (the default
+# for one row: batch-1 decoding)
+ACTS = {"int8": "int8 x int8", "float": "weight-only"}
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY VI:\nO God", "\n"]
 
@@ -55,7 +63,12 @@ def main():
     for run in map(Path, args.runs):
         lm = jaxgpt.load(run)
         ids = val_tokens(run)
-        variants = {"fp32": lm, "int8": lm.quantize(), "int8 --keep-embedding": lm.quantize(embedding=False)}
+        variants = {"fp32": lm}
+        for emb in (True, False):  # each int8 model in both matmul modes (jaxgpt.quant.int8_matmul)
+            for mode in ("int8", "float"):
+                q = lm.quantize(embedding=emb)
+                set_activations(q.model, mode)
+                variants[f"int8{'' if emb else ' --keep-embedding'}, {ACTS[mode]}"] = q
         outs, base = {}, None
         for name, m in variants.items():
             loss = evaluate(m.model, ids)["loss"]

@@ -131,7 +131,7 @@ def _smallest_key(pred, B: int) -> jax.Array:
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
     lo, hi = jnp.zeros((B, 1), jnp.uint32), jnp.full((B, 1), 0xFFFFFFFF, jnp.uint32)
-    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi), unroll=True)
     return jnp.where(pred(lo), lo, hi)
 
 
