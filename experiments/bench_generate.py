@@ -457,6 +457,7 @@ def versions(impls: list[Impl]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained / converters: no bars in the log
     t_start = time.perf_counter()
     mbytes, n = (50, 512) if args.tiny else (500, 2048)
     start = machine_limits(mbytes, n)
