@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +100,35 @@ def _quiet_asyncio():
         log.setLevel(level)
 
 
+def _closed_loop_callback(exc_type, exc, tb) -> bool:
+    """Whether an error is orbax's leftover of an abandoned read: RuntimeError('Event loop is
+    closed') raised inside asyncio's call_soon_threadsafe (TensorStore completing a read of a
+    damaged checkpoint after orbax closed the event loop that was waiting for it)."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name in ("call_soon_threadsafe", "_check_closed")
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """After a damaged checkpoint, TensorStore's pending reads finish on their own threads and
+    call back into the event loop orbax has closed; each prints a traceback (through
+    sys.excepthook) at any later moment. Drop exactly those; every other error is printed."""
+    if getattr(sys.excepthook, "_jaxgpt_filter", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if not _closed_loop_callback(exc_type, exc, tb):
+            previous(exc_type, exc, tb)
+
+    hook._jaxgpt_filter = True
+    sys.excepthook = hook
+
+
 def _newest_first(out, step: int | None, read, warn=None):
     """read(step) for the given step, or for the newest checkpoint that reads without error: a
     damaged one is skipped (with `warn(message)`) in favour of the one before it, which is kept
@@ -116,6 +146,7 @@ def _newest_first(out, step: int | None, read, warn=None):
         except ConfigError:  # a readable checkpoint that does not fit: no fallback
             raise
         except Exception as e:  # orbax raises many types for damaged files
+            _silence_closed_loop_callbacks()
             errors.append(_damaged(out, s, e))
         if warn is not None and s != steps[-1]:
             warn(f"warning: {errors[-1]}; using the checkpoint before it")
