@@ -361,7 +361,7 @@ def bench(impls: list[Impl], batch: int, new: int, repeats: int, modes, prompt_l
         for mode in modes:
             if impl.skip and mode != "sampled" and (impl.max_batch or 1e9) >= batch and (
                     mode != "prefill" or impl.prefill):
-                rows.append(dict(batch=batch, mode=mode, impl=impl, skip=impl.skip))
+                rows.append(dict(batch=batch, mode=mode, impl=impl, skip=impl.skip, prompt_len=prompt_len))
             elif (impl.name, mode) in tps:
                 rows.append(dict(batch=batch, mode=mode, impl=impl, tps=tps[impl.name, mode],
                                  check=check(mode, impl, outs, tps), prompt_len=prompt_len))
