@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,19 +115,31 @@ def _closed_loop_callback(exc_type, exc, tb) -> bool:
 
 
 def _silence_closed_loop_callbacks() -> None:
-    """After a damaged checkpoint, TensorStore's pending reads finish on their own threads and
-    call back into the event loop orbax has closed; each prints a traceback (through
-    sys.excepthook) at any later moment. Drop exactly those; every other error is printed."""
+    """After a failed read of a damaged checkpoint, TensorStore's pending reads finish on their
+    own threads and call back into the event loop orbax has closed; each prints a traceback (through
+    sys.excepthook, threading.excepthook or sys.unraisablehook) at any later moment. Drop exactly
+    those; every other error is printed as before. Installed once per process."""
     if getattr(sys.excepthook, "_jaxgpt_filter", False):
         return
-    previous = sys.excepthook
+    previous, previous_thread, previous_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
 
     def hook(exc_type, exc, tb):
         if not _closed_loop_callback(exc_type, exc, tb):
             previous(exc_type, exc, tb)
 
+    def thread_hook(args):
+        if not _closed_loop_callback(args.exc_type, args.exc_value, args.exc_traceback):
+            previous_thread(args)
+
+    def unraisable_hook(args):
+        code = getattr(args.object, "cr_code", None)  # an orbax read coroutine of a damaged file,
+        leftover = (code is not None and "orbax" in code.co_filename  # collected after the error
+                    and str(args.exc_value).startswith("Encountered error while reading"))  # raised
+        if not (leftover or _closed_loop_callback(args.exc_type, args.exc_value, args.exc_traceback)):
+            previous_unraisable(args)
+
     hook._jaxgpt_filter = True
-    sys.excepthook = hook
+    sys.excepthook, threading.excepthook, sys.unraisablehook = hook, thread_hook, unraisable_hook
 
 
 def _newest_first(out, step: int | None, read, warn=None):
@@ -137,6 +150,7 @@ def _newest_first(out, step: int | None, read, warn=None):
     if not steps:
         raise ConfigError(f"no checkpoint found in {checkpoint_dir(out)}")
     errors = []
+    _silence_closed_loop_callbacks()  # (before reading: the callbacks may come during the read)
     for s in steps:
         try:
             with _quiet_asyncio():
@@ -146,7 +160,6 @@ def _newest_first(out, step: int | None, read, warn=None):
         except ConfigError:  # a readable checkpoint that does not fit: no fallback
             raise
         except Exception as e:  # orbax raises many types for damaged files
-            _silence_closed_loop_callbacks()
             errors.append(_damaged(out, s, e))
         if warn is not None and s != steps[-1]:
             warn(f"warning: {errors[-1]}; using the checkpoint before it")

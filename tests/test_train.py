@@ -335,7 +335,11 @@ def test_only_orbax_closed_loop_callbacks_are_silenced(capsys, monkeypatch):
     other = RuntimeError("Event loop is closed")  # the same text, raised elsewhere: not filtered
     assert not checkpoint._closed_loop_callback(RuntimeError, other, None)
     assert not checkpoint._closed_loop_callback(ValueError, ValueError("x"), closed[2])
+    import threading
+
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
     checkpoint._silence_closed_loop_callbacks()
     checkpoint._silence_closed_loop_callbacks()  # installed once
     sys.excepthook(*closed)
