@@ -199,7 +199,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top
 
     def sampled():
         scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),  # skip the sort if unused
+        filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),  # skip the filters if unused
                                 lambda l: _filter_rows(l, top_k, top_p), lambda l: l, scaled)
         return draw(keys, filtered)
 

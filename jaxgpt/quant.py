@@ -8,7 +8,7 @@ tied head); `embedding=False` keeps it float32. An untied `lm_head` follows the 
 one scale per vocabulary row, or float32). LayerNorms, biases and `wpe` stay float32.
 
 Matmuls (`int8_matmul`). With several rows (a batch of decoded tokens, a prompt, an eval batch)
-the activations are quantized on the fly, per row and symmetric (`quantize_activations`), and the
+the activations are quantized on the fly, per row and symmetric (`quantize_rows`, as the weights), and the
 product is int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`), exact in the
 integers, rescaled once: the CPU's integer dot instructions do the work. A single row (batch-1
 decoding) keeps the activations in float and streams the int8 weights through a float
@@ -55,15 +55,6 @@ def dequantize_rows(q: jax.Array, scale: jax.Array) -> jax.Array:
     return q.astype(jnp.float32) * scale[:, None]
 
 
-def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x float [N, K] -> (int8 [N, K], float32 scale [N, 1]): x ~= xq * scale, per row, symmetric,
-    so |x - xq * scale| <= scale / 2 elementwise (an all-zero row gets scale 1)."""
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # [N, 1]
-    scale = jnp.where(amax > 0, amax / QMAX, 1.0)
-    return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8), scale
-
-
 def _tie(x, w):
     """(x, w) unchanged, but w now depends on x for XLA: inside a decode loop the int8 -> float
     conversion of w would otherwise be hoisted out as loop-invariant, materialising a float copy
@@ -81,7 +72,8 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto"
     "auto" for one row): x @ q.T in x's float dtype, q converted inside the product, * scale.
     """
     if mode == "int8" or (mode == "auto" and x.shape[0] >= INT8_DOT_MIN_ROWS):
-        xq, x_scale = quantize_activations(x)
+        xq, x_scale = quantize_rows(x)  # per row, symmetric: |x - xq * x_scale| <= x_scale / 2
+        x_scale = x_scale[:, None]  # [N, 1]
         acc = jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.int32)  # [N, M], exact
         return acc.astype(jnp.float32) * x_scale * scale.astype(jnp.float32)

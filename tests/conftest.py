@@ -30,3 +30,24 @@ def run_cli(module: str, *args, env=None, timeout=600, **kw) -> subprocess.Compl
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO),
                           input=kw.get("input"))
+
+
+def random_adapter(base_dir, out, rank, targets, seed):
+    """A LoRA adapter folder on the model at base_dir with random, non-zero A and B, as
+    jaxgpt.sft writes one; returns `out`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import jaxgpt
+    from jaxgpt import lora
+    lm = jaxgpt.load(base_dir)
+    lora.apply_lora(lm.model, rank, 2.0 * rank, targets, seed=seed)
+    rng = np.random.RandomState(seed)
+    state = nnx.state(lm.model, nnx.LoRAParam)
+    nnx.update(lm.model, jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape).astype(np.float32) * 0.3), state))
+    meta = {"base": str(base_dir), "rank": rank, "alpha": 2.0 * rank, "targets": targets,
+            "model_config": lm.config.to_dict()}
+    lora.save_adapter(out, lm.model, meta)
+    return out

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
+from conftest import random_adapter  # noqa: E402
 from jaxgpt import templates  # noqa: E402
 from jaxgpt.chat import ChatSession  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
@@ -216,21 +217,6 @@ def test_chat_greedy_reply_equals_transformers(tiny):
     assert chat.messages[-1] == {"role": "assistant", "content": answer}
     chat.reset()
     assert chat.reply("Name a primary color.") == answer  # reset: the same first turn again
-
-
-def random_adapter(base_dir, out, rank, targets, seed):
-    """A LoRA adapter folder (as jaxgpt.sft writes one) with random, non-zero A and B."""
-    from flax import nnx
-
-    from jaxgpt import lora
-    lm = jaxgpt.load(base_dir)
-    lora.apply_lora(lm.model, rank, 2.0 * rank, targets, seed=seed)
-    rng = np.random.RandomState(seed)
-    state = nnx.state(lm.model, nnx.LoRAParam)
-    nnx.update(lm.model, jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape).astype(np.float32) * 0.3), state))
-    lora.save_adapter(out, lm.model, {"base": str(base_dir), "rank": rank, "alpha": 2.0 * rank,
-                                      "targets": targets, "model_config": lm.config.to_dict()})
-    return out
 
 
 def test_per_row_adapters_and_logprobs(tiny, tmp_path):

@@ -15,7 +15,7 @@ import jaxgpt  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 from jaxgpt.model import GPT, Int8Embed, Int8Linear, param_bytes  # noqa: E402
 from jaxgpt.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
-                          quantize_activations, quantize_model, quantize_rows, set_activations)
+                          quantize_model, quantize_rows, set_activations)
 
 from conftest import run_cli  # noqa: E402
 
@@ -98,7 +98,8 @@ def test_int8_layers_compute_the_dequantized_matmul(lm):
     assert lin_q.kernel[...].shape == (4 * 32, 32)  # [out, in]: one row per output channel
     x = jax.random.normal(jax.random.key(0), (5, 32))
     w = dequantize_rows(lin_q.kernel[...], lin_q.scale[...]).T  # [in, out]
-    xq, xs = quantize_activations(x)
+    xq, xs = quantize_rows(x)  # the activations' per-row quantization
+    xs = xs[:, None]
     w_bound = jnp.abs(x).sum(-1, keepdims=True) * lin_q.scale[...] / 2  # [5, out] weight rounding
     x_bound = xs / 2 * jnp.abs(w).sum(0)  # [5, out] activation rounding
     set_activations(qlm.model, "float")  # weight-only: x stays float

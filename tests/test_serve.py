@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,14 +28,13 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from flax import nnx  # noqa: E402
 
 import jaxgpt  # noqa: E402
-from jaxgpt import lora, templates  # noqa: E402
+from jaxgpt import templates  # noqa: E402
 from jaxgpt.sample import text_samples  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
-from conftest import REPO, run_cli  # noqa: E402
+from conftest import REPO, random_adapter, run_cli  # noqa: E402
 
 torch.set_num_threads(2)
 CTX = 64
@@ -47,19 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_adapter(base_dir, out, rank, targets, seed):
-    """A LoRA adapter folder on the base with random (non-zero) A and B, as jaxgpt.sft writes."""
-    lm = jaxgpt.load(base_dir)
-    lora.apply_lora(lm.model, rank, 2.0 * rank, targets, seed=seed)
-    rng = np.random.RandomState(seed)
-    state = nnx.state(lm.model, nnx.LoRAParam)
-    nnx.update(lm.model, jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape).astype(np.float32) * 0.3), state))
-    meta = {"base": str(base_dir), "rank": rank, "alpha": 2.0 * rank, "targets": targets,
-            "model_config": lm.config.to_dict()}
-    lora.save_adapter(out, lm.model, meta)
-    return out
 
 
 class Server:
@@ -89,8 +74,8 @@ def srv(tmp_path_factory):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_head=2, n_embd=32, n_positions=CTX)).eval()
     hf.save_pretrained(root / "hf")
-    a = make_adapter(root / "hf", root / "ad_a", 4, ["c_attn", "mlp.c_proj"], 1)
-    b = make_adapter(root / "hf", root / "ad_b", 2, ["c_fc", "attn.c_proj"], 2)
+    a = random_adapter(root / "hf", root / "ad_a", 4, ["c_attn", "mlp.c_proj"], 1)
+    b = random_adapter(root / "hf", root / "ad_b", 2, ["c_fc", "attn.c_proj"], 2)
     t = time.perf_counter()
     service = build_service(str(root / "hf"), [("a", str(a)), ("b", str(b))], max_batch=8,
                             max_queue=16, log=lambda s: None)

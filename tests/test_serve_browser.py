@@ -24,7 +24,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
-from test_serve import Server, make_adapter, metric, wait_for  # noqa: E402
+from conftest import random_adapter  # noqa: E402
+from test_serve import Server, metric, wait_for  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -40,7 +41,7 @@ def site(tmp_path_factory):
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval().save_pretrained(root / "hf")
-    a = make_adapter(root / "hf", root / "ad_a", 4, ["c_attn"], 1)
+    a = random_adapter(root / "hf", root / "ad_a", 4, ["c_attn"], 1)
     service = build_service(str(root / "hf"), [("helper", str(a))], max_batch=2, log=lambda s: None)
     server = Server(create_app(service))
     opts = Options()
