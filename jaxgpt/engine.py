@@ -123,15 +123,23 @@ def _order_key(x: jax.Array) -> jax.Array:
 
 def _smallest_key(pred, B: int) -> jax.Array:
     """The smallest uint32 key k [B, 1] with pred(k) true, for pred monotone in k and true at the
-    largest key: 32 steps of bisection."""
-    def halve(_, bounds):
-        lo, hi = bounds  # pred(lo) false (or lo = 0), pred(hi) true
-        mid = lo + (hi - lo) // 2
-        ok = pred(mid)
-        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    largest key: a search that splits the interval into `ways` parts per pass (pred is given
+    ways - 1 keys [B, ways - 1] at once), 32 / log2(ways) passes. One row splits in 4 (16 passes,
+    ~2x faster than halving); more rows halve (32 passes: with 8 rows 4 ways was ~30% slower;
+    experiments/PERF.md "Sampling")."""
+    ways = 4 if B == 1 else 2
+    i = jnp.arange(1, ways, dtype=jnp.uint32)[None, :]  # [1, ways - 1]
+
+    def narrow(_, bounds):
+        lo, hi = bounds  # [B, 1]: pred(lo) false (or lo = 0), pred(hi) true
+        d = hi - lo
+        cut = lo + (d // ways) * i + ((d % ways) * i) // ways  # [B, ways - 1] ascending in [lo, hi]
+        ok = pred(cut)
+        return (jnp.max(jnp.where(ok, lo, cut), axis=1, keepdims=True),
+                jnp.min(jnp.where(ok, cut, hi), axis=1, keepdims=True))
 
     lo, hi = jnp.zeros((B, 1), jnp.uint32), jnp.full((B, 1), 0xFFFFFFFF, jnp.uint32)
-    lo, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi), unroll=True)
+    lo, hi = jax.lax.fori_loop(0, 32 // (ways.bit_length() - 1), narrow, (lo, hi), unroll=True)
     return jnp.where(pred(lo), lo, hi)
 
 
@@ -139,19 +147,19 @@ def _filter_rows_bisect(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     """_filter_rows for k or nuclei past FILTER_TOP, without sorting the vocabulary: the k-th
     largest logit is the smallest value with fewer than k logits above it, and the nucleus
     threshold the smallest value whose strictly larger logits hold less than p of the
-    (top-k-filtered) mass: each found by bisection over the values' order keys (32 passes over
-    the row instead of a sort, ~30x faster for 8 GPT-2 rows)."""
+    (top-k-filtered) mass: each found by a search over the values' order keys (_smallest_key:
+    16 or 32 passes over the row instead of a sort, ~30x faster for 8 GPT-2 rows)."""
     B, V = logits.shape
     key = _order_key(logits)  # [B, V]
     k = jnp.clip(top_k, 1, V)[:, None]
-    kth = jax.lax.cond(jnp.any(top_k > 0),  # (most requests set no k: skip those 32 passes)
-                       lambda: _smallest_key(lambda t: jnp.sum(key > t, axis=-1, keepdims=True) < k, B),
+    above = lambda t, w: jnp.sum(jnp.where(key[:, None, :] > t[:, :, None], w, 0), axis=-1)  # [B, n]
+    kth = jax.lax.cond(jnp.any(top_k > 0),  # (most requests set no k: skip those passes)
+                       lambda: _smallest_key(lambda t: above(t, 1) < k, B),
                        lambda: jnp.zeros((B, 1), jnp.uint32))
     kth = jnp.where(top_k[:, None] > 0, kth, 0)
     logits = jnp.where(key < kth, NEG_INF, logits)  # top-k filtered
     probs = jax.nn.softmax(logits, axis=-1)
-    mass_above = lambda t: jnp.sum(jnp.where(key > t, probs, 0.0), axis=-1, keepdims=True)
-    threshold = _smallest_key(lambda t: mass_above(t) < top_p[:, None], B)
+    threshold = _smallest_key(lambda t: above(t, probs[:, None, :]) < top_p[:, None], B)
     threshold = jnp.where(top_p[:, None] < 1.0, threshold, 0)
     return jnp.where(key < threshold, NEG_INF, logits)
 
@@ -365,18 +373,35 @@ def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
     return b if cap is None else min(b, cap)
 
 
-def prefill(model, ids: jax.Array, n, cache):
+def grow_cache(cache, max_len: int):
+    """`cache` with room for `max_len` positions: each k/v buffer copied to the front of a new
+    zero buffer (positions past the old length are empty, so nothing attends to them)."""
+    S = cache["k"][0].shape[1]
+    if max_len <= S:
+        return cache
+    pad = lambda c: jnp.pad(c, ((0, 0), (0, max_len - S), (0, 0)))
+    return {**cache, "k": [pad(c) for c in cache["k"]], "v": [pad(c) for c in cache["v"]]}
+
+
+def prefill(model, ids: jax.Array, n, max_len: int | None = None):
     """Run prompts ids [B, Tb] (padded on the right; the first n tokens real: n a traced scalar,
-    or [B], a length per row) into an empty `cache`: (hidden state x [B, C] at each row's
-    position n - 1, the cache with index n). The padding's keys/values land at positions >= n,
-    which the causal mask hides and decoding overwrites."""
+    or [B], a length per row) into a new KV cache: (hidden state x [B, C] at each row's position
+    n - 1, a cache of max(max_len, Tb) positions with index n). The padding's keys/values land at
+    positions >= n, which the causal mask hides and decoding overwrites.
+
+    The prompt attends over a cache of exactly Tb positions (T x T scores, as a full forward),
+    which then grows to max_len: attending over all of a larger cache (its masked rest
+    included) made a 512-token prefill into a 1024-position cache ~15% slower at 124M
+    (experiments/PERF.md "Prefill")."""
+    B, Tb = ids.shape
+    cache = init_cache(model.config, B, Tb)
     if jnp.ndim(n) == 0:
         x, cache = model(ids, cache=cache, logits_at=n - 1, hidden=True)  # the head's input only
     else:
-        (B, Tb), n = ids.shape, jnp.asarray(n, jnp.int32)
+        n = jnp.asarray(n, jnp.int32)
         h, cache = model(ids, cache=cache, hidden=True)  # [B*Tb, C]
         x = h.reshape(B, Tb, -1)[jnp.arange(B), n - 1]  # [B, C]
-    return x, {**cache, "index": jnp.asarray(n, jnp.int32)}
+    return x, grow_cache({**cache, "index": jnp.asarray(n, jnp.int32)}, max_len or Tb)
 
 
 def decode_step(model, tok: jax.Array, cache):
@@ -471,7 +496,7 @@ def _engine_prefill(graphdef, state, cache, ids, lens, slots, key_data, temperat
     model = nnx.merge(graphdef, state)
     lora.set_adapter_rows(model, jnp.repeat(adapter, ids.shape[1]))  # one id per row of [G*Tb, C]
     G, (H, S) = ids.shape[0], (model.config.n_head, cache["k"][0].shape[1])
-    x, new = prefill(model, ids, lens, init_cache(model.config, G, S))  # x [G, C]
+    x, new = prefill(model, ids, lens, S)  # x [G, C]
     keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
     tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
     lp = token_logprobs(model, x, tok, want_lp)
@@ -734,8 +759,10 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
         return jax.lax.while_loop(cond, step, init)
 
     if use_cache:
-        # prefill the cache with the prompt padded on the right, then one token per step
-        x, cache = prefill(model, buf[:, :prefill_len], prompt_len, init_cache(model.config, B, S))
+        # prefill a cache of the padded prompt's length, then one token per step; the cache
+        # doubles whenever it is full (up to S), so each step attends over at most twice the
+        # filled positions, not all S (batch-8 decode of 124M: EXPLAIN)
+        x, cache = prefill(model, buf[:, :prefill_len], prompt_len)
         buf, done = emit(buf, done0, x, prompt_len)
 
         def step(carry):
@@ -745,7 +772,13 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
             buf, done = emit(buf, done, x, t)
             return buf, done, cache, t + 1
 
-        return loop(step, (buf, done, cache, prompt_len + 1), S)[0]
+        carry, w = (buf, done, cache, prompt_len + 1), prefill_len
+        while True:
+            carry = loop(step, carry, w + 1)  # a cache of w positions serves t <= w
+            if w >= S:
+                return carry[0]
+            w = min(2 * w, S)
+            carry = (*carry[:2], grow_cache(carry[2], w), carry[3])
 
     # No cache: every step re-runs the model over the whole prefix buf[:, :t] -- padded on the
     # right to a power-of-two window w >= t (one compiled forward per window size), the head

@@ -123,6 +123,9 @@ def _remat(f):
     return run
 
 
+ROW_PRODUCT_MAX_ROWS = 64  # RowLinear / head_rows: one product per row up to this many rows
+
+
 class RowLinear(nnx.Module):
     """y = (W @ x^T)^T + bias with the kernel W stored [out, in] (PyTorch's layout): the decode copy.
 
@@ -143,7 +146,10 @@ class RowLinear(nnx.Module):
         # one product per row, W @ [in, 1]: written as a vmap so that XLA:CPU keeps W the left
         # operand of a plain dot; `jnp.dot(W, x.T)` on [N, in] is rewritten into x @ W^T, which
         # runs ~35% slower at 8 rows (the same at 1; experiments/PERF.md "Decode (batch 8)")
-        y = jax.vmap(lambda r: jnp.dot(kernel, r[None].T).T[0])(x.astype(dtype))  # [N, out]
+        x = x.astype(dtype)
+        if x.shape[0] > ROW_PRODUCT_MAX_ROWS:  # a prompt: one GEMM, x @ W^T
+            return jax.lax.dot_general(x, kernel, (((1,), (1,)), ((), ()))) + bias
+        y = jax.vmap(lambda r: jnp.dot(kernel, r[None].T).T[0])(x)  # [N, out]
         return y + bias
 
 

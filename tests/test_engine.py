@@ -260,7 +260,8 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
 def test_per_row_filters_read_the_top_logits_first():
     """_filter_rows finds top-k / top-p thresholds among the FILTER_TOP largest logits when they
     suffice and sorts the vocabulary otherwise: the kept tokens are those of the shared filters
-    either way (small k / peaked rows: the fast path; k or the nucleus past FILTER_TOP: sorted)."""
+    either way (small k / peaked rows: the fast path; k or the nucleus past FILTER_TOP: searched,
+    by halving for the 4-row batch and by 4-way splits for each row alone)."""
     from jaxgpt.engine import FILTER_TOP, _filter_rows
     rng = np.random.RandomState(1)
     V = 2000
@@ -273,8 +274,9 @@ def test_per_row_filters_read_the_top_logits_first():
         for b in range(4):
             want = jnp.asarray(logits[b])
             want = top_k_filter(want, ks[b]) if ks[b] else want
-            want = top_p_filter(want, ps[b]) if ps[b] < 1 else want
-            assert (got[b] == np.isfinite(np.asarray(want))).all(), (ks, ps, b)
+            want = np.isfinite(np.asarray(top_p_filter(want, ps[b]) if ps[b] < 1 else want))
+            alone = _filter_rows(jnp.asarray(logits[b:b + 1]), jnp.array(ks[b:b + 1]), jnp.array(ps[b:b + 1]))
+            assert (got[b] == want).all() and (np.isfinite(np.asarray(alone))[0] == want).all(), (ks, ps, b)
 
 
 def test_draw_samples_the_softmax_distribution():
