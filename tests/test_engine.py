@@ -258,10 +258,10 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
 
 
 def test_per_row_filters_read_the_top_logits_first():
-    """_filter_rows finds top-k / top-p thresholds among the FILTER_TOP largest logits when they
-    suffice and sorts the vocabulary otherwise: the kept tokens are those of the shared filters
-    either way (small k / peaked rows: the fast path; k or the nucleus past FILTER_TOP: searched,
-    by halving for the 4-row batch and by 4-way splits for each row alone)."""
+    """_filter_rows keeps the tokens of the shared (sorting) filters whichever way it finds the
+    thresholds: a batch of 4 by halving searches over the whole rows; each row alone among the
+    FILTER_TOP largest logits when they suffice (small k, peaked rows) and by the 4-way search
+    otherwise (k or the nucleus past FILTER_TOP)."""
     from jaxgpt.engine import FILTER_TOP, _filter_rows
     rng = np.random.RandomState(1)
     V = 2000
