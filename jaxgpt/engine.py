@@ -382,14 +382,18 @@ def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
     return b if cap is None else min(b, cap)
 
 
+def _pad_positions(buf: jax.Array, max_len: int) -> jax.Array:
+    """A cache buffer [R, S, D] copied to the front of a zero buffer [R, max_len, D]."""
+    return jnp.pad(buf, ((0, 0), (0, max_len - buf.shape[1]), (0, 0)))
+
+
 def grow_cache(cache, max_len: int):
-    """`cache` with room for `max_len` positions: each k/v buffer copied to the front of a new
-    zero buffer (positions past the old length are empty, so nothing attends to them)."""
-    S = cache["k"][0].shape[1]
-    if max_len <= S:
+    """`cache` with room for `max_len` positions (positions past the old length are zeros, and
+    empty: nothing attends to them before a token is written there)."""
+    if max_len <= cache["k"][0].shape[1]:
         return cache
-    pad = lambda c: jnp.pad(c, ((0, 0), (0, max_len - S), (0, 0)))
-    return {**cache, "k": [pad(c) for c in cache["k"]], "v": [pad(c) for c in cache["v"]]}
+    grow = lambda bufs: [_pad_positions(c, max_len) for c in bufs]
+    return {**cache, "k": grow(cache["k"]), "v": grow(cache["v"])}
 
 
 def prefill(model, ids: jax.Array, n, max_len: int | None = None):
@@ -490,29 +494,42 @@ class Request:
         return self.finish_reason is not None
 
 
+ENGINE_MIN_CACHE = 16  # the Engine's shortest cache (it doubles from there up to max_len)
+
+
 def _slot_cache(config, slots: int, max_len: int):
     """The Engine's cache: the model's KV cache for `slots` rows (slot s = rows s*H .. s*H+H-1
     of each [N*H, S, D] buffer) with a position per row, index int32 [N]."""
     return {**init_cache(config, slots, max_len), "index": jnp.zeros((slots,), jnp.int32)}
 
 
-@partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _engine_prefill(graphdef, state, cache, ids, lens, slots, key_data, temperature, top_k, top_p,
-                    want_lp, adapter, screen):
-    """Prefill G prompts ids [G, Tb] (real lengths lens [G]) into cache slots `slots` [G] (an
-    index past the last slot drops the row: padding) and pick their first tokens:
-    ((ids [G], token_logprobs), cache). adapter [G]: each row's LoRA adapter (0: none)."""
+@partial(jax.jit, static_argnames="graphdef")
+def _engine_prefill(graphdef, state, ids, lens, key_data, temperature, top_k, top_p, want_lp,
+                    adapter, screen):
+    """Prefill G prompts ids [G, Tb] (real lengths lens [G]) and pick their first tokens:
+    ((ids [G], token_logprobs), their cache of Tb positions, index lens). adapter [G]: each
+    row's LoRA adapter (0: none). Compiled per (G, Tb) only: _engine_insert puts the rows in."""
     model = nnx.merge(graphdef, state)
     lora.set_adapter_rows(model, jnp.repeat(adapter, ids.shape[1]))  # one id per row of [G*Tb, C]
-    G, (H, S) = ids.shape[0], (model.config.n_head, cache["k"][0].shape[1])
-    x, new = prefill(model, ids, lens, S)  # x [G, C]
+    x, new = prefill(model, ids, lens)  # x [G, C]
     keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
     tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
-    lp = token_logprobs(model, x, tok, want_lp)
+    return (tok, token_logprobs(model, x, tok, want_lp)), new
+
+
+@partial(jax.jit, donate_argnames="cache")
+def _engine_insert(cache, new, slots):
+    """The engine's cache with prefilled rows `new` (G rows of Tb positions, zero-padded to the
+    cache's length) in slots `slots` [G] (an index past the last slot drops the row: padding)."""
+    G, S = slots.shape[0], cache["k"][0].shape[1]
+    H = new["k"][0].shape[0] // G
     rows = (slots[:, None] * H + jnp.arange(H)[None, :]).reshape(-1)  # [G*H] cache rows
-    put = lambda c, r: c.at[rows].set(r, mode="drop")  # rows past the end (padding) are dropped
-    return (tok, lp), {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
-                 "index": cache["index"].at[slots].set(lens, mode="drop")}
+    put = lambda c, r: c.at[rows].set(_pad_positions(r, S), mode="drop")
+    return {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
+            "index": cache["index"].at[slots].set(new["index"], mode="drop")}
+
+
+_grow_slots = jax.jit(lambda cache, max_len: grow_cache(cache, max_len), static_argnames="max_len")
 
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
@@ -567,7 +584,7 @@ class Engine:
             model = nnx.merge(*nnx.split(model))
             lora.attach_adapters(model, list(adapters))
         self.graphdef, self.state = nnx.split(model)
-        self.cache = _slot_cache(self.config, self.slots, self.max_len)
+        self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
         N = self.slots
         self.requests: list[Request | None] = [None] * N
         self._pending: list[int] = []  # slots added, not yet prefilled
@@ -578,6 +595,29 @@ class Engine:
         self._top_p = np.ones(N, np.float32)
         self._want_lp = np.zeros(N, bool)
         self._adapter = np.zeros(N, np.int32)
+
+    # -- the cache's length --
+    @property
+    def capacities(self) -> list[int]:
+        """The cache lengths the engine runs at: powers of two from ENGINE_MIN_CACHE, and max_len."""
+        out = [min(ENGINE_MIN_CACHE, self.max_len)]
+        while out[-1] < self.max_len:
+            out.append(min(2 * out[-1], self.max_len))
+        return out
+
+    def _fit_cache(self, running: list[int], prompt_len: int) -> None:
+        """Give the cache the shortest capacity that holds every position the coming step writes:
+        each running row's next one and `prompt_len` (the pending prompts' padded length).
+        It grows (the rows copied) when a row outgrows it, and starts again small when no row
+        is running: each step attends over at most ~2x the longest live row, not max_len."""
+        need = max([len(self.requests[s].prompt) + len(self.requests[s].tokens) for s in running]
+                   + [prompt_len, 1])
+        fit = next(c for c in self.capacities if c >= need)
+        S = self.cache["k"][0].shape[1]
+        if not running and fit != S:
+            self.cache = _slot_cache(self.config, self.slots, fit)
+        elif fit > S:
+            self.cache = _grow_slots(self.cache, fit)
 
     # -- the slots --
     @property
@@ -658,11 +698,14 @@ class Engine:
         elif len(r.tokens) >= limit:
             self.release(slot, "length")
 
+    def _prompt_bucket(self, slots: list[int]) -> int:
+        return bucket(max([len(self.requests[s].prompt) for s in slots], default=1), cap=self.max_len)
+
     def _prefill(self, slots: list[int]) -> tuple:
-        """Run _engine_prefill for `slots` (pending, or none: warm-up), padded to the buckets."""
+        """Run _engine_prefill for `slots` (pending), padded to the buckets, into the cache."""
         G = bucket(max(len(slots), 1), cap=self.slots, lo=1)
         prompts = [self.requests[s].prompt for s in slots]
-        Tb = bucket(max([len(p) for p in prompts], default=1), cap=self.max_len)
+        Tb = self._prompt_bucket(slots)
         ids = np.zeros((G, Tb), np.int32)
         lens = np.ones(G, np.int32)
         for i, p in enumerate(prompts):
@@ -670,8 +713,8 @@ class Engine:
             lens[i] = len(p)
         rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
         settings = self._settings(np.minimum(rows, self.slots - 1))
-        out, self.cache = _engine_prefill(self.graphdef, self.state, self.cache, ids, lens, rows,
-                                          *settings, self.screen)
+        out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen)
+        self.cache = _engine_insert(self.cache, new, rows)
         return out
 
     def step(self) -> list[tuple[int, int]]:
@@ -679,11 +722,12 @@ class Engine:
         first token), advance the others by one. Returns [(slot, token)] in slot order per phase;
         calls each request's on_token; frees the slots of rows that finished."""
         if self.cache["index"].is_deleted():  # a call was interrupted after taking the cache
-            self.cache = _slot_cache(self.config, self.slots, self.max_len)
+            self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
             for s in range(self.slots):  # (the rows it held are lost)
                 self.release(s)
         events: list[tuple[int, int]] = []
         running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
+        self._fit_cache(running, self._prompt_bucket(self._pending) if self._pending else 1)
         if self._pending:
             slots, self._pending = self._pending, []
             tok, lp = self._prefill(slots)
@@ -708,29 +752,32 @@ class Engine:
             self.step()
 
     def warmup(self, max_prompt: int | None = None) -> None:
-        """Compile every shape this engine can meet (idle engines only): the step, and the
-        prefill for each bucket of prompt length and of prompts per call. Touches no slot.
+        """Compile every shape this engine can meet (idle engines only): the prefill for each
+        bucket of prompt length and of prompts per call, its insertion into each cache
+        capacity, the step at each capacity and the growth between them. Touches no slot.
         `max_prompt` stops at the bucket of that prompt length (longer prompts compile later)."""
         if self.busy:
             raise RuntimeError("warm up an idle engine")
-        G = 1
-        while True:
-            T = 16
-            while True:
-                Tb = bucket(T, cap=self.max_len)
-                rows = np.full(G, self.slots, np.int32)  # all dropped: no slot is written
-                (tok, _), self.cache = _engine_prefill(
-                    self.graphdef, self.state, self.cache, np.zeros((G, Tb), np.int32),
-                    np.ones(G, np.int32), rows, *self._settings(np.zeros(G, np.int32)), self.screen)
-                if Tb >= self.max_len or (max_prompt and Tb >= bucket(max_prompt, cap=self.max_len)):
-                    break
-                T *= 2
-            if G >= self.slots:
-                break
-            G = bucket(G + 1, cap=self.slots, lo=1)
-        (tok, _), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                            np.zeros(self.slots, bool), *self._settings(slice(None)),
-                                            self.screen)
+        top = bucket(max_prompt, cap=self.max_len) if max_prompt else self.max_len
+        groups = sorted({bucket(g, cap=self.slots, lo=1) for g in range(1, self.slots + 1)})
+        lengths = [c for c in self.capacities if c <= top] or [self.capacities[0]]
+        for G in groups:  # the model's prefill: per (prompts, padded length)
+            for Tb in lengths:
+                (tok, _), _ = _engine_prefill(self.graphdef, self.state, np.zeros((G, Tb), np.int32),
+                                              np.ones(G, np.int32), *self._settings(np.zeros(G, np.int32)),
+                                              self.screen)
+        blank = lambda G, Tb: {**init_cache(self.config, G, Tb), "index": jnp.ones(G, jnp.int32)}
+        for S in self.capacities:
+            self.cache = _slot_cache(self.config, self.slots, S)
+            for G in groups:  # inserting prefilled rows: all dropped, no slot is written
+                for Tb in (t for t in lengths if t <= S):
+                    self.cache = _engine_insert(self.cache, blank(G, Tb), np.full(G, self.slots, np.int32))
+            (tok, _), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                                np.zeros(self.slots, bool), *self._settings(slice(None)),
+                                                self.screen)
+            for bigger in (c for c in self.capacities if c > S):
+                _grow_slots(self.cache, bigger)["index"].block_until_ready()
+        self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
         tok.block_until_ready()
 
 

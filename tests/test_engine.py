@@ -14,8 +14,8 @@ from conftest import random_adapter  # noqa: E402
 from jaxgpt import templates  # noqa: E402
 from jaxgpt.chat import ChatSession  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
-from jaxgpt.engine import (Engine, Request, _engine_prefill, _engine_step, sample_rows,  # noqa: E402
-                           top_k_filter, top_p_filter)
+from jaxgpt.engine import (Engine, Request, _engine_insert, _engine_prefill, _engine_step,  # noqa: E402
+                           _grow_slots, sample_rows, top_k_filter, top_p_filter)
 
 torch.set_num_threads(2)
 EOT = 50256
@@ -188,18 +188,46 @@ def test_streaming_stop_release_and_full_slots(tiny):
 
 def test_no_recompilation_after_warmup(tiny):
     """After warmup(), prompts of any length, any number of requests per step and any sampling
-    settings run without compiling anything (jax.jit's cache sizes stay put)."""
+    settings run without compiling anything (jax.jit's cache sizes stay put), while the cache
+    grows through its capacities (16, 32, 64) and starts small again."""
     _, lm = tiny
     engine = Engine(lm.model, slots=4, max_len=64)
     engine.warmup()
-    sizes = (_engine_step._cache_size(), _engine_prefill._cache_size())
+    compiled = (_engine_step, _engine_prefill, _engine_insert, _grow_slots)
+    sizes = [f._cache_size() for f in compiled]
     ps = prompts(3, (1, 16, 17, 33, 60, 5, 2))
     settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=3), dict(temperature=0.5, top_p=0.9),
                 dict(temperature=2.0, seed=9)]
     reqs = [Request(p, 3 + i, **settings[i % 4]) for i, p in enumerate(ps)]
     run_schedule(engine, {0: reqs[:3], 1: [reqs[3]], 4: reqs[4:6], 8: reqs[6:]})
     assert all(r.done for r in reqs)
-    assert (_engine_step._cache_size(), _engine_prefill._cache_size()) == sizes
+    assert [f._cache_size() for f in compiled] == sizes
+
+
+def test_cache_grows_with_the_longest_row_and_starts_small_again(tiny):
+    """The engine's cache holds ~2x its longest live row, not max_len: it doubles (rows copied)
+    as a row outgrows it, a row alongside is not disturbed, both still get HF's greedy tokens,
+    and once no row runs the next request starts in the smallest cache again."""
+    hf, lm = tiny
+    engine = Engine(lm.model, slots=2)
+    assert engine.capacities == [16, 32, 64]
+    (p1, p2), seen = prompts(5, (5, 9)), []
+    long, short = Request(p1, 45, temperature=0.0), Request(p2, 20, temperature=0.0)
+    engine.add(long)
+    for step in range(45):
+        if step == 3:
+            engine.add(short)
+        engine.step()
+        seen.append(engine.cache["k"][0].shape[1])
+    assert long.tokens == hf_greedy(hf, p1, 45) and short.tokens == hf_greedy(hf, p2, 20)
+    assert seen[0] == 16 and seen[-1] == 64 and seen == sorted(seen) and 32 in seen
+    # the first step that writes position 16: the 9-token row (prefilled at step 3, one token
+    # per step after) writes position 9 + (step - 3) - 1; the 5-token row only at step 12
+    assert seen.index(32) == 16 - 9 + 3 + 1 and seen.index(64) == 32 - 5 + 1
+    again = Request(p2, 2, temperature=0.0)
+    engine.add(again)
+    engine.step()
+    assert engine.cache["k"][0].shape[1] == 16 and again.tokens == hf_greedy(hf, p2, 2)[:1]
 
 
 def test_chat_greedy_reply_equals_transformers(tiny):
