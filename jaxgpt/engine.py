@@ -497,10 +497,14 @@ class Request:
 ENGINE_MIN_CACHE = 16  # the Engine's shortest cache (it doubles from there up to max_len)
 
 
-def _slot_cache(config, slots: int, max_len: int):
+def _slot_cache(config, slots: int, max_len: int, place):
     """The Engine's cache: the model's KV cache for `slots` rows (slot s = rows s*H .. s*H+H-1
-    of each [N*H, S, D] buffer) with a position per row, index int32 [N]."""
-    return {**init_cache(config, slots, max_len), "index": jnp.zeros((slots,), jnp.int32)}
+    of each [N*H, S, D] buffer) with a position per row, index int32 [N]. Put on `place` (the
+    weights' device), committed like every cache the jitted calls return: jit compiles apart
+    for uncommitted arguments, which warmup would then not have covered (a served request
+    compiled the step and the insertion again)."""
+    return jax.device_put({**init_cache(config, slots, max_len),
+                           "index": jnp.zeros((slots,), jnp.int32)}, place)
 
 
 @partial(jax.jit, static_argnames="graphdef")
@@ -584,7 +588,8 @@ class Engine:
             model = nnx.merge(*nnx.split(model))
             lora.attach_adapters(model, list(adapters))
         self.graphdef, self.state = nnx.split(model)
-        self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
+        self._place = min(jax.tree.leaves(self.state)[0].devices(), key=lambda d: d.id)  # caches' device
+        self.cache = self._empty(self.capacities[0])
         N = self.slots
         self.requests: list[Request | None] = [None] * N
         self._pending: list[int] = []  # slots added, not yet prefilled
@@ -597,6 +602,10 @@ class Engine:
         self._adapter = np.zeros(N, np.int32)
 
     # -- the cache's length --
+    def _empty(self, max_len: int, rows: int | None = None):
+        """An empty slot cache of max_len positions (for all slots, or `rows` rows)."""
+        return _slot_cache(self.config, rows or self.slots, max_len, self._place)
+
     @property
     def capacities(self) -> list[int]:
         """The cache lengths the engine runs at: powers of two from ENGINE_MIN_CACHE, and max_len."""
@@ -615,7 +624,7 @@ class Engine:
         fit = next(c for c in self.capacities if c >= need)
         S = self.cache["k"][0].shape[1]
         if not running and fit != S:
-            self.cache = _slot_cache(self.config, self.slots, fit)
+            self.cache = self._empty(fit)
         elif fit > S:
             self.cache = _grow_slots(self.cache, fit)
 
@@ -714,7 +723,8 @@ class Engine:
         rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
         settings = self._settings(np.minimum(rows, self.slots - 1))
         out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen)
-        self.cache = _engine_insert(self.cache, new, rows)
+        # (committed like the cache, whether or not the weights are: one compiled insertion)
+        self.cache = _engine_insert(self.cache, jax.device_put(new, self._place), rows)
         return out
 
     def step(self) -> list[tuple[int, int]]:
@@ -722,7 +732,7 @@ class Engine:
         first token), advance the others by one. Returns [(slot, token)] in slot order per phase;
         calls each request's on_token; frees the slots of rows that finished."""
         if self.cache["index"].is_deleted():  # a call was interrupted after taking the cache
-            self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
+            self.cache = self._empty(self.capacities[0])
             for s in range(self.slots):  # (the rows it held are lost)
                 self.release(s)
         events: list[tuple[int, int]] = []
@@ -766,9 +776,9 @@ class Engine:
                 (tok, _), _ = _engine_prefill(self.graphdef, self.state, np.zeros((G, Tb), np.int32),
                                               np.ones(G, np.int32), *self._settings(np.zeros(G, np.int32)),
                                               self.screen)
-        blank = lambda G, Tb: {**init_cache(self.config, G, Tb), "index": jnp.ones(G, jnp.int32)}
+        blank = lambda G, Tb: self._empty(Tb, G)  # a prefill's output: G rows of Tb
         for S in self.capacities:
-            self.cache = _slot_cache(self.config, self.slots, S)
+            self.cache = self._empty(S)
             for G in groups:  # inserting prefilled rows: all dropped, no slot is written
                 for Tb in (t for t in lengths if t <= S):
                     self.cache = _engine_insert(self.cache, blank(G, Tb), np.full(G, self.slots, np.int32))
@@ -777,7 +787,7 @@ class Engine:
                                                 self.screen)
             for bigger in (c for c in self.capacities if c > S):
                 _grow_slots(self.cache, bigger)["index"].block_until_ready()
-        self.cache = _slot_cache(self.config, self.slots, self.capacities[0])
+        self.cache = self._empty(self.capacities[0])
         tok.block_until_ready()
 
 

@@ -188,20 +188,30 @@ def test_streaming_stop_release_and_full_slots(tiny):
 
 def test_no_recompilation_after_warmup(tiny):
     """After warmup(), prompts of any length, any number of requests per step and any sampling
-    settings run without compiling anything (jax.jit's cache sizes stay put), while the cache
-    grows through its capacities (16, 32, 64) and starts small again."""
+    settings run without compiling anything (jax.jit's cache sizes stay put and XLA compiles
+    nothing), while the cache grows through its capacities (16, 32, 64) and starts small again."""
+    from flax import nnx
+
     _, lm = tiny
-    engine = Engine(lm.model, slots=4, max_len=64)
+    model = nnx.merge(*nnx.split(lm.model))  # its weights committed to a device, as a served
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))  # model's are
+    engine = Engine(model, slots=4, max_len=64)
     engine.warmup()
     compiled = (_engine_step, _engine_prefill, _engine_insert, _grow_slots)
-    sizes = [f._cache_size() for f in compiled]
+    sizes, compiles = [f._cache_size() for f in compiled], []
+    listener = lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
     ps = prompts(3, (1, 16, 17, 33, 60, 5, 2))
     settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=3), dict(temperature=0.5, top_p=0.9),
                 dict(temperature=2.0, seed=9)]
     reqs = [Request(p, 3 + i, **settings[i % 4]) for i, p in enumerate(ps)]
     run_schedule(engine, {0: reqs[:3], 1: [reqs[3]], 4: reqs[4:6], 8: reqs[6:]})
-    assert all(r.done for r in reqs)
-    assert [f._cache_size() for f in compiled] == sizes
+    assert engine.cache["k"][0].shape[1] == 64  # grown for the 60-token prompt
+    again = [Request(p, 20, **settings[i % 4]) for i, p in enumerate(ps[:2])]
+    run_schedule(engine, {0: again[:1], 3: again[1:]})  # a new cache from 16 on, grown again
+    jax.monitoring.unregister_event_duration_listener(listener)
+    assert all(r.done for r in reqs + again)
+    assert [f._cache_size() for f in compiled] == sizes and compiles == []
 
 
 def test_cache_grows_with_the_longest_row_and_starts_small_again(tiny):
