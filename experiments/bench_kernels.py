@@ -1,9 +1,10 @@
 """Decode kernels, timed alone: the int8 matmul modes by row count, and token sampling.
 
-    python experiments/bench_kernels.py [--reps N]
+    python experiments/bench_kernels.py [--reps N] [--rows 1,2,8,512] [--no-sampling]
 
 1. int8 matmuls (jaxgpt.quant.int8_matmul) at GPT-2 124M's layer shapes: 12 independent products
-   per call (one per layer) of x [rows, K] with int8 weights [N, K], for rows 1, 2, 8 and 512:
+   per call (one per layer) of x [rows, K] with int8 weights [N, K], for rows 1, 2, 8 and 512
+   (--rows): "int8 x int8" GOPS = 2 x rows x N x K x 12 / its time, to see where it is compute-bound:
    "weight-only" (float activations, the int8 kernel converted inside the product), "int8 x int8"
    (activations quantized per row, int8 x int8 -> int32) and, for scale, the float32 product of
    the decode copy (jaxgpt.model.RowLinear over a float32 [N, K] kernel). This is the measurement
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxgpt.engine import sample_rows
 from jaxgpt.model import RowLinear
-from jaxgpt.quant import int8_matmul, quantize_rows
+from jaxgpt.quant import INT8_DOT_MIN_ROWS, int8_matmul, quantize_rows
 
 SHAPES = {"c_attn": (2304, 768), "c_fc": (3072, 768), "mlp c_proj": (768, 3072)}  # [N, K]
 
@@ -43,21 +44,23 @@ def timed(f, *args, reps: int) -> float:
     return statistics.median(ts) * 1e3
 
 
-def matmul_table(reps: int) -> None:
-    print("| shape [N, K] x 12 | rows | float32 (RowLinear) | int8 weight-only | int8 x int8 | auto picks |")
-    print("|---|--:|--:|--:|--:|---|")
+def matmul_table(reps: int, row_counts=(1, 2, 8, 512)) -> None:
+    print("| shape [N, K] x 12 | rows | float32 (RowLinear) | int8 weight-only | int8 x int8 "
+          "| int8 x int8 GOPS | auto picks |")
+    print("|---|--:|--:|--:|--:|--:|---|")
     for name, (N, K) in SHAPES.items():
         w = [jax.random.normal(jax.random.key(i), (N, K)) * 0.02 for i in range(12)]
         qs = [quantize_rows(a) for a in w]
-        for rows in (1, 2, 8, 512):
+        for rows in row_counts:
             x = jax.random.normal(jax.random.key(99), (rows, K))
             f32 = lambda x, w: sum(RowLinear(a, jnp.zeros(N), jnp.float32)(x)[:, :4].sum() for a in w)
             mode = lambda m: (lambda x, qs: sum(int8_matmul(x, q, s, m)[:, :4].sum() for q, s in qs))
             t = [timed(f32, x, w, reps=reps), timed(mode("float"), x, qs, reps=reps),
                  timed(mode("int8"), x, qs, reps=reps)]
-            auto = "int8 x int8" if rows >= 2 else "weight-only"
-            print(f"| {name} [{N}, {K}] | {rows} | {t[0]:.2f} ms | {t[1]:.2f} ms | {t[2]:.2f} ms | {auto} |",
-                  flush=True)
+            auto = "int8 x int8" if rows >= INT8_DOT_MIN_ROWS else "weight-only"
+            gops = 2 * rows * N * K * 12 / (t[2] * 1e6)
+            print(f"| {name} [{N}, {K}] | {rows} | {t[0]:.2f} ms | {t[1]:.2f} ms | {t[2]:.2f} ms "
+                  f"| {gops:.1f} | {auto} |", flush=True)
 
 
 def sampling_table(reps: int) -> None:
@@ -82,10 +85,18 @@ def sampling_table(reps: int) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=20, help="timed calls per cell (default 20)")
+    p.add_argument("--rows", default="1,2,8,512", help="row counts of the matmul table, comma-separated")
+    p.add_argument("--no-sampling", action="store_true", help="only the matmul table")
     args = p.parse_args()
+    try:
+        rows = [int(r) for r in args.rows.split(",")]
+        assert rows and min(rows) >= 1
+    except (ValueError, AssertionError):
+        p.error(f"--rows: positive integers separated by commas, got {args.rows!r}")
     print(f"jax {jax.__version__} [{jax.devices()[0].platform}]")
-    matmul_table(args.reps)
-    sampling_table(args.reps)
+    matmul_table(args.reps, rows)
+    if not args.no_sampling:
+        sampling_table(args.reps)
 
 
 if __name__ == "__main__":

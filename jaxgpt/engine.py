@@ -6,16 +6,17 @@ It owns, top to bottom:
   all rows) and `sample_rows` (a setting per row; greedy rows exact argmax), `check_sampling`;
 - the decode copy: `decode_copy` (float layer kernels kept transposed, made once per weights) and
   the exact int8 greedy screen of the head (`greedy_screen`, `screened_argmax`);
-- the model steps every decoder runs: `prefill` (a padded prompt into a KV cache) and
-  `decode_step` (one token per row), with `next_tokens` (hidden states -> ids) and `bucket`
-  (the power-of-two lengths that are compiled for);
+- the model steps every decoder runs: `prefill` (a padded prompt into a KV cache of its length),
+  `grow_cache` (room for more positions: caches double as sequences grow, so a step attends
+  over ~2x the filled positions, not a whole context) and `decode_step` (one token per row),
+  with `next_tokens` (hidden states -> ids) and `bucket` (the power-of-two lengths compiled for);
 - `Engine`: slots of an explicit KV cache that requests enter and leave independently: `add`
   prefills a request into a free slot, `step` advances every active row by one token in one
   jitted call (rows at different positions, each with its own sampling settings and random
   stream), finished rows free their slot, a callback per emitted token streams it;
-- `generate`: offline batched decoding of equal-length prompts as one fused `lax.while_loop`,
-  built from the same prefill / decode_step / next_tokens (plus the no-cache and
-  sliding-window paths).
+- `generate`: offline batched decoding of equal-length prompts as one compiled program of
+  `lax.while_loop`s (one per cache capacity), built from the same prefill / decode_step /
+  next_tokens (plus the no-cache and sliding-window paths).
 
 Random streams: the token at position t of a row is drawn with fold_in(row_key, t), where the
 row's key comes from its own seed (Engine) or from (key, row index) (generate); so a seeded
@@ -130,7 +131,7 @@ def _smallest_key(pred, B: int) -> jax.Array:
     largest key: a search that splits the interval into `ways` parts per pass (pred is given
     ways - 1 keys [B, ways - 1] at once), 32 / log2(ways) passes. One row splits in 4 (16 passes,
     ~2x faster than halving); more rows halve (32 passes: with 8 rows 4 ways was ~30% slower;
-    experiments/PERF.md "Sampling")."""
+    experiments/PERF.md "Sampling search")."""
     ways = 4 if B == 1 else 2
     i = jnp.arange(1, ways, dtype=jnp.uint32)[None, :]  # [1, ways - 1]
 
@@ -157,7 +158,7 @@ def _filter_rows_bisect(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     key = _order_key(logits)  # [B, V]
     k = jnp.clip(top_k, 1, V)[:, None]
     # the row in blocks of DRAW_BLOCK (padding: key 0, mass 0, never above a threshold) and summed
-    # per block first: a pass over one row ~2x faster than one flat sum (PERF.md "Sampling")
+    # per block first: a pass over one row ~2x faster than one flat sum (PERF.md "Sampling search")
     blocks = lambda a: jnp.pad(a, ((0, 0), (0, -V % DRAW_BLOCK))).reshape(B, -1, DRAW_BLOCK)
     key_b = blocks(key)  # [B, V / bs, bs]
     above = lambda t, w: jnp.sum(jnp.where(key_b[:, None] > t[:, :, None, None], w, 0),
@@ -405,7 +406,7 @@ def prefill(model, ids: jax.Array, n, max_len: int | None = None):
     The prompt attends over a cache of exactly Tb positions (T x T scores, as a full forward),
     which then grows to max_len: attending over all of a larger cache (its masked rest
     included) made a 512-token prefill into a 1024-position cache ~15% slower at 124M
-    (experiments/PERF.md "Prefill")."""
+    (experiments/PERF.md "A KV cache that grows")."""
     B, Tb = ids.shape
     cache = init_cache(model.config, B, Tb)
     if jnp.ndim(n) == 0:
@@ -564,9 +565,11 @@ class Engine:
     others added meanwhile, in one batched call); `step` gives every active row one token and
     returns [(slot, token)]; a row that finishes frees its slot at once, `release(slot)` ends one
     early. Rows start and finish at different steps; each has its own position, settings and
-    random stream. Shapes are fixed by `slots`, `max_len` and power-of-two buckets of the prompt
-    length and of the number of prompts prefilled together, so after `warmup()` (or once every
-    bucket has been seen) nothing recompiles.
+    random stream. The cache's length grows with the longest live row (`capacities`: powers of
+    two from ENGINE_MIN_CACHE up to `max_len`; see _fit_cache). Shapes are fixed by `slots`, those
+    capacities and power-of-two buckets of the prompt length and of the number of prompts
+    prefilled together, so after `warmup()` (or once every bucket has been seen) nothing
+    recompiles.
 
     On a CPU the engine decodes through the model's decode copy (`fast_decode`), and with one
     slot greedy rows use the exact int8 head screen. `adapters` (jaxgpt.lora.adapter_weights
@@ -827,7 +830,8 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
     if use_cache:
         # prefill a cache of the padded prompt's length, then one token per step; the cache
         # doubles whenever it is full (up to S), so each step attends over at most twice the
-        # filled positions, not all S (batch-8 decode of 124M: EXPLAIN)
+        # filled positions, not all S (batch-8 decode of 124M: float32 235 -> 268 tokens/s;
+        # experiments/PERF.md "A KV cache that grows")
         x, cache = prefill(model, buf[:, :prefill_len], prompt_len)
         buf, done = emit(buf, done0, x, prompt_len)
 
@@ -883,7 +887,8 @@ def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float
     """Continue `prompt` (int [B, T0]) by `max_new_tokens`; returns ids [B, T0 + max_new_tokens].
 
     With a cache (default) the prompt is prefilled once and each new token costs one single-token
-    step; the whole loop is one compiled `lax.while_loop`. Prompt and buffer lengths are padded
+    step, in one compiled program (a `lax.while_loop` per cache capacity: the cache starts at
+    the padded prompt's length and doubles when full). Prompt and buffer lengths are padded
     to power-of-two buckets (`bucket`), so a new prompt length or max_new_tokens within the same
     buckets reuses the compiled function. When the sequence would outgrow the context
     (`T0 + max_new_tokens > block_size`) generation slides a block_size window instead, as

@@ -199,7 +199,8 @@ def test_no_recompilation_after_warmup(tiny):
     engine.warmup()
     compiled = (_engine_step, _engine_prefill, _engine_insert, _grow_slots)
     sizes, compiles = [f._cache_size() for f in compiled], []
-    listener = lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None
+    listener = lambda name, secs, **kw: (compiles.append(name)
+                                         if name.endswith("backend_compile_duration") else None)
     jax.monitoring.register_event_duration_secs_listener(listener)
     ps = prompts(3, (1, 16, 17, 33, 60, 5, 2))
     settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=3), dict(temperature=0.5, top_p=0.9),
