@@ -383,6 +383,15 @@ def bucket(n: int, cap: int | None = None, lo: int = 16) -> int:
     return b if cap is None else min(b, cap)
 
 
+def doublings(start: int, top: int) -> list[int]:
+    """start, 2 start, 4 start, ... capped at and ending with top: the lengths a buffer that
+    doubles when full takes (a KV cache, generate's no-cache windows)."""
+    out = [min(start, top)]
+    while out[-1] < top:
+        out.append(min(2 * out[-1], top))
+    return out
+
+
 def _pad_positions(buf: jax.Array, max_len: int) -> jax.Array:
     """A cache buffer [R, S, D] copied to the front of a zero buffer [R, max_len, D]."""
     return jnp.pad(buf, ((0, 0), (0, max_len - buf.shape[1]), (0, 0)))
@@ -534,7 +543,7 @@ def _engine_insert(cache, new, slots):
             "index": cache["index"].at[slots].set(new["index"], mode="drop")}
 
 
-_grow_slots = jax.jit(lambda cache, max_len: grow_cache(cache, max_len), static_argnames="max_len")
+_grow_slots = jax.jit(grow_cache, static_argnames="max_len")
 
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
@@ -612,10 +621,7 @@ class Engine:
     @property
     def capacities(self) -> list[int]:
         """The cache lengths the engine runs at: powers of two from ENGINE_MIN_CACHE, and max_len."""
-        out = [min(ENGINE_MIN_CACHE, self.max_len)]
-        while out[-1] < self.max_len:
-            out.append(min(2 * out[-1], self.max_len))
-        return out
+        return doublings(ENGINE_MIN_CACHE, self.max_len)
 
     def _fit_cache(self, running: list[int], prompt_len: int) -> None:
         """Give the cache the shortest capacity that holds every position the coming step writes:
@@ -623,7 +629,7 @@ class Engine:
         It grows (the rows copied) when a row outgrows it, and starts again small when no row
         is running: each step attends over at most ~2x the longest live row, not max_len."""
         need = max([len(self.requests[s].prompt) + len(self.requests[s].tokens) for s in running]
-                   + [prompt_len, 1])
+                   + [prompt_len])
         fit = next(c for c in self.capacities if c >= need)
         S = self.cache["k"][0].shape[1]
         if not running and fit != S:
@@ -740,7 +746,7 @@ class Engine:
                 self.release(s)
         events: list[tuple[int, int]] = []
         running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
-        self._fit_cache(running, self._prompt_bucket(self._pending) if self._pending else 1)
+        self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
         if self._pending:
             slots, self._pending = self._pending, []
             tok, lp = self._prefill(slots)
@@ -779,12 +785,12 @@ class Engine:
                 (tok, _), _ = _engine_prefill(self.graphdef, self.state, np.zeros((G, Tb), np.int32),
                                               np.ones(G, np.int32), *self._settings(np.zeros(G, np.int32)),
                                               self.screen)
-        blank = lambda G, Tb: self._empty(Tb, G)  # a prefill's output: G rows of Tb
         for S in self.capacities:
             self.cache = self._empty(S)
-            for G in groups:  # inserting prefilled rows: all dropped, no slot is written
+            for G in groups:  # inserting G prefilled rows of Tb: all dropped, no slot is written
+                dropped = np.full(G, self.slots, np.int32)
                 for Tb in (t for t in lengths if t <= S):
-                    self.cache = _engine_insert(self.cache, blank(G, Tb), np.full(G, self.slots, np.int32))
+                    self.cache = _engine_insert(self.cache, self._empty(Tb, G), dropped)
             (tok, _), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
                                                 np.zeros(self.slots, bool), *self._settings(slice(None)),
                                                 self.screen)
@@ -842,13 +848,11 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
             buf, done = emit(buf, done, x, t)
             return buf, done, cache, t + 1
 
-        carry, w = (buf, done, cache, prompt_len + 1), prefill_len
-        while True:
+        carry = (buf, done, cache, prompt_len + 1)
+        for w in doublings(prefill_len, S):
+            carry = (*carry[:2], grow_cache(carry[2], w), carry[3])  # (the first: as prefilled)
             carry = loop(step, carry, w + 1)  # a cache of w positions serves t <= w
-            if w >= S:
-                return carry[0]
-            w = min(2 * w, S)
-            carry = (*carry[:2], grow_cache(carry[2], w), carry[3])
+        return carry[0]
 
     # No cache: every step re-runs the model over the whole prefix buf[:, :t] -- padded on the
     # right to a power-of-two window w >= t (one compiled forward per window size), the head
@@ -856,10 +860,7 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
     # block_size tokens (as nanoGPT does).
     L = model.config.block_size
     carry = (buf, done0, jnp.asarray(prompt_len, jnp.int32))
-    w = prefill_len
-    while True:
-        w = min(w, L, S)
-
+    for w in doublings(prefill_len, min(L, S)):
         def step(carry, w=w):
             buf, done, t = carry
             x, _ = model(buf[:, :w], logits_at=t - 1, hidden=True)  # [B, C]
@@ -867,9 +868,6 @@ def _generate(graphdef, params, buf, prompt_len, total, key, screen, *, prefill_
             return buf, done, t + 1
 
         carry = loop(step, carry, w + 1)  # window w serves t <= w
-        if w == min(L, S):
-            break
-        w *= 2
     if S > L:
         def slide(carry):
             buf, done, t = carry

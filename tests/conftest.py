@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,18 @@ def random_adapter(base_dir, out, rank, targets, seed):
             "model_config": lm.config.to_dict()}
     lora.save_adapter(out, lm.model, meta)
     return out
+
+
+@contextmanager
+def xla_compiles():
+    """The list of XLA compilations (backend compile events) that happen inside the block."""
+    import jax
+
+    compiles = []
+    listener = lambda name, secs, **kw: (compiles.append(name)
+                                         if name.endswith("backend_compile_duration") else None)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

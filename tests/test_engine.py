@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from conftest import random_adapter  # noqa: E402
+from conftest import random_adapter, xla_compiles  # noqa: E402
 from jaxgpt import templates  # noqa: E402
 from jaxgpt.chat import ChatSession  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
@@ -198,19 +198,16 @@ def test_no_recompilation_after_warmup(tiny):
     engine = Engine(model, slots=4, max_len=64)
     engine.warmup()
     compiled = (_engine_step, _engine_prefill, _engine_insert, _grow_slots)
-    sizes, compiles = [f._cache_size() for f in compiled], []
-    listener = lambda name, secs, **kw: (compiles.append(name)
-                                         if name.endswith("backend_compile_duration") else None)
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    sizes = [f._cache_size() for f in compiled]
     ps = prompts(3, (1, 16, 17, 33, 60, 5, 2))
     settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=3), dict(temperature=0.5, top_p=0.9),
                 dict(temperature=2.0, seed=9)]
     reqs = [Request(p, 3 + i, **settings[i % 4]) for i, p in enumerate(ps)]
-    run_schedule(engine, {0: reqs[:3], 1: [reqs[3]], 4: reqs[4:6], 8: reqs[6:]})
-    assert engine.cache["k"][0].shape[1] == 64  # grown for the 60-token prompt
-    again = [Request(p, 20, **settings[i % 4]) for i, p in enumerate(ps[:2])]
-    run_schedule(engine, {0: again[:1], 3: again[1:]})  # a new cache from 16 on, grown again
-    jax.monitoring.unregister_event_duration_listener(listener)
+    with xla_compiles() as compiles:
+        run_schedule(engine, {0: reqs[:3], 1: [reqs[3]], 4: reqs[4:6], 8: reqs[6:]})
+        assert engine.cache["k"][0].shape[1] == 64  # grown for the 60-token prompt
+        again = [Request(p, 20, **settings[i % 4]) for i, p in enumerate(ps[:2])]
+        run_schedule(engine, {0: again[:1], 3: again[1:]})  # a new cache from 16 on, grown again
     assert all(r.done for r in reqs + again)
     assert [f._cache_size() for f in compiled] == sizes and compiles == []
 

@@ -34,7 +34,7 @@ from jaxgpt import templates  # noqa: E402
 from jaxgpt.sample import text_samples  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
-from conftest import REPO, random_adapter, run_cli  # noqa: E402
+from conftest import REPO, random_adapter, run_cli, xla_compiles  # noqa: E402
 
 torch.set_num_threads(2)
 CTX = 64
@@ -451,10 +451,7 @@ def test_metrics_are_prometheus_text(srv):
 
 def test_no_recompilation_after_warmup(srv):
     """Whatever the prompt lengths, n, adapters, logprobs, stop strings and seeds: nothing compiles."""
-    compiles = []
-    listener = lambda name, secs, **kw: compiles.append(name) if name.endswith("backend_compile_duration") else None
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with xla_compiles() as compiles:
         bodies = [{"prompt": [5] * n, "max_tokens": 3, "model": m, "n": k, "logprobs": lp, "seed": n,
                    "temperature": t, "stop": ["e"]}
                   for n, m, k, lp, t in ((1, "hf", 1, None, 0), (17, "a", 2, 5, 0.8), (33, "b", 3, 0, 1.0),
@@ -463,8 +460,6 @@ def test_no_recompilation_after_warmup(srv):
             rs = list(pool.map(lambda b: httpx.post(srv.url + C, json=b, timeout=60), bodies))
         assert all(r.status_code == 200 for r in rs)
         stream_text(srv.url, CH, {"messages": MSG, "max_tokens": 3, "model": "b", "logprobs": True})
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 
