@@ -1,31 +1,159 @@
-"""Perplexity of a model on a text: mean next-token cross-entropy over context-sized windows.
+"""Scoring token sequences under a model: the one batched, compile-once scorer of continuations
+given contexts (`score_continuations`), and perplexity of a text built on it.
 
-    python -m jaxgpt.eval CKPT --text FILE [--stride S] [--json]
+    scored = score_continuations(model, [(context_ids, continuation_ids), ...])
+    scored[i].logprobs, scored[i].greedy       # per continuation token: log p, was it the argmax
+    evaluate(model, ids, stride=None)          # {"loss", "perplexity", "tokens"}
 
-The text is tokenized as one stream. By default it is cut into consecutive, non-overlapping
-windows of the model's context length L; a window of n tokens scores its n-1 next-token
-predictions (the last, shorter window included). With `--stride S` windows of L tokens start
-every S tokens and each token is scored once, by the first window that has it past the previous
-window's end (Hugging Face's sliding-window perplexity): more context per prediction, more compute.
-With S < L every token but the first is scored; S = L is the non-overlapping layout.
+HellaSwag (jaxgpt.hellaswag), the lm-evaluation-harness model (jaxgpt.harness) and the server's
+echoed prompt logprobs (jaxgpt.serve) all score through `score_continuations`.
+
+Perplexity: the text is tokenized as one stream. By default it is cut into consecutive,
+non-overlapping windows of the model's context length L; a window of n tokens scores its n-1
+next-token predictions (the last, shorter window included). With `--stride S` windows of L tokens
+start every S tokens and each token is scored once, by the first window that has it past the
+previous window's end (Hugging Face's sliding-window perplexity): more context per prediction,
+more compute. With S < L every token but the first is scored; S = L is the non-overlapping layout.
 The command line lives in jaxgpt.cli.eval.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from functools import partial
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from jaxgpt import lora
 from jaxgpt.config import ConfigError
+from jaxgpt.engine import bucket
 
-LOGITS_BUDGET = 2**26  # floats of logits per jitted batch (256 MB): sets how many windows per call
+LOGITS_BUDGET = 2**26  # floats of logits per jitted call (256 MB): sets the rows per call
+MAX_ROWS = 512  # rows per call at most, however short
+MIN_BUCKET = 16  # the shortest padded row length compiled for
 
+
+# ----------------------------------------------------------------------------- continuations
+
+class Scored(NamedTuple):
+    """One (context, continuation) pair's scores, one entry per scored continuation token:
+    `logprobs` float32 [n] (log-softmax of the float32 logits), `greedy` bool [n] (the token was
+    the argmax), and with `top` > 0 the `top` most likely tokens at each position, `top_ids`
+    int32 [n, top] and `top_logprobs` float32 [n, top] (None otherwise)."""
+
+    logprobs: np.ndarray
+    greedy: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+
+    @property
+    def total(self) -> float:
+        """The continuation's log-likelihood: its tokens' logprobs summed in float64."""
+        return float(np.sum(self.logprobs, dtype=np.float64))
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether greedy decoding from the context produces the whole continuation."""
+        return bool(np.all(self.greedy))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "top"))
+def _token_scores(graphdef, state, x, y, adapter, top: int = 0):
+    """Per position of x/y [N, T]: the logprob of y (float32), whether y is the argmax, and the
+    `top` best (ids, logprobs) [N, T, top] (None when top is 0). adapter [N]: each row's LoRA
+    adapter in a model with several (jaxgpt.lora.MultiLoRALinear; ignored otherwise)."""
+    model = nnx.merge(graphdef, state)
+    lora.set_adapter_rows(model, jnp.repeat(adapter, x.shape[1]))  # one id per row of [N*T, C]
+    logits = model(x)[0].astype(jnp.float32)  # [N, T, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [N, T]
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == y
+    best = None
+    if top:
+        top_lp, top_id = jax.lax.top_k(logits, top)
+        best = (top_id.astype(jnp.int32), top_lp - lse[..., None])
+    return picked - lse, greedy, best
+
+
+def _rows(pairs, L: int):
+    """(input ids, target ids, number of scored targets) per pair: the row is the last L + 1
+    tokens of context + continuation; its last n targets are the continuation's tokens that
+    have a prediction in the window (an empty context leaves the first token unscored)."""
+    out = []
+    for ctx, cont in pairs:
+        toks = (list(ctx) + list(cont))[-(L + 1):]
+        out.append((toks[:-1], toks[1:], max(0, min(len(cont), len(toks) - 1))))
+    return out
+
+
+def score_continuations(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                        top: int = 0, adapters: Sequence[int] | int = 0, rows: int | None = None,
+                        logits_budget: int = LOGITS_BUDGET, desc: str | None = None) -> list[Scored]:
+    """Score each continuation given its context: a `Scored` per (context ids, continuation ids).
+
+    A pair longer than the model's context keeps its last block_size + 1 tokens (the context is
+    cut from the left; continuation tokens cut off that way, if any, are not scored). Rows are
+    grouped by their padded length (powers of two from 16 up to the context: `bucket`), `rows`
+    per jitted call (default: the power of two that holds the group, at most what
+    `logits_budget` float32 logits allow), the last call padded; each (rows, length, top)
+    compiles once, keyed on the model's nnx graphdef, so scoring the same pairs again compiles
+    nothing. `adapters`: the LoRA adapter of every pair (or one for all) in a model carrying
+    several (the server's engine); `desc`: a progress bar on stderr."""
+    L, V = model.config.block_size, model.config.vocab_size
+    prepared = _rows(pairs, L)
+    adapters = np.broadcast_to(np.asarray(adapters, np.int32), (len(prepared),))
+    groups: dict[int, list[int]] = {}
+    for i, (x, _, n) in enumerate(prepared):
+        if n:
+            groups.setdefault(bucket(len(x), cap=L, lo=MIN_BUCKET), []).append(i)
+    graphdef, state = nnx.split(model)
+    out: list[Scored | None] = [None] * len(prepared)
+    from tqdm import tqdm  # a core dependency; imported here to keep `import jaxgpt.eval` light
+
+    bar = tqdm(total=len(prepared), desc=desc, unit="row", disable=desc is None, file=sys.stderr,
+               dynamic_ncols=True)
+    pending = None  # (indices, device result): fetched after the next call is dispatched
+    for T in sorted(groups):
+        idx = groups[T]
+        cap = int(np.clip(logits_budget // (T * V), 1, MAX_ROWS))
+        G = rows or min(cap, bucket(len(idx), lo=1))
+        for g in range(0, len(idx), G):
+            group = idx[g:g + G]
+            x = np.zeros((G, T), np.int32)
+            y = np.zeros((G, T), np.int32)
+            ad = np.zeros(G, np.int32)
+            for k, i in enumerate(group):
+                xi, yi, _ = prepared[i]
+                x[k, :len(xi)], y[k, :len(yi)], ad[k] = xi, yi, adapters[i]
+            result = _token_scores(graphdef, state, x, y, ad, top=int(top))
+            if pending is not None:
+                _collect(out, prepared, *pending, bar)
+            pending = (group, result)
+    if pending is not None:
+        _collect(out, prepared, *pending, bar)
+    bar.update(bar.total - bar.n)
+    bar.close()
+    empty = Scored(np.zeros(0, np.float32), np.zeros(0, bool),
+                   *((np.zeros((0, top), np.int32), np.zeros((0, top), np.float32)) if top else ()))
+    return [s if s is not None else empty for s in out]
+
+
+def _collect(out, prepared, group, result, bar) -> None:
+    lp, greedy, best = jax.device_get(result)
+    for k, i in enumerate(group):
+        m = len(prepared[i][1])
+        sl = slice(m - prepared[i][2], m)  # the scored targets: the row's last n
+        top = (best[0][k, sl], best[1][k, sl]) if best is not None else ()
+        out[i] = Scored(lp[k, sl], greedy[k, sl], *top)
+    bar.update(len(group))
+
+
+# ----------------------------------------------------------------------------- perplexity
 
 def windows(n_tokens: int, L: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """(start, end, score_from) per window: it reads tokens[start:end] and scores the tokens at
@@ -54,45 +182,19 @@ def check_stride(stride: int | None, L: int) -> None:
         raise ConfigError(f"--stride must be between 1 and the context length {L}, got {stride}")
 
 
-def window_arrays(ids: np.ndarray, L: int, wins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, targets and a score mask, each [n_windows, L]; short windows are zero-padded."""
-    x = np.zeros((len(wins), L), np.int32)
-    y = np.zeros((len(wins), L), np.int32)
-    mask = np.zeros((len(wins), L), bool)
-    for k, (start, end, score_from) in enumerate(wins):
-        n = end - start
-        x[k, :n] = ids[start:end]
-        y[k, :n - 1] = ids[start + 1:end]  # position j predicts token start + j + 1
-        pos = start + 1 + np.arange(n - 1)  # stream position of each target
-        mask[k, :n - 1] = pos >= score_from
-    return x, y, mask
-
-
-@partial(jax.jit, static_argnames="graphdef")
-def _nll_sum(graphdef, params, x, y, mask):
-    """Sum of next-token negative log-likelihoods over the masked positions of x/y [B, L]."""
-    logits, _ = nnx.merge(graphdef, params)(x)  # [B, L, V] float32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # [B, L]
-    return jnp.sum(jnp.where(mask, nll, 0.0))
-
-
 def evaluate(model, ids, stride: int | None = None, batch_size: int | None = None) -> dict:
-    """{"loss": mean nats/token, "perplexity": exp(loss), "tokens": number scored} for token ids."""
-    ids = np.asarray(ids, np.int32).reshape(-1)
-    L, V = model.config.block_size, model.config.vocab_size
+    """{"loss": mean nats/token, "perplexity": exp(loss), "tokens": number scored} for token ids:
+    each window is a (context, continuation) pair for score_continuations (`batch_size`
+    windows per compiled call, default as it chooses)."""
+    ids = np.asarray(ids, np.int32).reshape(-1).tolist()
+    L = model.config.block_size
     check_stride(stride, L)
     if len(ids) < 2:
         raise ConfigError(f"the text has {len(ids)} token(s); at least 2 are needed to score one")
-    x, y, mask = window_arrays(ids, L, windows(len(ids), L, stride))
-    B = batch_size or int(np.clip(LOGITS_BUDGET // (L * V), 1, 64))
-    pad = -len(x) % B  # whole batches only, so every call has the same shape (one compile)
-    x, y, mask = (np.concatenate([a, np.zeros((pad, L), a.dtype)]) for a in (x, y, mask))
-    graphdef, params = nnx.split(model)
-    total = 0.0
-    for i in range(0, len(x), B):
-        total += float(_nll_sum(graphdef, params, x[i:i + B], y[i:i + B], mask[i:i + B]))
-    n = int(mask.sum())
-    loss = total / n
+    pairs = [(ids[start:score_from], ids[score_from:end]) for start, end, score_from in windows(len(ids), L, stride)]
+    scored = score_continuations(model, pairs, rows=batch_size)
+    n = sum(len(s.logprobs) for s in scored)
+    loss = -sum(s.total for s in scored) / n
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n}
 
 

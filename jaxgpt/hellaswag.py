@@ -21,10 +21,11 @@ ending by its loss given the context; three rules pick the ending:
 A row longer than the model's context keeps its last block_size + 1 tokens (the context is cut
 from the left); ending tokens cut off that way, if any, are not scored.
 
-`score` is meant to be called repeatedly (the trainer's periodic HellaSwag eval): the forward is
-one jitted function keyed on the model's nnx graphdef and the padded shape, so a second call on
-the same model graph compiles nothing; rows are padded to power-of-two lengths (buckets), each
-bucket compiled once, and the tokenization of an example is cached.
+`score` is meant to be called repeatedly (the trainer's periodic HellaSwag eval): the rows are
+scored by jaxgpt.eval.score_continuations, one jitted forward keyed on the model's nnx graphdef
+and the padded shape, so scoring the same examples again on the same model graph compiles
+nothing; rows are padded to power-of-two lengths (buckets), each compiled once, and the
+tokenization of an example is cached.
 The command line is `python -m jaxgpt.eval CKPT --task hellaswag --data FILE` (jaxgpt.cli.eval).
 """
 
@@ -32,21 +33,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxgpt.config import ConfigError
+from jaxgpt.eval import LOGITS_BUDGET, score_continuations
 
 N_ENDINGS = 4
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
-LOGITS_BUDGET = 2**26  # floats of logits per jitted call (256 MB): sets examples per call
-MIN_BUCKET = 16
 
 # OpenAI's GPT-2 124M on the 10,042 validation examples, from build-nanogpt's hellaswag.py
 # docstring (completion style, this module's acc / acc_norm rules) and the lm-evaluation-harness
@@ -155,33 +151,7 @@ def render(tok, ex: dict):
     return _render(tok, ex["ctx"], ex["ctx_a"], ex["ctx_b"], ex["activity_label"], tuple(ex["endings"]))
 
 
-def _row_arrays(rows, L: int, eot: int):
-    """(inputs, targets, mask) per row, each of length <= L: the row's last L + 1 tokens."""
-    out = []
-    for ctx, end in rows:
-        ctx = ctx or [eot]  # an empty context: the ending is predicted from <|endoftext|>
-        toks = (ctx + end)[-(L + 1):]
-        n_end = min(len(end), len(toks) - 1)  # ending tokens that have a prediction in the window
-        x, y = toks[:-1], toks[1:]
-        out.append((x, y, len(y) - n_end))  # targets from index len(y) - n_end on are the ending
-    return out
-
-
-def _bucket(n: int, L: int) -> int:
-    return min(L, max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()))
-
-
 # ----------------------------------------------------------------------------- scoring
-
-@partial(jax.jit, static_argnames="graphdef")
-def _row_losses(graphdef, state, x, y, mask):
-    """Summed next-token negative log-likelihood over the masked positions of each row of x/y [N, T]."""
-    logits, _ = nnx.merge(graphdef, state)(x)  # [N, T, V] float32
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]  # [N, T]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [N, T]
-    return jnp.sum(jnp.where(mask, nll, 0.0), axis=-1)  # [N]
-
 
 def check_tokenizer(model, tokenizer) -> None:
     if getattr(tokenizer, "name", None) != "gpt2":
@@ -197,51 +167,23 @@ def score(model, tokenizer, examples: list[dict], progress: bool = True,
     """{"n", "acc", "acc_norm", "acc_norm_harness", "per_example": [{"ind", "label", "pred",
     "pred_norm", "pred_norm_harness"}, ...]} for a GPT (nnx) model and the GPT-2 tokenizer.
 
-    An example's 8 rows (4 endings x 2 conventions) go through the model together; examples of
-    the same power-of-two length bucket are grouped, as many per call as `logits_budget` float32
-    logits allow, and the last group is padded, so each bucket compiles once."""
+    Each example's 8 rows (4 endings x 2 conventions) are (context, ending) pairs for
+    jaxgpt.eval.score_continuations, the scorer shared with perplexity, the lm-evaluation-harness
+    model and the server: batched by padded length, each shape compiled once."""
     check_tokenizer(model, tokenizer)
     if not examples:
         raise ConfigError("no HellaSwag examples to score")
-    L, V = model.config.block_size, model.config.vocab_size
     R = 2 * N_ENDINGS
-    prepared, char_len = [], np.ones((len(examples), N_ENDINGS))
+    pairs, char_len = [], np.ones((len(examples), N_ENDINGS))
     for i, ex in enumerate(examples):
         rows, lens = render(tokenizer, ex)
-        prepared.append(_row_arrays(rows, L, tokenizer.eot_token))
+        # an empty context: the ending is predicted from <|endoftext|>
+        pairs += [(ctx or [tokenizer.eot_token], end) for ctx, end in rows]
         char_len[i] = np.maximum(lens, 1)  # an empty choice would divide by zero
-    counts = np.array([[len(y) - start for _, y, start in p] for p in prepared], np.float64)  # [n, R]
-    buckets = {}
-    for i, p in enumerate(prepared):
-        buckets.setdefault(_bucket(max(len(x) for x, _, _ in p), L), []).append(i)
-
-    graphdef, state = nnx.split(model)
-    sums = np.zeros((len(examples), R))
-    from tqdm import tqdm  # a core dependency; imported here to keep `import jaxgpt.hellaswag` light
-
-    bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    pending = None  # (indices, device result): fetched after the next call is dispatched
-    for T in sorted(buckets):
-        idx = buckets[T]
-        E = int(np.clip(logits_budget // (R * T * V), 1, 64))
-        for g in range(0, len(idx), E):
-            group = idx[g:g + E]
-            x = np.zeros((E * R, T), np.int32)
-            y = np.zeros((E * R, T), np.int32)
-            mask = np.zeros((E * R, T), bool)
-            for k, i in enumerate(group):
-                for r, (xi, yi, start) in enumerate(prepared[i]):
-                    x[k * R + r, :len(xi)] = xi
-                    y[k * R + r, :len(yi)] = yi
-                    mask[k * R + r, start:len(yi)] = True
-            out = _row_losses(graphdef, state, x, y, mask)
-            if pending is not None:
-                _collect(sums, *pending, bar)
-            pending = (group, out)
-    if pending is not None:
-        _collect(sums, *pending, bar)
-    bar.close()
+    scored = score_continuations(model, pairs, logits_budget=logits_budget,
+                                 desc="hellaswag" if progress else None)
+    sums = -np.array([s.total for s in scored]).reshape(len(examples), R)  # summed losses
+    counts = np.array([len(s.logprobs) for s in scored], np.float64).reshape(len(examples), R)
 
     sums_c, sums_h = sums[:, :N_ENDINGS], sums[:, N_ENDINGS:]
     n_tok = np.maximum(counts[:, :N_ENDINGS], 1)
@@ -255,12 +197,6 @@ def score(model, tokenizer, examples: list[dict], progress: bool = True,
     return {"n": len(examples), "acc": float(np.mean(pred == labels)),
             "acc_norm": float(np.mean(pred_norm == labels)),
             "acc_norm_harness": float(np.mean(pred_harness == labels)), "per_example": per_example}
-
-
-def _collect(sums, group, out, bar) -> None:
-    out = np.asarray(out, np.float64).reshape(-1, sums.shape[1])
-    sums[group] = out[:len(group)]
-    bar.update(len(group))
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -72,10 +72,10 @@ def test_loss_matches_transformers(tiny, stride):
 
 def test_one_compile_for_any_length(tiny):
     lm = jaxgpt.load(tiny[1])
-    ev._nll_sum.clear_cache()
+    ev._token_scores.clear_cache()
     for n in (7, 40, 123):
         ev.evaluate(lm.model, np.arange(n) % 50257, batch_size=4)
-    assert ev._nll_sum._cache_size() == 1
+    assert ev._token_scores._cache_size() == 1
 
 
 def test_cli(tiny, tmp_path):

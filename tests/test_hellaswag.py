@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import hellaswag  # noqa: E402
+from jaxgpt import eval as ev, hellaswag  # noqa: E402
 from jaxgpt.api import load  # noqa: E402
 from jaxgpt.cli import eval as eval_cli  # noqa: E402
 from jaxgpt.tokenizer import get_tokenizer  # noqa: E402
@@ -155,10 +155,11 @@ def test_predictions_match_independent_implementation(tiny):
     assert any(w["pred"] != w["pred_norm"] for w in want)
 
     # repeated calls (the trainer's periodic eval) compile nothing new for the same model graph
-    size = hellaswag._row_losses._cache_size()
-    again = hellaswag.score(lm.model, lm.tokenizer, examples[:4], progress=False)
-    assert again["per_example"] == want[:4]
-    assert hellaswag._row_losses._cache_size() == size
+    size = ev._token_scores._cache_size()
+    again = hellaswag.score(lm.model, lm.tokenizer, examples, progress=False)
+    assert again["per_example"] == want
+    assert ev._token_scores._cache_size() == size
+    assert hellaswag.score(lm.model, lm.tokenizer, examples[:4], progress=False)["per_example"] == want[:4]
 
 
 def run_cli(*args):
