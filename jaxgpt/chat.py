@@ -31,7 +31,7 @@ class ChatSession:
             raise ConfigError("chat needs a model with GPT-2's tokenizer (an <|endoftext|> token)")
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         self.lm, self.tok, self.log = lm, tok, log
-        self.template = templates.check_template(template or lm.meta.get("template", templates.DEFAULT))
+        self.template = templates.check_template(template or templates.default_template(lm))
         self.max_new = min(max_new_tokens, lm.config.block_size - 1)
         self.system = system
         self.key = jax.random.key(seed)
@@ -47,7 +47,7 @@ class ChatSession:
         """The rendered conversation, dropping the oldest turns if it does not fit the context."""
         L = self.lm.config.block_size
         while True:
-            ids = self.tok.encode_ordinary(templates.render_prompt(self.template, self.messages))
+            ids = templates.prompt_ids(self.tok, self.template, self.messages)
             if len(ids) + self.max_new <= L:
                 return ids
             users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]

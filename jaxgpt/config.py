@@ -42,6 +42,20 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # scores also / (layer index + 1)
     reorder_and_upcast_attn: bool = False  # scores and softmax in float32 (a precision option)
     tie_word_embeddings: bool = True  # head = wte; False: a separate lm_head [C, V], no bias
+    # The Llama family (SmolLM2, Llama, ...) in the same blocks (defaults: GPT-2). GPTConfig.llama
+    # sets them all: grouped-query attention, RMSNorm, rotary positions, a gated (SwiGLU) MLP,
+    # no biases. c_attn still holds q | k | v and c_fc gate | up, fused as GPT-2 fuses them.
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head
+    norm: str = "layernorm"  # "rmsnorm": x / rms(x) * scale, eps = layer_norm_epsilon
+    position: str = "learned"  # "rope": rotary embeddings on q and k (no wpe table)
+    rope_theta: float = 10000.0  # the rotary base
+    rope_scaling: str | None = None  # None, "linear" or "llama3" (HF's rope_scaling rope_type)
+    rope_factor: float = 1.0  # linear / llama3: how much longer than the original context
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: original_max_position_embeddings
+    gated_mlp: bool = False  # MLP = c_proj(act(gate) * up), c_fc = [gate | up] (SwiGLU with silu)
+    bias: bool = True  # biases on the Linear layers (Llama has none)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -63,14 +77,39 @@ class GPTConfig:
         if self.n_inner is not None and (isinstance(self.n_inner, bool)
                                          or not isinstance(self.n_inner, int) or self.n_inner < 1):
             raise ConfigError(f"n_inner must be null or a positive integer, got {self.n_inner!r}")
+        if self.n_kv_head is not None and (int(self.n_kv_head) < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"n_kv_head ({self.n_kv_head}) must be >= 1 and divide n_head ({self.n_head})")
+        choices = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
+                   "rope_scaling": (None, "linear", "llama3")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, "
+                                  f"got {getattr(self, name)!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}")
         for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-                     "reorder_and_upcast_attn", "tie_word_embeddings"):
+                     "reorder_and_upcast_attn", "tie_word_embeddings", "gated_mlp", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head (GPT-2's multi-head attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def family(self) -> str:
+        """"gpt2", "llama" (every Llama knob set, GPTConfig.llama) or "custom" (a mix): what
+        a checkpoint is exported as (jaxgpt.convert)."""
+        if self.position == "learned" and self.norm == "layernorm" and not self.gated_mlp:
+            return "gpt2"
+        if self.position == "rope" and self.norm == "rmsnorm" and self.gated_mlp and not self.bias:
+            return "llama"
+        return "custom"
 
     @property
     def mlp_dim(self) -> int:
@@ -104,6 +143,26 @@ class GPTConfig:
         return cls(**{**dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **kw})
 
     @classmethod
+    def llama(cls, **kw) -> "GPTConfig":
+        """A Llama-family decoder: RMSNorm, rotary positions, SwiGLU, no biases (the shape from kw)."""
+        return cls(**{**dict(norm="rmsnorm", position="rope", gated_mlp=True, bias=False,
+                             activation_function="silu"), **kw})
+
+    @classmethod
+    def baby_llama(cls, **kw) -> "GPTConfig":
+        """The baby GPT's size in Llama blocks (GPTConfig.llama): 4 layers, 4 heads sharing 2
+        key/value heads, 128 wide, SwiGLU 352, rotary positions, context 64."""
+        return cls.llama(**{**dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_inner=352,
+                                   block_size=64, vocab_size=65), **kw})
+
+    @classmethod
+    def smollm2_135m(cls, **kw) -> "GPTConfig":
+        """SmolLM2-135M (HuggingFaceTB): 30 layers, 9 heads / 3 key-value heads, 576 wide, 49,152
+        tokens, tied embeddings; the shape of the model `jaxgpt.load("smollm2")` loads."""
+        return cls.llama(**{**dict(vocab_size=49152, block_size=8192, n_layer=30, n_head=9,
+                                   n_kv_head=3, n_embd=576, n_inner=1536, rope_theta=100000.0), **kw})
+
+    @classmethod
     def from_preset(cls, name: str, **kw) -> "GPTConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
@@ -125,6 +184,8 @@ PRESETS = {
     "gpt2-medium": "gpt2_medium",
     "gpt2-large": "gpt2_large",
     "gpt2-xl": "gpt2_xl",
+    "baby-llama": "baby_llama",
+    "smollm2-135m": "smollm2_135m",
 }
 
 

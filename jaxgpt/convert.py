@@ -1,9 +1,14 @@
-"""Weight conversion between jaxgpt and Hugging Face GPT-2 (safetensors / .bin) or nanoGPT ckpt.pt.
+"""Weight conversion between jaxgpt and Hugging Face GPT-2 / Llama (safetensors / .bin), GGUF
+files (llama.cpp) or nanoGPT ckpt.pt.
 
-    python -m jaxgpt.convert SRC OUT_DIR [--force]          # HF folder, hub name or ckpt.pt -> jaxgpt
+    python -m jaxgpt.convert SRC OUT_DIR [--force]          # HF folder, .gguf, hub name or ckpt.pt -> jaxgpt
     python -m jaxgpt.convert --to-hf CKPT OUT_DIR [--force]  # jaxgpt run dir -> HF folder
 
-Everything goes through one rename table (`rename_table`), written in HF's names. Layouts:
+GPT-2 goes through one rename table (`rename_table`), written in HF's names; the Llama family
+through another (`llama_rename_table`, HF LlamaForCausalLM's names), whose q/k/v and gate/up
+projections are fused into c_attn and c_fc. A GGUF file's tensors are renamed to the Llama
+table's HF names (`GGUF_NAMES`), dequantized to float32 and their q/k rows un-permuted (llama.cpp
+stores them in Meta's interleaved rotary order). Layouts:
   * HF GPT-2 stores its projections as `Conv1D` with weight [in, out], the same layout as our
     `nnx.Linear` kernels, so nothing is transposed between HF and jaxgpt.
   * nanoGPT uses `nn.Linear` with weight [out, in], so its four projection matrices per layer
@@ -89,6 +94,210 @@ def _path(dotted: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
+# ---- the Llama family (GPTConfig.llama) ------------------------------------------------------------
+class LlamaEntry(NamedTuple):
+    ours: str  # jaxgpt parameter path
+    hf: tuple[str, ...]  # HF LlamaForCausalLM names, concatenated along the output axis when several
+    linear: bool  # nn.Linear weights [out, in]: transposed into our [in, out] kernel
+
+
+def llama_rename_table(cfg: GPTConfig) -> list[LlamaEntry]:
+    """Every Llama tensor, jaxgpt path <-> HF name(s): c_attn = [q | k | v], c_fc = [gate | up]."""
+    table = [LlamaEntry("wte.embedding", ("model.embed_tokens.weight",), False)]
+    for i in range(cfg.n_layer):
+        h, m = f"h.{i}", f"model.layers.{i}"
+        table += [
+            LlamaEntry(f"{h}.ln_1.scale", (f"{m}.input_layernorm.weight",), False),
+            LlamaEntry(f"{h}.attn.c_attn.kernel", tuple(f"{m}.self_attn.{x}_proj.weight" for x in "qkv"), True),
+            LlamaEntry(f"{h}.attn.c_proj.kernel", (f"{m}.self_attn.o_proj.weight",), True),
+            LlamaEntry(f"{h}.ln_2.scale", (f"{m}.post_attention_layernorm.weight",), False),
+            LlamaEntry(f"{h}.mlp.c_fc.kernel", (f"{m}.mlp.gate_proj.weight", f"{m}.mlp.up_proj.weight"), True),
+            LlamaEntry(f"{h}.mlp.c_proj.kernel", (f"{m}.mlp.down_proj.weight",), True),
+        ]
+    table.append(LlamaEntry("ln_f.scale", ("model.norm.weight",), False))
+    if not cfg.tie_word_embeddings:
+        table.append(LlamaEntry("lm_head.kernel", ("lm_head.weight",), True))
+    return table
+
+
+def model_from_llama_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: str) -> GPT:
+    """A Llama-family GPT from HF LlamaForCausalLM-named tensors; every tensor accounted for."""
+    named = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer
+    if cfg.tie_word_embeddings:
+        named.pop("lm_head.weight", None)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+    shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(state)}
+    params = {}
+    for e in llama_rename_table(cfg):
+        missing = [n for n in e.hf if n not in named]
+        if missing:
+            raise ConfigError(f"{source}: missing tensor {missing[0]}")
+        parts = [np.asarray(named.pop(n), dtype=np.float32) for n in e.hf]
+        x = np.concatenate([p.T for p in parts], axis=1) if e.linear else parts[0]
+        if x.shape != shapes[_path(e.ours)]:
+            raise ConfigError(f"{source}: tensor(s) {', '.join(e.hf)} give shape {list(x.shape)} for "
+                              f"{e.ours}, expected {list(shapes[_path(e.ours)])} for this config")
+        params[_path(e.ours)] = x
+    if named:
+        raise ConfigError(f"{source}: unexpected tensor {sorted(named)[0]}"
+                          + (f" (and {len(named) - 1} more)" if len(named) > 1 else ""))
+    return _model_with(cfg, params)
+
+
+def llama_tensors_from_model(model: GPT) -> dict[str, np.ndarray]:
+    """The model's weights under HF LlamaForCausalLM names (the fused kernels split again)."""
+    cfg = model.config
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    widths = {3: [cfg.n_head * cfg.head_dim] + [cfg.kv_heads * cfg.head_dim] * 2, 2: [cfg.mlp_dim] * 2}
+    out = {}
+    for e in llama_rename_table(cfg):
+        x = flat[_path(e.ours)]
+        if not e.linear:
+            out[e.hf[0]] = np.ascontiguousarray(x, dtype=np.float32)
+            continue
+        cuts = np.cumsum(widths.get(len(e.hf), [x.shape[1]]))[:-1]
+        for name, part in zip(e.hf, np.split(x, cuts, axis=1)):
+            out[name] = np.ascontiguousarray(part.T, dtype=np.float32)  # kernel [in, out] -> [out, in]
+    return out
+
+
+def config_from_hf_llama(hf: dict, source: str) -> GPTConfig:
+    """GPTConfig.llama from an HF LlamaConfig dict (model_type llama); one-line errors for what
+    jaxgpt's Llama blocks do not implement (biases, other head sizes, other rotary scalings)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"{source}: {key}=true is not supported (jaxgpt's Llama blocks have no biases)")
+    H, C = hf.get("num_attention_heads", 32), hf.get("hidden_size", 4096)
+    if hf.get("head_dim") not in (None, C // H):
+        raise ConfigError(f"{source}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
+                          f"({C // H}) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ConfigError(f"{source}: rope scaling {kind!r} is not supported (default, linear, llama3)")
+    scaling = {}
+    if kind != "default":
+        scaling = dict(rope_scaling=kind, rope_factor=float(rope.get("factor", 1.0)),
+                       rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                       rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                       rope_original_max_len=int(rope.get("original_max_position_embeddings", 8192)))
+    try:
+        return GPTConfig.llama(
+            vocab_size=hf.get("vocab_size", 32000), block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf.get("num_hidden_layers", 32), n_head=H,
+            n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
+            n_inner=hf.get("intermediate_size", 11008), layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), **scaling)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: bad config.json value: {e}") from None
+
+
+def hf_llama_config(cfg: GPTConfig, tokenizer: dict | None = None) -> dict:
+    """config.json for transformers.LlamaForCausalLM with this architecture."""
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.n_layer,
+         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+         "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.layer_norm_epsilon,
+         "rope_theta": cfg.rope_theta, "attention_bias": False, "mlp_bias": False,
+         "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32", "use_cache": True}
+    if cfg.rope_scaling:
+        d["rope_scaling"] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor,
+                             "low_freq_factor": cfg.rope_low_freq_factor,
+                             "high_freq_factor": cfg.rope_high_freq_factor,
+                             "original_max_position_embeddings": cfg.rope_original_max_len}
+    for key in ("bos_token", "eot_token"):
+        if tokenizer and tokenizer.get(key) is not None:
+            d[key.replace("eot", "eos") + "_id"] = tokenizer[key]
+    return d
+
+
+# ---- GGUF files (llama.cpp) -----------------------------------------------------------------------
+GGUF_ARCHITECTURES = ("llama",)
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def _gguf_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (None: not a known name)."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GGUF_NAMES:
+        return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order (per head, the rotary pairs interleaved: Meta's layout)
+    back to HF's (per head, the first halves then the second halves): w [heads*D, in]."""
+    D = w.shape[0] // heads
+    return w.reshape(heads, D // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def config_from_gguf(meta: dict, tensor_names, source: str) -> GPTConfig:
+    """GPTConfig.llama from a GGUF file's `{arch}.*` metadata."""
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported "
+                          f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    get = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    if "rope_freqs.weight" in tensor_names or get("rope.scaling.type", "none") not in ("none", "linear"):
+        raise ConfigError(f"{source}: this GGUF's rotary scaling (rope_freqs / "
+                          f"{get('rope.scaling.type')!r}) is not supported")
+    H, C = get("attention.head_count"), get("embedding_length")
+    try:
+        if get("rope.dimension_count", C // H) != C // H:
+            raise ConfigError(f"rope.dimension_count {get('rope.dimension_count')} != head size {C // H}")
+        scaling = {}
+        if get("rope.scaling.type") == "linear":
+            scaling = dict(rope_scaling="linear", rope_factor=float(get("rope.scaling.factor", 1.0)))
+        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        return GPTConfig.llama(
+            vocab_size=vocab, block_size=get("context_length"), n_layer=get("block_count"),
+            n_head=H, n_kv_head=get("attention.head_count_kv", H), n_embd=C,
+            n_inner=get("feed_forward_length"), layer_norm_epsilon=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in tensor_names, **scaling)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: bad or missing {arch}.* metadata ({e})") from None
+
+
+def read_gguf_file(path: str | Path) -> tuple[GPT, dict | None, dict]:
+    """(model, tokenizer dict, meta) from a GGUF file: weights dequantized to float32, the
+    tokenizer and chat template from its metadata."""
+    from jaxgpt.gguf import read_gguf
+    from jaxgpt.tokenizer import BPETokenizer
+
+    f = read_gguf(path)
+    cfg = config_from_gguf(f.metadata, f.tensors, str(path))
+    tensors = {}
+    for name, info in f.tensors.items():
+        hf = _gguf_hf_name(name)
+        if hf is None:
+            raise ConfigError(f"{path}: unexpected tensor {name}")
+        w = f.tensor(name)
+        if name.endswith("attn_q.weight"):
+            w = _unpermute_rotary(w, cfg.n_head)
+        elif name.endswith("attn_k.weight"):
+            w = _unpermute_rotary(w, cfg.kv_heads)
+        tensors[hf] = w
+    model = model_from_llama_tensors(cfg, tensors, str(path))
+    tok = BPETokenizer.from_gguf_metadata(f.metadata).to_dict()  # with its chat template
+    types = sorted({i.type_name for i in f.tensors.values()})
+    return model, tok, {"source": str(path), "source_format": "gguf", "gguf_types": types}
+
+
 # ---- tensors -> model ---------------------------------------------------------------------------
 def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: str,
                        nanogpt: bool = False) -> GPT:
@@ -147,11 +356,16 @@ def tensors_from_model(model: GPT) -> dict[str, np.ndarray]:
 
 
 # ---- reading HF folders -------------------------------------------------------------------------
+HF_MODEL_TYPES = ("gpt2", "llama")
+
+
 def config_from_hf(hf: dict, source: str) -> GPTConfig:
-    """GPTConfig from an HF config.json dict; anything jaxgpt's GPT-2 can't represent is an error."""
+    """GPTConfig from an HF config.json dict; anything jaxgpt can't represent is an error."""
+    if hf.get("model_type") == "llama":
+        return config_from_hf_llama(hf, source)
     if hf.get("model_type") != "gpt2":
-        raise ConfigError(f"{source}: model_type is {hf.get('model_type')!r}, only GPT-2 ('gpt2') "
-                          "checkpoints can be converted")
+        raise ConfigError(f"{source}: model_type is {hf.get('model_type')!r}; jaxgpt reads "
+                          f"{' and '.join(HF_MODEL_TYPES)} checkpoints")
     for key, ok in REFUSED_FIELDS.items():
         if hf.get(key, ok) != ok:
             raise ConfigError(f"{source}: {key}={json.dumps(hf[key])} is not supported by jaxgpt's "
@@ -247,8 +461,22 @@ def read_hf_folder(folder: str | Path) -> tuple[GPT, dict | None, dict]:
     tensors, source = read_hf_tensors(folder)
     if source.endswith(".bin"):
         tensors = _to_numpy(tensors)
+    meta = {"source": str(folder), "source_format": "huggingface"}
+    if cfg.family == "llama":
+        model = model_from_llama_tensors(cfg, tensors, source)
+        return model, *_hf_tokenizer(folder, meta)
     model = model_from_tensors(cfg, tensors, source)
-    return model, _tokenizer_for(cfg), {"source": str(folder), "source_format": "huggingface"}
+    return model, _tokenizer_for(cfg), meta
+
+
+def _hf_tokenizer(folder: Path, meta: dict) -> tuple[dict | None, dict]:
+    """(tokenizer dict, meta) of a non-GPT-2 HF folder: its tokenizer.json (byte-level BPE, with
+    tokenizer_config.json's chat template); no tokenizer if it ships none."""
+    from jaxgpt.tokenizer import BPETokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        return None, meta
+    return BPETokenizer.from_hf_folder(folder).to_dict(), meta
 
 
 def read_nanogpt(path: str | Path, log: Callable[[str], None] = _stderr) -> tuple[GPT, dict | None, dict]:
@@ -298,13 +526,18 @@ def hf_config(cfg: GPTConfig) -> dict:
 
 
 def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, force: bool = False) -> Path:
-    """Write `out/` with config.json + model.safetensors (+ GPT-2 tokenizer files), atomically."""
+    """Write `out/` with config.json + model.safetensors (+ GPT-2 tokenizer files), atomically:
+    a GPT2LMHeadModel folder, or a LlamaForCausalLM one for a Llama-family model."""
     from safetensors.numpy import save_file
 
     check_writable(out, force)
-    tensors = tensors_from_model(model)
+    family = model.config.family
+    if family == "custom":
+        raise ConfigError("this model mixes GPT-2 and Llama blocks; Hugging Face has no class for it")
+    tensors = tensors_from_model(model) if family == "gpt2" else llama_tensors_from_model(model)
+    config = hf_config(model.config) if family == "gpt2" else hf_llama_config(model.config, tokenizer_dict)
     with atomic_dir(out, force) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dict and tokenizer_dict.get("type") == "gpt2":
             # GPT-2's BPE files under HF's names, so AutoTokenizer.from_pretrained(out) works too

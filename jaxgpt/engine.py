@@ -280,7 +280,7 @@ def decode_copy(model):
             lin = getattr(parent, name)
             if type(lin) is nnx.Linear and lin.kernel[...].dtype == jnp.float32:
                 kernel_t = _derived("kernel.T", lin.kernel[...], _transpose)
-                setattr(parent, name, RowLinear(kernel_t, lin.bias[...], lin.dtype))
+                setattr(parent, name, RowLinear(kernel_t, None if lin.bias is None else lin.bias[...], lin.dtype))
     head = getattr(twin, "lm_head", None)  # an untied head: a RowLinear too (zero bias)
     if type(head) is nnx.Linear and head.kernel[...].dtype == jnp.float32:
         kernel_t = _derived("kernel.T", head.kernel[...], _transpose)  # [V, C]

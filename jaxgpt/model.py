@@ -6,6 +6,13 @@ token embedding (tied head). Parameter names follow GPT-2/HF (`wte`, `h.0.attn.c
 The GPT2Config variants that change the math are config fields: the MLP's activation and width
 (activation_function, n_inner), the attention scaling flags, and an untied `lm_head`.
 
+The Llama family (SmolLM2, Llama 2/3, ...) is the same module with four knobs turned
+(GPTConfig.llama): RMSNorm for LayerNorm, rotary positions on q and k instead of the `wpe` table,
+grouped-query attention (n_kv_head key/value heads shared by n_head query heads) and a gated MLP,
+c_proj(silu(gate) * up), with no biases. `c_attn` then holds [q | k | v] (H + 2 KV heads) and
+`c_fc` [gate | up]: the fused projections, LoRA targets, int8 kernels, decode copy and KV cache
+are the same code for both families.
+
 Between blocks the activations are kept 2-D, `[B*T, C]`: on CPU this avoids XLA fusing the
 GELU backward with a transpose (measured ~30% faster on the baby model); attention reshapes
 to `[B, H, T, D]` internally.
@@ -22,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxgpt.config import ACTIVATIONS, GPTConfig
@@ -54,7 +62,8 @@ ACTIVATION_FNS = {
 }
 assert tuple(ACTIVATION_FNS) == ACTIVATIONS  # config.py validates the names, this defines them
 
-# A KV cache is a plain pytree: {"k": L x [B*H, S, D], "v": L x [B*H, S, D], "index": int32[]}
+# A KV cache is a plain pytree: {"k": L x [B*KV, S, D], "v": L x [B*KV, S, D], "index": int32[]}
+# (KV = the key/value heads: n_head for GPT-2, fewer with grouped-query attention)
 # (one 3-D buffer per layer, updated in place inside a decode loop; see CausalSelfAttention).
 # `index` is how many positions are filled; it is passed in and returned, never hidden in the model.
 # It is one int32 scalar when all rows are at the same position, or int32 [B], one per row (rows
@@ -65,7 +74,7 @@ Cache = dict[str, Any]
 def init_cache(config: GPTConfig, batch_size: int, max_len: int | None = None) -> Cache:
     """An empty KV cache for `batch_size` sequences of up to `max_len` (default: block_size)."""
     max_len = max_len or config.block_size
-    shape = (batch_size * config.n_head, max_len, config.head_dim)
+    shape = (batch_size * config.kv_heads, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layer)]
     return {"k": zeros(), "v": zeros(), "index": jnp.array(0, jnp.int32)}
 
@@ -137,14 +146,15 @@ class RowLinear(nnx.Module):
     726 -> 782 tokens/s; experiments/PERF.md "A KV cache that grows").
     """
 
-    def __init__(self, kernel_t: jax.Array, bias: jax.Array, dtype):
+    def __init__(self, kernel_t: jax.Array, bias: jax.Array | None, dtype):
         self.kernel = nnx.Param(kernel_t)  # [out, in]
-        self.bias = nnx.Param(bias)  # [out]
+        self.bias = None if bias is None else nnx.Param(bias)  # [out], None without biases
         self.dtype = dtype
 
     def __call__(self, x):
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-        kernel, bias = self.kernel[...].astype(dtype), self.bias[...].astype(dtype)
+        kernel = self.kernel[...].astype(dtype)
+        bias = 0.0 if self.bias is None else self.bias[...].astype(dtype)
         # one product per row, W @ [in, 1]: written as a vmap so that XLA:CPU keeps W the left
         # operand of a plain dot; `jnp.dot(W, x.T)` on [N, in] is rewritten into x @ W^T, which
         # runs ~35% slower at 8 rows (the same at 1; experiments/PERF.md "Decode (batch 8)")
@@ -156,24 +166,68 @@ class RowLinear(nnx.Module):
 
 
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
-    """A GPT-2 Linear (HF calls it Conv1D): kernel [in, out] ~ N(0, std), zero bias.
+    """A GPT-2 Linear (HF calls it Conv1D): kernel [in, out] ~ N(0, std), zero bias (none
+    without cfg.bias).
 
     With cfg.quant == "int8" an (unfilled) Int8Linear instead; jaxgpt.quant fills it."""
     if cfg.quant == "int8":
-        return Int8Linear(d_in, d_out, jnp.dtype(cfg.dtype))
-    return nnx.Linear(d_in, d_out, kernel_init=nnx.initializers.normal(std),
+        return Int8Linear(d_in, d_out, jnp.dtype(cfg.dtype), use_bias=cfg.bias)
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
                       bias_init=nnx.initializers.zeros_init(), dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.float32, rngs=rngs)
 
 
-def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                         param_dtype=jnp.float32, rngs=rngs)
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
+    """GPT-2's LayerNorm (scale and bias), or with cfg.norm == "rmsnorm" Llama's RMSNorm,
+    x / sqrt(mean(x^2) + eps) * scale (statistics in float32 either way)."""
+    norm = nnx.RMSNorm if cfg.norm == "rmsnorm" else nnx.LayerNorm
+    return norm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.float32, rngs=rngs)
+
+
+# ---- rotary positions (the Llama family) ------------------------------------------------------
+def rope_frequencies(cfg: GPTConfig) -> np.ndarray:
+    """The rotary inverse frequencies, float32 [D/2]: theta^(-2i/D), as Hugging Face computes them
+    (float32), then rescaled for cfg.rope_scaling ("linear": / factor; "llama3": long
+    wavelengths / factor, short ones kept, a smooth blend between)."""
+    D = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, D, 2).astype(np.float32) / np.float32(D))))
+    inv = inv.astype(np.float32)
+    if cfg.rope_scaling == "linear":
+        return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        old = float(cfg.rope_original_max_len)
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        mid = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(is_mid, mid, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(cfg: GPTConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), float32 [..., T, D], for positions pos int [T] or [B, T]: the angles
+    pos * freq over the first D/2 dimensions, repeated for the second half (HF's layout)."""
+    angles = pos[..., None].astype(jnp.float32) * jnp.asarray(rope_frequencies(cfg))  # [..., T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., T, D]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope) -> jax.Array:
+    """x [B, heads, T, D] rotated by the position tables (cos, sin) [T, D] or [B, T, D]:
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] for the halves x1, x2 of D."""
+    cos, sin = (t if t.ndim == 2 else t[:, None] for t in rope)  # broadcast over heads
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
 def _cache_write(cache: jax.Array, new: jax.Array, index, H: int) -> jax.Array:
-    """cache [B*H, S, D] with new [B*H, T, D] written at position `index`: one in-place
-    dynamic_update_slice for a scalar index, a scatter (row b's heads at index[b]) for [B]."""
+    """cache [B*H, S, D] with new [B*H, T, D] written at position `index` (H: the cache's heads
+    per row): one in-place dynamic_update_slice for a scalar index, a scatter (row b's heads at
+    index[b]) for [B]."""
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice(cache, new, (0, index, 0))
     write = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0))  # one row [S, D]
@@ -186,23 +240,45 @@ class CausalSelfAttention(nnx.Module):
     Scores are q.k / sqrt(head_dim) (GPT-2), without the 1/sqrt(head_dim) when
     cfg.scale_attn_weights is off, and further / (layer_idx + 1) with
     cfg.scale_attn_by_inverse_layer_idx. cfg.reorder_and_upcast_attn computes q.k and the softmax
-    in float32 whatever the compute dtype (HF's mixed-precision option; a no-op in float32)."""
+    in float32 whatever the compute dtype (HF's mixed-precision option; a no-op in float32).
+
+    Grouped-query attention (cfg.n_kv_head = KV < H): c_attn gives H query heads and KV key/value
+    heads; query head h reads key/value head h // (H / KV), as HF's repeat_kv. The G = H / KV
+    query heads of a group are stacked along the query axis ([B, KV, G*T, D]), so the score and
+    value products below are GPT-2's with KV heads and G*T queries: nothing is repeated and the
+    KV cache holds KV heads. With rotary positions (`rope`: the (cos, sin) tables of this
+    chunk's positions) q and k are rotated before k enters the cache."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, layer_idx: int = 0):
         self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        self.n_kv_head = cfg.kv_heads
         self.scale = (1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0) / (
             layer_idx + 1.0 if cfg.scale_attn_by_inverse_layer_idx else 1.0)
         self.upcast = cfg.reorder_and_upcast_attn
         proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled init of residual projections
-        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, 0.02, rngs)
+        self.c_attn = _linear(cfg, cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, 0.02, rngs)
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, proj_std, rngs)
 
-    def __call__(self, x, B: int, T: int, kv=None, index=None, key=None):
-        # x: [B*T, C]. kv: optional (k_cache, v_cache), each [B*H, S, D]; index: first position of x.
-        C, H, D = x.shape[-1], self.n_head, self.head_dim
+    def _qkv(self, x, B: int, T: int, rope):
+        """q [B, H, T, D] and k, v [B, KV, T, D] from x [B*T, C] (q and k rotated with rope)."""
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        if KV == H:  # GPT-2: [q | k | v], each C wide
+            qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # [B, T, 3, H, D]
+            q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each [B, H, T, D]
+        else:
+            qkv = self.c_attn(x).reshape(B, T, H + 2 * KV, D)  # [B, T, H + 2 KV, D]
+            q, k, v = (a.transpose(0, 2, 1, 3) for a in jnp.split(qkv, [H, H + KV], axis=2))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k, v
+
+    def __call__(self, x, B: int, T: int, kv=None, index=None, key=None, rope=None):
+        # x: [B*T, C]. kv: optional (k_cache, v_cache), each [B*KV, S, D]; index: first position
+        # of x. rope: (cos, sin) of the positions of x, with rotary positions.
+        C, H, KV, D = x.shape[-1], self.n_head, self.n_kv_head, self.head_dim
+        G = H // KV  # query heads per key/value head (1 for GPT-2)
         k_attn, k_resid = _split(key, 2)
-        qkv = self.c_attn(x).reshape(B, T, 3, H, D)  # [B, T, 3, H, D]
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each [B, H, T, D]
+        q, k, v = self._qkv(x, B, T, rope)  # [B, H, T, D], [B, KV, T, D], [B, KV, T, D]
         scale, neg = self.scale, jnp.finfo(jnp.float32).min
         sdtype = jnp.float32 if self.upcast else q.dtype  # the dtype q.k is computed in
         fused = None if self.upcast or (self.dropout > 0.0 and k_attn is not None) \
@@ -216,29 +292,32 @@ class CausalSelfAttention(nnx.Module):
         elif kv is None:
             # Training / full forward: keys are exactly this chunk; query i sees keys j <= i.
             causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T, T]
-            att = jnp.einsum("bhtd,bhsd->bhts", q.astype(sdtype), k.astype(sdtype))  # [B, H, T, T]
+            qg = q.reshape(B, KV, G * T, D)  # a group's G query heads stacked: [B, KV, G*T, D]
+            att = jnp.einsum("bhtd,bhsd->bhts", qg.astype(sdtype), k.astype(sdtype))  # [B, KV, G*T, T]
             att = att * scale
-            att = jnp.where(causal, att.astype(jnp.float32), neg)
+            att = jnp.where(jnp.tile(causal, (G, 1)), att.astype(jnp.float32), neg)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = dropout(att, self.dropout, k_attn)
-            y = jnp.einsum("bhts,bhsd->bhtd", att, v)  # [B, H, T, D]
+            y = jnp.einsum("bhts,bhsd->bhtd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
         else:
             # Decoding: write this chunk into the cache at `index`, attend over the cache.
             # The cache is 3-D, [B*H, S, D]: with a 4-D [B, H, S, D] cache the reshape feeding
             # the attention dot made XLA fuse the update into two consumers and copy every cache
             # buffer 4x per layer per step (96 copies per token for GPT-2 small; none now).
-            k_cache, v_cache = kv  # [B*H, S, D]
+            k_cache, v_cache = kv  # [B*KV, S, D]
             S = k_cache.shape[1]
-            k = _cache_write(k_cache, k.reshape(B * H, T, D).astype(k_cache.dtype), index, H)
-            v = _cache_write(v_cache, v.reshape(B * H, T, D).astype(v_cache.dtype), index, H)
-            kv = (k, v)  # [B*H, S, D]; positions >= index + T are masked out below
+            k = _cache_write(k_cache, k.reshape(B * KV, T, D).astype(k_cache.dtype), index, KV)
+            v = _cache_write(v_cache, v.reshape(B * KV, T, D).astype(v_cache.dtype), index, KV)
+            kv = (k, v)  # [B*KV, S, D]; positions >= index + T are masked out below
             if jnp.ndim(index) == 0:
                 mask = jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None]  # [T, S] causal
-            else:  # a position per row: [B*H, T, S]
-                last = jnp.repeat(index, H)[:, None] + jnp.arange(T)[None, :]  # [B*H, T]
+            else:  # a position per row: [B*KV, T, S]
+                last = jnp.repeat(index, KV)[:, None] + jnp.arange(T)[None, :]  # [B*KV, T]
                 mask = jnp.arange(S)[None, None, :] <= last[:, :, None]
-            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * H, T, D).astype(sdtype),
-                             k.astype(sdtype)) * scale  # [B*H, T, S]
+            if G > 1:  # the G query heads of a group stacked along the query axis
+                mask = jnp.tile(mask, (G, 1)) if mask.ndim == 2 else jnp.tile(mask, (1, G, 1))
+            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * KV, G * T, D).astype(sdtype),
+                             k.astype(sdtype)) * scale  # [B*KV, G*T, S]
             att = jnp.where(mask, att.astype(jnp.float32), neg)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
             att = dropout(att, self.dropout, k_attn)
@@ -252,16 +331,24 @@ class MLP(nnx.Module):
     """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C.
 
     The hidden width is cfg.mlp_dim (n_inner, default 4C) and the nonlinearity
-    cfg.activation_function (ACTIVATION_FNS, default GPT-2's tanh GELU)."""
+    cfg.activation_function (ACTIVATION_FNS, default GPT-2's tanh GELU). With cfg.gated_mlp
+    (Llama's SwiGLU) c_fc makes [gate | up], 2 x mlp_dim wide, and the hidden state is
+    act(gate) * up."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.dropout = cfg.dropout
+        self.dropout, self.gated = cfg.dropout, cfg.gated_mlp
         self.activation = cfg.activation_function  # a name: static, hashable module state
-        self.c_fc = _linear(cfg, cfg.n_embd, cfg.mlp_dim, 0.02, rngs)
+        width = cfg.mlp_dim * (2 if cfg.gated_mlp else 1)
+        self.c_fc = _linear(cfg, cfg.n_embd, width, 0.02, rngs)
         self.c_proj = _linear(cfg, cfg.mlp_dim, cfg.n_embd, 0.02 / math.sqrt(2 * cfg.n_layer), rngs)
 
     def __call__(self, x, key=None):
-        h = ACTIVATION_FNS[self.activation](self.c_fc(x))  # [B*T, 4C] (4C = mlp_dim)
+        act = ACTIVATION_FNS[self.activation]
+        if self.gated:
+            gate, up = jnp.split(self.c_fc(x), 2, axis=-1)  # each [B*T, mlp_dim]
+            h = act(gate) * up
+        else:
+            h = act(self.c_fc(x))  # [B*T, 4C] (4C = mlp_dim)
         return dropout(self.c_proj(h), self.dropout, key)  # [B*T, C]
 
 
@@ -274,9 +361,9 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, B: int, T: int, kv=None, index=None, key=None):
+    def __call__(self, x, B: int, T: int, kv=None, index=None, key=None, rope=None):
         k_attn, k_mlp = _split(key, 2)
-        a, kv = self.attn(self.ln_1(x), B, T, kv, index, k_attn)
+        a, kv = self.attn(self.ln_1(x), B, T, kv, index, k_attn, rope)
         x = x + a  # [B*T, C]
         x = x + self.mlp(self.ln_2(x), k_mlp)
         return x, kv
@@ -298,7 +385,8 @@ def head_rows(wte: nnx.Embed, x: jax.Array) -> jax.Array:
 
 
 class GPT(nnx.Module):
-    """GPT-2: `model(ids)` -> (logits [B, T, vocab], None); `model(ids, cache=c)` -> (logits, cache)."""
+    """GPT-2 (or a Llama-family model, GPTConfig.llama): `model(ids)` -> (logits [B, T, vocab],
+    None); `model(ids, cache=c)` -> (logits, cache)."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
@@ -310,8 +398,9 @@ class GPT(nnx.Module):
         else:
             self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
                                  param_dtype=jnp.float32, rngs=rngs)  # token embedding, also the head
-        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)  # learned positions
+        if cfg.position == "learned":  # learned positions; rotary ones (rope) have no table
+            self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
+                                 param_dtype=jnp.float32, rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs=rngs, layer_idx=i) for i in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
         if not cfg.tie_word_embeddings:  # a separate output head (HF lm_head), made last: a tied
@@ -340,7 +429,12 @@ class GPT(nnx.Module):
         index = None if cache is None else cache["index"]
         pos = jnp.arange(T) if cache is None else index[..., None] + jnp.arange(T)  # [T] or [B, T]
         keys = _split(key, self.config.n_layer + 1)
-        x = self.wte(ids) + self.wpe(pos).reshape(-1, T, self.config.n_embd)  # [B, T, C]
+        x = self.wte(ids)  # [B, T, C]
+        rope = None
+        if self.config.position == "rope":
+            rope = rope_tables(self.config, pos)  # (cos, sin) [T, D] or [B, T, D]
+        else:
+            x = x + self.wpe(pos).reshape(-1, T, self.config.n_embd)  # [B, T, C]
         x = dropout(x, self.config.dropout, keys[0]).reshape(B * T, -1)  # [B*T, C]
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
@@ -350,10 +444,10 @@ class GPT(nnx.Module):
                 # internals from its input instead of keeping them (a pure function of the
                 # block's state, so it works under any outer transform)
                 gdef, bstate = nnx.split(block)
-                run = _remat(lambda s, h, k, gdef=gdef: nnx.merge(gdef, s)(h, B, T, key=k)[0])
+                run = _remat(lambda s, h, k, gdef=gdef: nnx.merge(gdef, s)(h, B, T, key=k, rope=rope)[0])
                 x = run(bstate, x, keys[i + 1])
                 continue
-            x, kv = block(x, B, T, kv, index, keys[i + 1])
+            x, kv = block(x, B, T, kv, index, keys[i + 1], rope)
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

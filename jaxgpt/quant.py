@@ -162,7 +162,7 @@ def quantize_model(model, embedding: bool = True):
         for sub, name in LINEARS:
             lin = block[sub][name]
             q, scale = quantize_rows(lin["kernel"].T)  # kernel [in, out] -> rows = output channels
-            block[sub][name] = {"kernel": q, "scale": scale, "bias": lin["bias"]}
+            block[sub][name] = {"kernel": q, "scale": scale, **({"bias": lin["bias"]} if "bias" in lin else {})}
     if embedding:
         q, scale = quantize_rows(pure["wte"]["embedding"])  # [V, C]: one scale per vocabulary row
         pure["wte"] = {"embedding": q, "scale": scale}

@@ -40,7 +40,8 @@ def text_samples(lm, prompt: str = "", max_new_tokens: int = 100, *, num_samples
     template = lm.meta.get("template")
     if prompt and template and not raw:
         # an instruction-tuned checkpoint (jaxgpt.sft): ask it the way it was trained
-        prompt = render_prompt(template, [{"role": "user", "content": prompt}])
+        prompt = render_prompt(template, [{"role": "user", "content": prompt}],
+                               getattr(tok, "chat_template", None))
         log(f"(prompt wrapped in the model's {template} template; --raw to send it as is)")
     ids = tok.encode(prompt) if prompt else ([eot] if eot is not None else tok.encode("\n"))
     if len(ids) > L:

@@ -52,7 +52,7 @@ class SFTConfig(OptimConfig, RunConfig):
 
     ckpt: str | None = None  # base model: jaxgpt run dir, HF GPT-2 folder, hub name, nanoGPT ckpt.pt
     data: str | None = None  # JSON list or JSONL of records
-    template: str = templates.DEFAULT
+    template: str | None = None  # None: the model's (templates.default_template), else alpaca
     val_frac: float = 0.05
     test_frac: float = 0.10
     mask_prompt: bool = True  # --no-mask-prompt: the loss counts prompt tokens too
@@ -88,7 +88,8 @@ class SFTConfig(OptimConfig, RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        templates.check_template(self.template)
+        if self.template is not None:
+            templates.check_template(self.template)
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ConfigError(f"--val-frac ({self.val_frac}) and --test-frac ({self.test_frac}) must "
                               "be in [0, 1) and sum to less than 1")
@@ -161,9 +162,7 @@ def check_tokenizer(tok) -> None:
         raise ConfigError("SFT needs a tokenizer with an <|endoftext|> token (GPT-2's BPE); "
                           "this model has a char vocabulary or none")
 
-def prompt_ids(tok, template: str, messages: list[dict]) -> list[int]:
-    """Token ids of the rendered prompt for `messages` (which exclude the reply)."""
-    return tok.encode_ordinary(templates.render_prompt(template, messages))
+prompt_ids = templates.prompt_ids  # token ids of the rendered prompt (messages exclude the reply)
 
 def encode(tok, template: str, record, max_len: int, where: str = "record") -> tuple[Encoded | None, str]:
     """(Encoded, "") or (None, "skipped") / (Encoded, "truncated"): fits prompt+reply into
@@ -350,7 +349,7 @@ def _prepare_out(cfg: SFTConfig) -> None:
 def _data(cfg: SFTConfig, lm, log):
     """(template, split records, train / val examples) of the run."""
     records = read_records(cfg.data)
-    tok, template = lm.tokenizer, cfg.template
+    tok, template = lm.tokenizer, cfg.template or templates.default_template(lm)
     max_len = cfg.length_limit(lm.config.block_size)
     parts = split(records, cfg.val_frac, cfg.test_frac, cfg.seed)
     if not parts["train"]:
@@ -455,13 +454,15 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
     summary = {"before": before, "after": after, "steps": run["step"],
                "train_seconds": run["timers"]["steps"], "timers": run["timers"],
                "trainable_params": n_train, "total_params": n_total, "lora_layers": adapted,
+               "template": template,
                "records": {k: len(v) for k, v in parts.items()}, "config": dataclasses.asdict(cfg)}
     if trainer.main:
         if cfg.lora_rank:
             lora.write_adapter(out, trained, {
                 **sft_meta, "base": _portable(cfg.ckpt), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                 "targets": lora.parse_targets(cfg.lora_targets), "model_config": lm.config.to_dict()})
-        _write_report(out, cfg, summary, test_recs, before_answers, after_answers)
+        _write_report(out, cfg, summary, test_recs, before_answers, after_answers,
+                      getattr(tok, "chat_template", None))
     summary.update(out=cfg.out, stopped_by=None)
     return summary
 
@@ -474,7 +475,8 @@ def _portable(ckpt: str) -> str:
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
-def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after) -> None:
+def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after,
+                  chat_template: str | None = None) -> None:
     """test_generations.jsonl, summary.json and report.md (metrics.jsonl and loss.png are the
     trainer's)."""
     lines = []
@@ -482,7 +484,8 @@ def _write_report(out: Path, cfg: SFTConfig, summary: dict, recs, before, after)
         msgs = templates.to_messages(rec, "record")
         ref = msgs[-1]["content"]
         lines.append(json.dumps({
-            "index": i, "prompt": templates.render_prompt(cfg.template, msgs[:-1]), "reference": ref,
+            "index": i, "prompt": templates.render_prompt(summary["template"], msgs[:-1], chat_template),
+            "reference": ref,
             "before": b["text"], "before_ended_with_eos": b["ended"],
             "before_rouge_l": rouge_l(b["text"], ref), "after": a["text"],
             "after_ended_with_eos": a["ended"], "after_rouge_l": rouge_l(a["text"], ref),
@@ -496,7 +499,7 @@ def report_markdown(cfg: SFTConfig, s: dict, recs, before, after, n_examples: in
     kind = (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, targets {cfg.lora_targets}"
             if cfg.lora_rank else "full fine-tuning")
     md = [f"# SFT report: {cfg.ckpt} on {cfg.data}", "",
-          f"{kind}; template `{cfg.template}`; {s['steps']} steps of batch {cfg.batch_size}, "
+          f"{kind}; template `{s.get('template', cfg.template)}`; {s['steps']} steps of batch {cfg.batch_size}, "
           f"lr {cfg.peak_lr:g}, {s['train_seconds']:.0f} s of training; trainable params "
           f"{s['trainable_params']:,} of {s['total_params']:,}; prompt tokens "
           f"{'masked out of' if cfg.mask_prompt else 'included in'} the loss.",
@@ -506,7 +509,7 @@ def report_markdown(cfg: SFTConfig, s: dict, recs, before, after, n_examples: in
           f"| masked val loss (nats/token, {b['val_tokens']} tokens) | {_fmt(b['val_loss'])} | {_fmt(a['val_loss'])} |",
           f"| test exact match (normalized) | {b['exact_match']:.3f} | {a['exact_match']:.3f} |",
           f"| test ROUGE-L F1 | {b['rouge_l']:.3f} | {a['rouge_l']:.3f} |",
-          f"| test answers ending with <\\|endoftext\\|> | {b['ends_with_eos']:.3f} | {a['ends_with_eos']:.3f} |",
+          f"| test answers ending with the end-of-text token | {b['ends_with_eos']:.3f} | {a['ends_with_eos']:.3f} |",
           "", "![loss](loss.png)", "", "## Examples (test split)", ""]
     for rec, bb, aa in list(zip(recs, before, after))[:n_examples]:
         msgs = templates.to_messages(rec, "record")
@@ -538,7 +541,7 @@ def eval_only(cfg: SFTConfig) -> dict:
     recs = records if cfg.eval_split == "all" else split(records, cfg.val_frac, cfg.test_frac, cfg.seed)["val"]
     if not recs:
         raise ConfigError("the val split is empty; use --eval-split all or a larger --val-frac")
-    template = lm.meta.get("template", cfg.template) if cfg.template == templates.DEFAULT else cfg.template
+    template = cfg.template or templates.default_template(lm)
     max_len = cfg.length_limit(lm.config.block_size)
     ex = encode_all(lm.tokenizer, template, recs, max_len, log_stderr)
     loss, tokens = evaluate_loss(lm.model, ex, cfg.batch_size, lm.tokenizer.eot_token, cfg.mask_prompt)
@@ -553,7 +556,7 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, force: bool =
     lm = load(base or meta["base"])
     lora.load_adapter(adapter, lm.model)
     merged = lora.merge(lm.model)
-    extra = {"template": meta.get("template", templates.DEFAULT), "source": f"{adapter} merged into {base or meta['base']}",
+    extra = {"template": meta.get("template") or templates.default_template(lm), "source": f"{adapter} merged into {base or meta['base']}",
              "sft": meta.get("sft", {})}
     tok = lm.tokenizer.to_dict() if lm.tokenizer is not None else None
     return checkpoint.save_model(out, merged, tok, extra, force=force)

@@ -8,11 +8,20 @@ closed by `<|endoftext|>`, the stop token, which the tokenizer adds as its own i
   alpaca  the Alpaca / "LLMs from scratch" format (the default, exactly as below)
   chatml  <|im_start|>role\\n...<|im_end|> blocks (plain text for GPT-2's vocabulary)
   none    the prompt text as it is (for data that is already formatted)
+  model   the model's own chat template: the Jinja source a GGUF file (tokenizer.chat_template)
+          or an HF folder (tokenizer_config.json) ships, rendered as transformers'
+          apply_chat_template renders it (SmolLM2's: ChatML with its default system prompt).
+          The reply is closed by the model's eos token (SmolLM2: <|im_end|>).
 
-The template's name is saved with every SFT checkpoint, so `sample`/`chat` reuse it.
+The template's name is saved with every SFT checkpoint, so `sample`/`chat` reuse it (with
+"model", the Jinja source travels with the tokenizer, as its `chat_template`). A rendered
+prompt becomes ids through `encode_prompt`: a model's own special tokens in it (SmolLM2's
+<|im_start|>) become their ids; in GPT-2's vocabulary the same text is plain text.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 from jaxgpt.config import ConfigError
 
@@ -64,7 +73,39 @@ def render_none(messages: list[Message]) -> str:
     return "".join(parts)
 
 
-TEMPLATES = {"alpaca": render_alpaca, "chatml": render_chatml, "none": render_none}
+@lru_cache(maxsize=8)
+def _jinja(source: str):
+    """A compiled Jinja chat template, in the environment transformers renders them in (sandboxed,
+    trim_blocks + lstrip_blocks, raise_exception and strftime_now available)."""
+    import datetime
+
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ConfigError(f"the model's chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ConfigError(f"the model's chat template is not valid Jinja: {e}") from None
+
+
+def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None) -> str:
+    """The model's own Jinja template over `messages`, with the generation prompt (the assistant
+    header) at the end. `special`: bos_token / eos_token strings the template may use."""
+    if not chat_template:
+        raise ConfigError("template 'model': this model ships no chat template; "
+                          "choose alpaca, chatml or none")
+    msgs = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
+            for m in messages]
+    return _jinja(chat_template).render(messages=msgs, add_generation_prompt=True, **(special or {}))
+
+
+TEMPLATES = {"alpaca": render_alpaca, "chatml": render_chatml, "none": render_none, "model": None}
 DEFAULT = "alpaca"
 
 
@@ -74,9 +115,34 @@ def check_template(name: str) -> str:
     return name
 
 
-def render_prompt(name: str, messages: list[Message]) -> str:
-    """The prompt text for `messages` (which must not include the reply to be generated)."""
-    return TEMPLATES[check_template(name)](messages)
+def default_template(lm) -> str:
+    """The template a loaded model is used with when none is asked for: the one saved with it
+    (SFT), else its own chat template if its tokenizer carries one (GGUF, HF folders), else alpaca."""
+    return lm.meta.get("template") or ("model" if getattr(lm.tokenizer, "chat_template", None) else DEFAULT)
+
+
+def render_prompt(name: str, messages: list[Message], chat_template: str | None = None) -> str:
+    """The prompt text for `messages` (which must not include the reply to be generated);
+    `chat_template`: the model's Jinja source, for the template "model"."""
+    if check_template(name) == "model":
+        return render_model(messages, chat_template)
+    return TEMPLATES[name](messages)
+
+
+def prompt_ids(tok, name: str, messages: list[Message]) -> list[int]:
+    """Token ids of the prompt for `messages` (which exclude the reply) in template `name`; the
+    template "model" is the tokenizer's own `chat_template` (as in transformers)."""
+    return encode_prompt(tok, render_prompt(name, messages, getattr(tok, "chat_template", None)))
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """The ids of a rendered prompt. A tokenizer with special tokens of its own (a byte-level BPE
+    from GGUF / tokenizer.json: SmolLM2's <|im_start|>, <|im_end|>) reads them as their ids, as
+    transformers does; GPT-2's reads `<|im_start|>` and even `<|endoftext|>` in a prompt as plain
+    text (encode_ordinary), so that user text cannot inject an end-of-text token."""
+    if getattr(tok, "special_tokens", None):
+        return tok.encode(text, allow_special=True)
+    return tok.encode_ordinary(text) if hasattr(tok, "encode_ordinary") else tok.encode(text)
 
 
 # ---- records -> messages ---------------------------------------------------------------------

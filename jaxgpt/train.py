@@ -68,7 +68,8 @@ def _init_from(cfg: TrainConfig):
     model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.compute_dtype,
                                     remat=cfg.remat)
     params = nnx.state(lm.model, nnx.Param)
-    params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])
+    if "wpe" in params:  # learned positions (rotary ones need no cropping)
+        params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])
     return model_cfg, lm.tokenizer, params
 
 

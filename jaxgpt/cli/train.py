@@ -19,7 +19,8 @@ HELP = {
                  "50257 tokens); shards carry their own",
     "val_tokens": "shards: evaluate the first N tokens of the val shard (as llm.c; at most one "
                   "val batch per training step between evaluations)",
-    "preset": "model shape: baby (4L/4H/128, ctx 64), gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl",
+    "preset": "model shape: baby (4L/4H/128, ctx 64), gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl; "
+              "Llama blocks (RMSNorm, rotary, grouped-query attention, SwiGLU): baby-llama, smollm2-135m",
     "n_layer": "number of transformer blocks (overrides the preset)",
     "n_head": "attention heads per block (overrides the preset); must divide --n-embd",
     "n_embd": "width of the residual stream (overrides the preset)",
