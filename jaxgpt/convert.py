@@ -293,7 +293,9 @@ def read_gguf_file(path: str | Path) -> tuple[GPT, dict | None, dict]:
             w = _unpermute_rotary(w, cfg.kv_heads)
         tensors[hf] = w
     model = model_from_llama_tensors(cfg, tensors, str(path))
-    tok = BPETokenizer.from_gguf_metadata(f.metadata).to_dict()  # with its chat template
+    tok = None  # a file without tokenizer.* metadata (weights only) takes token ids
+    if "tokenizer.ggml.model" in f.metadata:
+        tok = BPETokenizer.from_gguf_metadata(f.metadata).to_dict()  # with its chat template
     types = sorted({i.type_name for i in f.tensors.values()})
     return model, tok, {"source": str(path), "source_format": "gguf", "gguf_types": types}
 

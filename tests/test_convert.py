@@ -439,7 +439,7 @@ def _broken_folders(tiny, root):
     cases["missing"] = (hf_folder("missing", missing), ["missing tensor h.0.ln_2.bias"])
     extra = {**good, "transformer.h.0.attn.q_norm.weight": np.zeros(32, np.float32)}
     cases["unexpected"] = (hf_folder("unexpected", extra), ["h.0.attn.q_norm.weight"])
-    cases["arch"] = (hf_folder("arch", good, {"model_type": "llama"}), ["model_type", "llama"])
+    cases["arch"] = (hf_folder("arch", good, {"model_type": "bert"}), ["model_type", "bert", "gpt2 and llama"])
     cases["act"] = (hf_folder("act", good, {"activation_function": "xielu"}),
                     ["activation_function", "xielu"])  # learned parameters: not implemented
     cases["cross"] = (hf_folder("cross", good, {"add_cross_attention": True}),
