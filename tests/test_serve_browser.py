@@ -2,7 +2,10 @@
 by Selenium) against a real jaxgpt.serve server: the model picker lists the served models, a
 typed message is sent and its streamed reply appears and ends (equal to the API's greedy
 answer), a second turn sends the first one along, New chat forgets it, Stop aborts a long reply
-and frees its slot. A screenshot is saved to test-artifacts/serve_chat.png."""
+and frees its slot; over several random small models, templates and prompts the page's reply is
+exactly the text the API streams for the same request (issue 23: with the default max tokens of
+256 a model of context 256 answered nothing). A screenshot is saved to
+test-artifacts/serve_chat.png."""
 
 import json
 import re
@@ -25,7 +28,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
 from conftest import random_adapter  # noqa: E402
-from test_serve import Server, metric, wait_for  # noqa: E402
+from test_serve import Server, metric, sse, wait_for  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,15 +38,16 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                        "chromium chromium-driver; .ci/run does)")
 
 
+def random_gpt2(path, seed, **shape):
+    """A GPT-2-shaped Hugging Face folder with random weights (torch seed `seed`)."""
+    torch.manual_seed(seed)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, n_positions=128)).eval().save_pretrained(root / "hf")
-    a = random_adapter(root / "hf", root / "ad_a", 4, ["c_attn"], 1)
-    service = build_service(str(root / "hf"), [("helper", str(a))], max_batch=2, log=lambda s: None)
-    server = Server(create_app(service))
+def browser():
+    """One headless Chromium for the whole module."""
     opts = Options()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -52,9 +56,21 @@ def site(tmp_path_factory):
     driver = webdriver.Chrome(service=DriverService(DRIVER), options=opts)
     driver.set_script_timeout(30)
     try:
-        yield server, service, driver
+        yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, browser):
+    root = tmp_path_factory.mktemp("browser")
+    random_gpt2(root / "hf", 0, n_layer=2, n_head=2, n_embd=32, n_positions=128)
+    a = random_adapter(root / "hf", root / "ad_a", 4, ["c_attn"], 1)
+    service = build_service(str(root / "hf"), [("helper", str(a))], max_batch=2, log=lambda s: None)
+    server = Server(create_app(service))
+    try:
+        yield server, service, browser
+    finally:
         server.close()
         service.scheduler.stop()
 
@@ -162,3 +178,110 @@ def test_page_is_self_contained(site):
     for needed in ('id="prompt"', 'id="send"', 'id="stop"', 'id="new-chat"', '<select id="model"',
                    'id="messages"', "getReader", "AbortController"):
         assert needed in html, needed
+
+
+def api_stream(url, body):
+    """The text and finish_reason that POST /v1/chat/completions streams for `body`."""
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        chunks = sse(r)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    return text, finish[-1]
+
+
+# (torch seed, GPT-2 shape, --template, sessions): each model is served alone; a session loads the
+# page, sets its fields (None: the page's default is kept) and has its chats of turns, and the
+# page's reply to each turn must be what the API streams for the same conversation, temperature,
+# seed and max tokens. (Two shapes; a shape compiles once.)
+ISSUE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=256)
+SMALL = dict(n_layer=1, n_head=2, n_embd=32, n_positions=128)
+MODELS = [
+    # issue 23 exactly: context 256, chatml, the page's default max tokens (256); greedy first,
+    # then the default temperature with a seed. Each reply fills the context, so a second turn
+    # is then too long (checked after the last chat).
+    (6, ISSUE, "chatml", [
+        (dict(temperature=0, max_tokens=None, seed=None), [["Hello there, who are you?"]]),
+        (dict(temperature=None, max_tokens=None, seed=1234),
+         [["Hello there, who are you?"], ["Write a haiku about rain."]]),
+    ]),
+    # the alpaca template: its prompt leaves less room than max tokens, so the reply gets the room
+    # that is left; then greedy with empty seed and max tokens fields (as many as fit)
+    (11, ISSUE, None, [(dict(temperature=1.0, max_tokens=240, seed=7), [["¿Qué tal? 你好 — naïve café ☕"]]),
+                       (dict(temperature=0, max_tokens="", seed=""), [["Name three colors."]])]),
+    # a cap that fits, two turns (both prompts of 17..32 tokens: one compiled prompt length)
+    (1, SMALL, "none", [(dict(temperature=0.9, max_tokens=6, seed=99),
+                         [["Once upon a time, in a small village by the sea, there lived an old man", " who"]])]),
+]
+
+
+def field(driver, css):
+    """An input's value ("" where the page has no such input)."""
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return found[0].get_attribute("value") if found else ""
+
+
+def test_page_reply_is_the_api_stream(tmp_path, browser):
+    """Issue 23: the page showed an empty reply where the API returned text (its default max tokens,
+    256, did not fit beside any prompt in a context of 256, so every request was refused). For
+    random small models, templates, settings and prompts, the page's final reply == the API's stream."""
+    driver = browser
+    driver.get_log("browser")  # (what earlier tests logged)
+    for seed, shape, template, sessions in MODELS:
+        hf = random_gpt2(tmp_path / str(seed) / "hf", seed, **shape)  # (served as "hf")
+        service = build_service(str(hf), template=template, max_batch=1, warmup=False, log=lambda s: None)
+        server = Server(create_app(service))
+        try:
+            for settings, chats in sessions:
+                driver.get(server.url + "/")
+                wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "select#model option")) == 1,
+                         20, "the models")
+                for name, value in settings.items():
+                    if value is not None:
+                        set_value(driver, "#" + name.replace("_", "-"), value)
+                want = {"model": "hf", "temperature": float(field(driver, "#temperature"))}
+                if field(driver, "#seed"):
+                    want["seed"] = int(field(driver, "#seed"))
+                cap = int(field(driver, "#max-tokens")) if field(driver, "#max-tokens") else None
+                for turns in chats:
+                    driver.find_element(By.ID, "new-chat").click()
+                    convo = []
+                    for i, user in enumerate(turns):
+                        convo.append({"role": "user", "content": user})
+                        send(driver, user)
+                        reply = wait_done(driver, i + 1, timeout=120)
+                        body = {**want, "messages": list(convo)}
+                        if cap is not None:
+                            body["max_tokens"] = cap
+                            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+                            if r.status_code == 400:  # no room for the cap: "at most" is the room left
+                                assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+                                del body["max_tokens"]
+                        text, finish = api_stream(server.url, body)
+                        where = f"model seed {seed}, {settings}, turn {convo}"
+                        assert reply.get_attribute("textContent") == text, where
+                        assert text, where  # (these models and settings all say something)
+                        assert driver.find_elements(By.CSS_SELECTOR, ".msg.error") == [], where
+                        assert reply.get_attribute("data-finish") == finish, where
+                        sent = driver.execute_script("return window.jaxgptChat.lastRequest")
+                        assert {k: v for k, v in sent.items() if k not in ("stream", "stream_options")} == body, where
+                        convo.append({"role": "assistant", "content": text})
+                    assert driver.execute_script("return window.jaxgptChat.messages") == convo
+            assert driver.find_element(By.ID, "max-tokens").get_attribute("max") == str(shape["n_positions"])
+            if shape is ISSUE and template == "chatml":
+                # a turn too long for the context: the error is shown, the turn is taken back
+                # (not sent again with the next one) and its text returns to the box
+                send(driver, "Another one?")
+                wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".msg.error"), 30, "the error")
+                error = driver.find_element(By.CSS_SELECTOR, ".msg.error").get_attribute("textContent")
+                assert "context is 256 tokens" in error and "prompt" in error, error
+                assert wait_done(driver, 2).get_attribute("data-finish") == "error"
+                assert driver.execute_script("return window.jaxgptChat.messages") == convo
+                assert driver.find_element(By.ID, "prompt").get_attribute("value") == "Another one?"
+                driver.find_element(By.ID, "prompt").clear()
+        finally:
+            server.close()
+            service.scheduler.stop()
+    logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and " 400 " not in e["message"]]
+    assert not logs, json.dumps(logs)[:500]
