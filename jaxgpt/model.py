@@ -171,7 +171,7 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
 
     With cfg.quant == "int8" an (unfilled) Int8Linear instead; jaxgpt.quant fills it."""
     if cfg.quant == "int8":
-        return Int8Linear(d_in, d_out, jnp.dtype(cfg.dtype), use_bias=cfg.bias)
+        return Int8Linear(d_in, d_out, jnp.dtype(cfg.dtype), use_bias=cfg.bias, activations=cfg.quant_activations)
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std),
                       bias_init=nnx.initializers.zeros_init(), dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.float32, rngs=rngs)
@@ -394,7 +394,7 @@ class GPT(nnx.Module):
         cfg, dtype = config, jnp.dtype(config.dtype)
         embed_init = nnx.initializers.normal(0.02)
         if cfg.quant == "int8" and cfg.quant_embedding:
-            self.wte = Int8Embed(cfg.vocab_size, cfg.n_embd, dtype)  # int8 rows + row scales
+            self.wte = Int8Embed(cfg.vocab_size, cfg.n_embd, dtype, cfg.quant_activations)  # int8 rows + row scales
         else:
             self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, dtype=dtype,
                                  param_dtype=jnp.float32, rngs=rngs)  # token embedding, also the head
@@ -406,7 +406,8 @@ class GPT(nnx.Module):
         if not cfg.tie_word_embeddings:  # a separate output head (HF lm_head), made last: a tied
             # model's init draws exactly the same random numbers as before this option existed
             if cfg.quant == "int8" and cfg.quant_embedding:
-                self.lm_head = Int8Linear(cfg.n_embd, cfg.vocab_size, dtype, use_bias=False)
+                self.lm_head = Int8Linear(cfg.n_embd, cfg.vocab_size, dtype, use_bias=False,
+                                          activations=cfg.quant_activations)
             else:
                 self.lm_head = nnx.Linear(cfg.n_embd, cfg.vocab_size, use_bias=False,
                                           kernel_init=nnx.initializers.normal(0.02), dtype=dtype,

@@ -90,13 +90,13 @@ class Int8Linear(nnx.Module):
     `activations` picks int8_matmul's mode (static; see set_activations).
     """
 
-    def __init__(self, d_in: int, d_out: int, dtype, use_bias: bool = True):
+    def __init__(self, d_in: int, d_out: int, dtype, use_bias: bool = True, activations: str = "auto"):
         self.kernel = nnx.Param(jnp.zeros((d_out, d_in), jnp.int8))  # [out, in]
         self.scale = nnx.Param(jnp.ones((d_out,), jnp.float32))  # [out]
         # [out]; None for the bias-free untied lm_head
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
         self.dtype = dtype
-        self.activations = "auto"
+        self.activations = activations
 
     def __call__(self, x):
         y = int8_matmul(x.astype(self.dtype), self.kernel[...], self.scale[...], self.activations)
@@ -111,11 +111,11 @@ class Int8Embed(nnx.Module):
     (`attend`: logits[v] = (x . emb[v]) * scale[v], a per-output-channel scale, int8_matmul).
     """
 
-    def __init__(self, num: int, features: int, dtype):
+    def __init__(self, num: int, features: int, dtype, activations: str = "auto"):
         self.embedding = nnx.Param(jnp.zeros((num, features), jnp.int8))  # [V, C]
         self.scale = nnx.Param(jnp.ones((num,), jnp.float32))  # [V]
         self.dtype = dtype
-        self.activations = "auto"
+        self.activations = activations
 
     def __call__(self, ids):
         rows = self.embedding[...][ids].astype(self.dtype)  # [..., C]
@@ -146,15 +146,20 @@ def quant_meta(config) -> dict | None:
     return {"bits": 8, "embedding": bool(config.quant_embedding)}
 
 
-def quantize_model(model, embedding: bool = True):
-    """An int8 copy of float `model` (the float model is left untouched).
+def quantize_model(model, embedding: bool = True, activations: str | None = None):
+    """An int8 copy of float `model` (the float model is left untouched). `activations`: the int8
+    layers' matmul mode (GPTConfig.quant_activations); default "auto" for GPT-2, "float"
+    (weight-only) for other families.
 
     Only the int8 weights, their scales and the small float leftovers are allocated for the new
     model; the float model's arrays are read one matrix at a time.
     """
     if is_quantized(model.config):
         raise ConfigError("this model is already int8-quantized; quantize its float32 source instead")
-    qcfg = dataclasses.replace(model.config, quant="int8", quant_embedding=bool(embedding))
+    if activations is None:
+        activations = "auto" if model.config.family == "gpt2" else "float"
+    qcfg = dataclasses.replace(model.config, quant="int8", quant_embedding=bool(embedding),
+                               quant_activations=activations)
     graphdef, qstate = nnx.split(nnx.eval_shape(lambda: type(model)(qcfg)))  # shapes only, no allocation
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # nested dict of float arrays
     for i in range(qcfg.n_layer):

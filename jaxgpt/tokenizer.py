@@ -357,7 +357,7 @@ class BPETokenizer:
 
     def __init__(self, tokens, merges, *, added=(), pre=None, normalizer=None, bos_token=None,
                  eos_token=None, add_bos=False, ignore_merges=False, unk_token=None,
-                 fuse_unk=False):
+                 fuse_unk=False, chat_template=None):
         self.tokens = [None if t is None else str(t) for t in tokens]
         self.merges = [m if isinstance(m, str) else (str(m[0]), str(m[1])) for m in merges]
         self.added = [self._added_entry(a) for a in added]
@@ -368,6 +368,9 @@ class BPETokenizer:
         self.bos_token = None if bos_token is None else int(bos_token)
         self.eot_token = None if eos_token is None else int(eos_token)
         self.add_bos = bool(add_bos)
+        # the model's Jinja chat template (GGUF tokenizer.chat_template, tokenizer_config.json),
+        # as transformers keeps it with the tokenizer; jaxgpt.templates renders it ("model")
+        self.chat_template = chat_template if isinstance(chat_template, str) else None
 
         vocab = {}
         for i, t in enumerate(self.tokens):
@@ -611,7 +614,8 @@ class BPETokenizer:
         if self.pre != [{"split": _HF_GPT2_SPLIT}]:
             d["pre"] = self.pre
         for key, value in (("normalizer", self.normalizer), ("ignore_merges", self.ignore_merges),
-                           ("unk", self.unk_token), ("fuse_unk", self.fuse_unk)):
+                           ("unk", self.unk_token), ("fuse_unk", self.fuse_unk),
+                           ("chat_template", self.chat_template)):
             if value:
                 d[key] = value
         return d
@@ -622,7 +626,7 @@ class BPETokenizer:
                    normalizer=d.get("normalizer"), bos_token=d.get("bos"),
                    eos_token=d.get("eos"), add_bos=d.get("add_bos", False),
                    ignore_merges=d.get("ignore_merges", False), unk_token=d.get("unk"),
-                   fuse_unk=d.get("fuse_unk", False))
+                   fuse_unk=d.get("fuse_unk", False), chat_template=d.get("chat_template"))
 
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, {len(self.merges)} merges, "
@@ -679,7 +683,8 @@ class BPETokenizer:
         return cls(spelled, merges, added=sorted(added.values(), key=lambda a: a["id"]),
                    pre=None if _GGUF_PRE_SPLITS[pre_name] == _HF_GPT2_SPLIT
                    else [{"split": _GGUF_PRE_SPLITS[pre_name]}],
-                   bos_token=ids["bos"], eos_token=ids["eos"], add_bos=bool(add_bos))
+                   bos_token=ids["bos"], eos_token=ids["eos"], add_bos=bool(add_bos),
+                   chat_template=_meta_str(meta.get("tokenizer.chat_template")))
 
     @classmethod
     def from_hf_folder(cls, path) -> "BPETokenizer":
@@ -755,7 +760,16 @@ class BPETokenizer:
                    bos_token=bos, eos_token=eos, add_bos=bool(add_bos),
                    ignore_merges=bool(model.get("ignore_merges")),
                    unk_token=None if unk is None else vocab.get(unk),
-                   fuse_unk=bool(model.get("fuse_unk")))
+                   fuse_unk=bool(model.get("fuse_unk")), chat_template=_hf_chat_template(cfg))
+
+
+def _hf_chat_template(cfg: dict) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named ones ("default" wins)."""
+    t = cfg.get("chat_template")
+    if isinstance(t, list):
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default", next(iter(named.values()), None))
+    return t if isinstance(t, str) else None
 
 
 def _meta_str(v):
