@@ -40,6 +40,16 @@ MIN_BUCKET = 16  # the shortest padded row length compiled for
 
 # ----------------------------------------------------------------------------- continuations
 
+def prepend_bos(tokenizer, ids: Sequence[int], add: bool | None = None) -> list[int]:
+    """`ids` with the tokenizer's BOS token first when `add` (None: when the tokenizer prepends
+    it by default, its `add_bos_token`, as Hugging Face's add_special_tokens=True does) and it has
+    one. GPT-2's tokenizer has none: its ids are left as they are."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if add is None:
+        add = bool(getattr(tokenizer, "add_bos_token", False))
+    return [bos, *ids] if add and bos is not None else list(ids)
+
+
 class Scored(NamedTuple):
     """One (context, continuation) pair's scores, one entry per scored continuation token:
     `logprobs` float32 [n] (log-softmax of the float32 logits), `greedy` bool [n] (the token was

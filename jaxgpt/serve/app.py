@@ -5,7 +5,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
 `stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the web
-chat page, jaxgpt/serve/static/index.html). Every client mistake is a 4xx answer with
+chat page, jaxgpt/serve/static/index.html), and vLLM's tokenizer routes POST /tokenize, POST
+/detokenize, GET /tokenizer_info (what lm-evaluation-harness's local-completions model probes
+for; like vLLM's, they need no API key). Every client mistake is a 4xx answer with
 OpenAI's error JSON (schemas.APIError); an unexpected failure is a 500 with the same shape and
 no traceback. The handlers validate, submit to the scheduler and relay its output; the model
 runs in the scheduler's thread, never on the event loop.
@@ -33,7 +35,8 @@ from jaxgpt.config import ConfigError
 from jaxgpt.engine import Engine, Request as EngineRequest
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
-from jaxgpt.serve.schemas import APIError, Context, GenRequest, parse_chat, parse_completion, parse_json
+from jaxgpt.serve.schemas import (APIError, Context, GenRequest, parse_chat, parse_completion,
+                                  parse_detokenize, parse_json, parse_tokenize)
 
 MAX_BODY = 1 << 20  # bytes of a request body
 
@@ -67,6 +70,8 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     with `max_batch` slots of `max_len` positions (default: the model's context), compile every
     shape it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given; the rest
     compiles on first use), start the scheduler."""
+    from flax import nnx
+
     from jaxgpt.api import load_for_inference  # (the heavy imports stay out of `import app`)
 
     if max_batch < 1:
@@ -113,7 +118,8 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
                "root": base_name, "parent": None if i == 0 else base_name,
                "max_model_len": engine.max_len} for n, i in names.items()]
     ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot)
-    scheduler = Scheduler(engine, tok, max_queue=max_queue, eot=eot)
+    scorer = nnx.merge(engine.graphdef, engine.state)  # echoed prompts: the engine's weights, shared
+    scheduler = Scheduler(engine, tok, max_queue=max_queue, eot=eot, scorer=scorer)
     scheduler.start()
     return Service(ctx, scheduler, models, api_key)
 
@@ -135,8 +141,13 @@ def _text(b: bytes) -> str:
 def _completion_logprobs(infos, offset: int) -> dict:
     return {"tokens": [_text(i.bytes) for i in infos],
             "token_logprobs": [i.logprob for i in infos],
-            "top_logprobs": [{_text(b): v for _, b, v in i.top} for i in infos],
+            "top_logprobs": [None if i.top is None else {_text(b): v for _, b, v in i.top} for i in infos],
             "text_offset": [i.offset + offset for i in infos]}
+
+
+def _prompt_infos(job: Job, choice_index: int) -> list:
+    """The echoed prompt's TokenInfos of a choice (empty unless echo + logprobs)."""
+    return job.prompt_infos[choice_index // job.req.n] if job.prompt_infos else []
 
 
 def _chat_logprobs(infos) -> dict:
@@ -161,9 +172,11 @@ def _full_response(service: Service, job: Job) -> dict:
                             "finish_reason": c.finish_reason})
         else:
             echo = _prompt_text(service, req, c.index) if req.echo else ""
-            choices.append({"index": c.index, "text": echo + c.text,
-                            "logprobs": (_completion_logprobs(c.infos, len(echo))
-                                         if req.logprobs is not None else None),
+            lp = None
+            if req.logprobs is not None:  # the echoed prompt's tokens (offsets from 0), then the new
+                head, lp = _completion_logprobs(_prompt_infos(job, c.index), 0), _completion_logprobs(c.infos, len(echo))
+                lp = {k: head[k] + lp[k] for k in lp}
+            choices.append({"index": c.index, "text": echo + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason})
     kind = "chat.completion" if req.kind == "chat" else "text_completion"
     return {"id": _id(job), "object": kind, "created": job.created, "model": req.model,
@@ -199,13 +212,17 @@ async def _stream(service: Service, job: Job):
 
     offsets = {}
     try:
+        if job.scores_prompts:  # the echo chunk carries the prompt's logprobs
+            await job.scored.wait()
         for c in job.choices:
             if chat:
                 yield chunk(c.index, "", [], None, first=True)
             elif req.echo:
                 echo = _prompt_text(service, req, c.index)
+                offsets[c.index] = 0
+                first = chunk(c.index, echo, _prompt_infos(job, c.index), None)
                 offsets[c.index] = len(echo)
-                yield chunk(c.index, echo, [], None)
+                yield first
             offsets.setdefault(c.index, 0)
         left = len(job.choices)
         while left:
@@ -340,6 +357,30 @@ def create_app(service: Service) -> FastAPI:
                 return m
         raise APIError(f"the model '{model_id}' does not exist", "model", status=404,
                        code="model_not_found")
+
+    # vLLM's tokenizer routes, as lm_eval's RemoteTokenizer calls them (no API key, as vLLM)
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        ids, _ = parse_tokenize(await read_body(request), service.ctx)
+        return {"count": len(ids), "max_model_len": service.ctx.context, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        ids = parse_detokenize(await read_body(request), service.ctx)
+        return {"prompt": service.ctx.tokenizer.decode(ids)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok, ctx = service.ctx.tokenizer, service.ctx
+        if tok is None:
+            raise APIError("this model has no tokenizer", None, status=404, code="not_found")
+        text = lambda i: None if i is None else tok.decode([i])
+        bos = getattr(tok, "bos_token", None)
+        return {"tokenizer_class": f"jaxgpt.{getattr(tok, 'name', type(tok).__name__)}",
+                "eos_token": text(ctx.eot), "eos_token_id": ctx.eot, "bos_token": text(bos),
+                "bos_token_id": bos, "pad_token": None,
+                "add_bos_token": bool(bos is not None and getattr(tok, "add_bos_token", False)),
+                "model_max_length": ctx.context, "vocab_size": ctx.vocab_size, "chat_template": None}
 
     @app.get("/health")
     async def health():

@@ -16,6 +16,11 @@ event loop never runs the model; the scheduler thread never touches the network.
 Text: tokens become text through an incremental UTF-8 decoder (a character split over tokens is
 emitted once complete); text that might be the start of a stop string is held back until it is
 known not to be one; a stop string ends the choice (finish_reason "stop") with the text before it.
+
+Echo with logprobs (/v1/completions `echo` + `logprobs`, what lm-evaluation-harness's
+local-completions model sends to score text): before its choices take slots, the thread scores
+the job's prompts with jaxgpt.eval.score_continuations on the engine's own weights (its LoRA
+adapter per row): each prompt token's logprob and top alternatives (the first token's: null).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt.engine import Request
+from jaxgpt.engine import TOP_LOGPROBS, Request
+from jaxgpt.eval import score_continuations
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.schemas import APIError, GenRequest
 
@@ -59,13 +65,14 @@ def _splitmix64(x: int) -> int:
 
 @dataclass
 class TokenInfo:
-    """One generated token, for logprobs: its id, text bytes, logprob, the top alternatives
-    [(id, bytes, logprob)], and the offset of its text in the choice's text."""
+    """One token, for logprobs: its id, text bytes, logprob, the top alternatives
+    [(id, bytes, logprob)], and the offset of its text in the choice's text (a prompt's first
+    token, echoed, has neither logprob nor alternatives: None)."""
 
     id: int
     bytes: bytes
-    logprob: float
-    top: list
+    logprob: float | None
+    top: list | None
     offset: int
 
 
@@ -109,15 +116,17 @@ class Choice:
         s._touched.add(self)
         if self.finish_reason is not None:
             return
-        if token in s.stop_ids:  # <|endoftext|>: the engine ends the row; no text
-            return
+        stop = token in s.stop_ids  # <|endoftext|>: the engine ends the row; no text
         data = s.token_bytes(token)
-        if self.request.logprobs is not None and self.request.token_logprobs:
+        if self.request.logprobs is not None and self.request.token_logprobs and (
+                not stop or self.job.req.kind == "completion"):  # (as vLLM: the end token's logprob too)
             lp, top = self.request.token_logprobs[-1]
             info = TokenInfo(token, data, lp, [(i, s.token_bytes(i), v) for i, v in top],
                              len(self.text) + len(self.pending))
             self.infos.append(info)
             self._new_infos.append(info)
+        if stop:
+            return
         self.pending += self.decoder.decode(data)
         self._check_stop()
         if len(self.tokens) == 1 and self.out and self.job.stream:
@@ -186,6 +195,11 @@ class Job:
         self.error: APIError | None = None
         self.choices: list[Choice] = []
         self.metrics: Metrics | None = None
+        # echo + logprobs: each prompt's TokenInfos, filled by the scheduler thread before the
+        # choices take slots; `scored` is set (on the loop) once they are there
+        self.scores_prompts = req.echo and req.logprobs is not None and req.kind == "completion"
+        self.prompt_infos: list[list[TokenInfo]] | None = None
+        self.scored = asyncio.Event()
 
     def first_token(self, now: float) -> None:
         if self.t_first is None:
@@ -216,8 +230,10 @@ class Scheduler:
     """The engine's thread: `submit` / `cancel` from the event loop, `start` / `stop`."""
 
     def __init__(self, engine, tokenizer, *, max_queue: int = 64, metrics: Metrics | None = None,
-                 eot: int | None = None):
+                 eot: int | None = None, scorer=None):
         self.engine, self.tokenizer = engine, tokenizer
+        self.scorer = scorer  # the model echoed prompts are scored with (the engine's weights)
+        self._to_score: deque[Job] = deque()
         self.max_queue = int(max_queue)
         self.metrics = metrics or Metrics()
         self.stop_ids = (eot,) if eot is not None else ()
@@ -264,6 +280,8 @@ class Scheduler:
                 raise QueueFull(max(1, math.ceil(self._avg_seconds * max(busy, 1))), len(self._queued_jobs))
             self._waiting.extend(job.choices)
             self._queued_jobs[job] = len(job.choices)
+            if job.scores_prompts:
+                self._to_score.append(job)
             self.metrics.inc("requests_total")
             self.metrics.set("requests_waiting", len(self._waiting))
             self._cond.notify()
@@ -324,6 +342,8 @@ class Scheduler:
                 self._cancels.clear()
                 for job in cancels:
                     self._drop_cancelled(job)
+                to_score = [j for j in self._to_score if not j.cancelled]
+                self._to_score.clear()
                 admit = []
                 free = len(engine.free_slots)
                 while self._waiting and len(admit) < free:
@@ -335,8 +355,12 @@ class Scheduler:
                         del self._queued_jobs[c.job]
                     admit.append(c)
                 self.metrics.set("requests_waiting", len(self._waiting))
+            for job in to_score:
+                self._score_prompts(job)
             try:
                 for c in admit:
+                    if c.finish_reason is not None:  # (its job failed before it got a slot)
+                        continue
                     engine.add(c.request)
                     self._in_engine.add(c)
                     self.metrics.inc("prompt_tokens_total", len(c.prompt))
@@ -351,6 +375,42 @@ class Scheduler:
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(e)
             self._flush()
+
+    def _score_prompts(self, job: Job) -> None:
+        """Fill job.prompt_infos: every prompt token's logprob and top alternatives under the
+        engine's weights (with the job's adapter), the first token's None; text offsets from
+        the start of the echoed prompt. A failure fails the job (500), not the server."""
+        req = job.req
+        k = req.logprobs or 0
+        try:
+            scored = score_continuations(self.scorer, [([], p) for p in req.prompts],
+                                         top=TOP_LOGPROBS if k else 0, adapters=req.adapter)
+            job.prompt_infos = []
+            for prompt, sc in zip(req.prompts, scored):
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                infos, offset = [], 0
+                for j, tok in enumerate(prompt):
+                    data = self.token_bytes(tok)
+                    if j == 0:
+                        lp, top = None, None
+                    else:
+                        lp = float(sc.logprobs[j - 1])
+                        top = ([(int(i), self.token_bytes(int(i)), float(v))
+                                for i, v in zip(sc.top_ids[j - 1, :k], sc.top_logprobs[j - 1, :k])]
+                               if k else [])
+                    infos.append(TokenInfo(tok, data, lp, top, offset))
+                    offset += len(decoder.decode(data))
+                job.prompt_infos.append(infos)
+        except Exception as e:  # a bug: fail this job, keep serving
+            traceback.print_exc(file=sys.stderr)
+            job.error = APIError(f"scoring the prompt failed: {type(e).__name__}: {e}", None,
+                                 status=500, type="server_error")
+            for c in job.choices:
+                c.finish("error")
+        try:
+            job.loop.call_soon_threadsafe(job.scored.set)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
 
     def _send_now(self, c: Choice) -> None:
         """Hand a choice's new text to the event loop now (inside engine.step: a first token)."""

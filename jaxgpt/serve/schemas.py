@@ -8,7 +8,8 @@ Every client mistake becomes an `APIError` (HTTP 4xx) whose JSON is what OpenAI'
 /v1/chat/completions (the OpenAI fields jaxgpt implements; unknown fields are ignored, as
 OpenAI-compatible servers do, and unsupported features asked for with a non-default value are
 refused by name) into a `GenRequest`: the prompts as token ids plus the per-row settings the
-engine runs with.
+engine runs with. `parse_tokenize` and `parse_detokenize` read the bodies of vLLM's /tokenize
+and /detokenize (what lm-evaluation-harness's remote tokenizer sends).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxgpt import templates
+from jaxgpt.eval import prepend_bos
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.engine.TOP_LOGPROBS)
@@ -199,15 +201,21 @@ def _sampling(body, ctx: Context, req: GenRequest) -> None:
 
 
 def _max_tokens(body, ctx: Context, req: GenRequest, names, default) -> None:
-    """max_tokens (or the first of `names` given), checked against each prompt and the context."""
+    """max_tokens (or the first of `names` given), checked against each prompt and the context.
+    0 is allowed with echo (the prompt's logprobs only); then a prompt may fill the context."""
     name = next((n for n in names if body.get(n) is not None), names[0])
     L = ctx.context
-    m = _int(body, name, None, lo=1, hi=L, what=f" (the model's context is {L} tokens)")
+    if req.echo and body.get(name) in (0, 0.0) and not isinstance(body.get(name), bool):
+        m = 0
+    else:
+        m = _int(body, name, None, lo=1, hi=L, what=f" (the model's context is {L} tokens)"
+                 + ("; 0 only with 'echo': true" if req.kind == "completion" else ""))
+    room = L if m == 0 else L - 1
     for i, p in enumerate(req.prompts):
-        if len(p) > L - 1:
+        if len(p) > room:
             raise APIError(f"the prompt{f' {i}' if len(req.prompts) > 1 else ''} has {len(p)} tokens; "
                            f"this model's context is {L} tokens, so a prompt may have at most "
-                           f"{L - 1}", "messages" if req.kind == "chat" else "prompt",
+                           f"{room}", "messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded")
         if m is not None and len(p) + m > L:
             raise APIError(f"this model's context is {L} tokens, but {len(p) + m} were asked for "
@@ -297,10 +305,9 @@ def _content(m: dict, i: int) -> str:
     raise APIError(f"'{param}' must be a string or an array of text parts, got {_kind(c)}", param)
 
 
-def parse_chat(body: dict, ctx: Context) -> GenRequest:
-    """The body of POST /v1/chat/completions; the conversation is rendered with the served
-    template (the checkpoint's, or --template) and tokenized."""
-    _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tool_choice", lambda v: v == "none")])
+def _chat_prompt(body: dict, ctx: Context):
+    """(model, adapter, template, prompt text, ids) of a body's `messages`: rendered with the
+    served template (the checkpoint's, or --template) and tokenized."""
     model, adapter = _model(body, ctx)
     msgs = body.get("messages")
     if msgs is None:
@@ -325,6 +332,13 @@ def parse_chat(body: dict, ctx: Context) -> GenRequest:
     text = templates.render_prompt(template, messages)
     ids = ctx.tokenizer.encode_ordinary(text) if hasattr(ctx.tokenizer, "encode_ordinary") \
         else _encode(ctx, text, "messages")
+    return model, adapter, template, text, ids
+
+
+def parse_chat(body: dict, ctx: Context) -> GenRequest:
+    """The body of POST /v1/chat/completions."""
+    _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tool_choice", lambda v: v == "none")])
+    model, adapter, template, text, ids = _chat_prompt(body, ctx)
     req = GenRequest("chat", model, adapter, [ids], [text], None)
     _sampling(body, ctx, req)
     if _bool(body, "logprobs"):
@@ -335,3 +349,46 @@ def parse_chat(body: dict, ctx: Context) -> GenRequest:
     if template == "chatml" and "<|im_end|>" not in req.stop:
         req.stop.append("<|im_end|>")  # the template's end of turn (beside <|endoftext|>)
     return req
+
+
+# ---- vLLM's tokenizer routes ------------------------------------------------------------------
+def parse_tokenize(body: dict, ctx: Context) -> tuple[list[int], str]:
+    """(ids, model name) for the body of POST /tokenize: vLLM's {"prompt": text,
+    "add_special_tokens": true} (the tokenizer's BOS first if it prepends one by default) or
+    {"messages": [...]} (rendered with the model's chat template, as /v1/chat/completions does;
+    "add_special_tokens" false by default). Special-token text (<|endoftext|>) is its id."""
+    model, _ = _model(body, ctx)
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer", None)
+    if body.get("messages") is not None:
+        if not _bool(body, "add_generation_prompt", True):
+            raise APIError("'add_generation_prompt': false is not supported by this server",
+                           "add_generation_prompt", code="unsupported")
+        ids, add = _chat_prompt(body, ctx)[4], _bool(body, "add_special_tokens", False)
+    elif body.get("prompt") is not None:
+        text, add = body["prompt"], _bool(body, "add_special_tokens", True)
+        if not isinstance(text, str):
+            raise APIError(f"'prompt' must be a string, got {_kind(text)}", "prompt")
+        try:
+            ids = ctx.tokenizer.encode(text)
+        except Exception as e:  # a char-level vocabulary without this character
+            raise APIError(f"the prompt cannot be tokenized: {e}", "prompt") from None
+    else:
+        raise APIError("'prompt' (a string) or 'messages' is required", "prompt")
+    return prepend_bos(ctx.tokenizer, ids, None if add else False), model
+
+
+def parse_detokenize(body: dict, ctx: Context) -> list[int]:
+    """The token ids of the body of POST /detokenize: {"tokens": [ids]} (may be empty)."""
+    _model(body, ctx)
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer", None)
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise APIError("'tokens' is required", "tokens")
+    if tokens == []:
+        return []
+    ids = _token_list(tokens, ctx, "tokens")
+    if ids is None:
+        raise APIError(f"'tokens' must be an array of token ids, got {_kind(tokens)}", "tokens")
+    return ids
