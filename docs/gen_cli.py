@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sft", "prepare", "sample", "chat", "serve", "eval", "convert", "quantize"]
+COMMANDS = ["train", "sft", "prepare", "sample", "chat", "serve", "eval", "harness", "convert", "quantize"]
 WHAT = {
     "train": "pretrain (or fine-tune with `--init-from`) on a text file",
     "sft": "supervised fine-tuning on instruction records: full or LoRA; `--merge`, `--eval-only`",
@@ -22,6 +22,7 @@ WHAT = {
     "chat": "chat with a model in the terminal",
     "serve": "an OpenAI-compatible HTTP server (continuous batching, LoRA adapters) and a web chat page",
     "eval": "cross-entropy and perplexity of a model on a text file, or HellaSwag accuracy",
+    "harness": "EleutherAI's lm-evaluation-harness (its own CLI) with the `jaxgpt` model registered",
     "convert": "Hugging Face / nanoGPT weights <-> jaxgpt checkpoints",
     "quantize": "write an int8 copy of a model",
 }

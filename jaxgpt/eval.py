@@ -40,13 +40,19 @@ MIN_BUCKET = 16  # the shortest padded row length compiled for
 
 # ----------------------------------------------------------------------------- continuations
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first by default (its `add_bos`: GGUF's
+    add_bos_token, a tokenizer.json's post-processor; Hugging Face's add_special_tokens=True).
+    Its `encode` never does: callers prepend it (prepend_bos)."""
+    return getattr(tokenizer, "bos_token", None) is not None and bool(getattr(tokenizer, "add_bos", False))
+
+
 def prepend_bos(tokenizer, ids: Sequence[int], add: bool | None = None) -> list[int]:
-    """`ids` with the tokenizer's BOS token first when `add` (None: when the tokenizer prepends
-    it by default, its `add_bos_token`, as Hugging Face's add_special_tokens=True does) and it has
-    one. GPT-2's tokenizer has none: its ids are left as they are."""
+    """`ids` with the tokenizer's BOS token first when `add` (None: when it adds one by default,
+    `adds_bos`) and it has one. GPT-2's tokenizer has none: its ids are left as they are."""
     bos = getattr(tokenizer, "bos_token", None)
     if add is None:
-        add = bool(getattr(tokenizer, "add_bos_token", False))
+        add = adds_bos(tokenizer)
     return [bos, *ids] if add and bos is not None else list(ids)
 
 

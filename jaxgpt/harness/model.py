@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from jaxgpt import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.eval import prepend_bos, score_continuations
+from jaxgpt.eval import adds_bos, prepend_bos, score_continuations
 
 ARGS = {  # model_args -> what they do (the one-line error for an unknown key lists them)
     "path": "the model: anything jaxgpt.load takes (run dir, HF folder, hub name, int8 "
@@ -44,7 +44,8 @@ ARGS = {  # model_args -> what they do (the one-line error for an unknown key li
     "prefix_token_id": "the token an empty context or a rolling window starts from "
                        "(default: BOS, else end-of-text)",
     "batch_size": "rows per compiled scoring call and generation slots (1 / auto: chosen by jaxgpt)",
-    "template": "chat template for --apply_chat_template (default: the model's, else alpaca)",
+    "template": "chat template for --apply_chat_template (alpaca, chatml, none, model; default: "
+                "the one saved with the model, else its own, else alpaca)",
     "seed": "random seed of sampled generations (do_sample=True)",
 }
 IGNORED = ("device", "max_batch_size", "trust_remote_code")  # the harness CLI passes these to every model
@@ -104,7 +105,7 @@ class JaxGPTLM(TemplateLM):
         self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
         self.add_bos_token = _bool_arg("add_bos_token", add_bos_token)
         if self.add_bos_token is None:  # the tokenizer's own default, as HF's add_special_tokens
-            self.add_bos_token = bool(getattr(self.tokenizer, "add_bos_token", False))
+            self.add_bos_token = adds_bos(self.tokenizer)
         self.custom_prefix_token_id = _int_arg("prefix_token_id", prefix_token_id, lo=0)
         if isinstance(batch_size, str):  # (the harness CLI passes it as text: "8", "auto", "auto:4")
             batch_size = None if batch_size.startswith("auto") else (
@@ -112,8 +113,7 @@ class JaxGPTLM(TemplateLM):
         self._rows = _int_arg("batch_size", batch_size)
         if self._rows == 1:  # the harness CLI's default: let the logits budget choose
             self._rows = None
-        self.template = templates.check_template(template or self.lm.meta.get("template")
-                                                 or templates.DEFAULT)
+        self.template = templates.check_template(template or templates.default_template(self.lm))
         self.seed = _int_arg("seed", seed, lo=0)
         self._engine = None
 
@@ -287,9 +287,10 @@ class JaxGPTLM(TemplateLM):
         """The conversation as the model's chat template renders it: ready for the reply, or (not
         add_generation_prompt) continuing the last, assistant message."""
         msgs = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+        jinja = getattr(self.tokenizer, "chat_template", None)  # (the template "model")
         if add_generation_prompt or not msgs or msgs[-1]["role"] != "assistant":
-            return templates.render_prompt(self.template, msgs)
-        return templates.render_prompt(self.template, msgs[:-1]) + msgs[-1]["content"]
+            return templates.render_prompt(self.template, msgs, jinja)
+        return templates.render_prompt(self.template, msgs[:-1], jinja) + msgs[-1]["content"]
 
     def get_model_info(self) -> dict:
         return {"model_source": str(self.lm.meta.get("source", self.path)), "int8": self.lm.is_int8}

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxgpt import lora, templates
 from jaxgpt.config import ConfigError
 from jaxgpt.engine import Engine, Request as EngineRequest
+from jaxgpt.eval import adds_bos
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
 from jaxgpt.serve.schemas import (APIError, Context, GenRequest, parse_chat, parse_completion,
@@ -379,7 +380,7 @@ def create_app(service: Service) -> FastAPI:
         return {"tokenizer_class": f"jaxgpt.{getattr(tok, 'name', type(tok).__name__)}",
                 "eos_token": text(ctx.eot), "eos_token_id": ctx.eot, "bos_token": text(bos),
                 "bos_token_id": bos, "pad_token": None,
-                "add_bos_token": bool(bos is not None and getattr(tok, "add_bos_token", False)),
+                "add_bos_token": adds_bos(tok),
                 "model_max_length": ctx.context, "vocab_size": ctx.vocab_size, "chat_template": None}
 
     @app.get("/health")
