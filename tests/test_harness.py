@@ -206,6 +206,60 @@ def test_sampled_generation_is_seeded(lms):
     assert a == b and len(set(a)) > 1  # the same per request, different between requests
 
 
+# ---- another family: a Llama whose tokenizer prepends BOS ---------------------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A random tiny Llama (GQA, rotary) HF folder with a byte-level BPE tokenizer.json whose
+    post-processor prepends BOS `<s>` (id 50257; end-of-text 50256), as Llama tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from llama_helpers import hf_llama
+
+    out = tmp_path_factory.mktemp("llama")
+    assets = REPO / "jaxgpt" / "assets" / "gpt2"
+    tk = Tokenizer(models.BPE.from_file(str(assets / "encoder.json"), str(assets / "vocab.bpe")))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|endoftext|>", "<s>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 50257)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|endoftext|>")
+    hf_llama(vocab_size=len(fast), max_position_embeddings=CTX, bos_token_id=50257,
+             eos_token_id=50256).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def test_llama_family_with_bos(llama):
+    """BOS prepended as the tokenizer does (not to a continuation, not twice), BOS as the prefix
+    token, the end-of-text token ending generations: == the hf model. (hf runs with
+    logits_cache=False: its one-token-continuation cache scores ("Hello", " world") at the wrong
+    position when another request's context + continuation[:-1] is the same ids, here
+    ("", "Hello world") once both start with BOS.)"""
+    hf = get_model("hf")(pretrained=str(llama), device="cpu", batch_size=8, logits_cache=False)
+    jx = get_model("jaxgpt")(path=str(llama))
+    assert hf.prefix_token_id == jx.prefix_token_id == 50257 and jx.add_bos_token
+    for text in ("Hello world", "<s>Hello", "a <|endoftext|> b"):
+        assert jx.tok_encode(text) == hf.tok_encode(text)
+        assert jx.tok_encode(text, add_special_tokens=False) == hf.tok_encode(text, add_special_tokens=False)
+    assert jx.tok_encode("Hello")[0] == 50257 and jx.tok_encode("<s>Hello").count(50257) == 1
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(
+        [("", "Hello world"), ("Hello", " world"), ("The cat sat", " on the mat."), ("A " * 40, "B")])]
+    a, b = hf.loglikelihood(reqs, disable_tqdm=True), jx.loglikelihood(reqs, disable_tqdm=True)
+    assert all(abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1] for x, y in zip(a, b)), (a, b)
+    text = (REPO / "jaxgpt" / "assets" / "tinyshakespeare.txt").read_text()[:1200]
+    r = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert abs(hf.loglikelihood_rolling(r, disable_tqdm=True)[0] - jx.loglikelihood_rolling(r, disable_tqdm=True)[0]) <= 1e-3
+    gen = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 10}), i)
+           for i, c in enumerate(["ROMEO:", "Once upon a time"])]
+    assert jx.generate_until(gen, disable_tqdm=True) == [hf.generate_until([g])[0] for g in gen]
+    # the server's /tokenize follows the same rule
+    from jaxgpt.serve.schemas import Context, parse_tokenize
+    tok = jx.tokenizer
+    ctx = Context({"m": 0}, "m", CTX, jx.lm.config.vocab_size, tok, {"m": "alpaca"}, tok.eot_token)
+    assert parse_tokenize({"prompt": "Hello world"}, ctx)[0] == hf.tok_encode("Hello world")
+    assert parse_tokenize({"prompt": "Hello world", "add_special_tokens": False}, ctx)[0] == \
+        hf.tok_encode("Hello world", add_special_tokens=False)
+
+
 # ---- int8 and LoRA: against jaxgpt's own logits ---------------------------------------------------
 def padded_logits(lm, ids):
     """lm.logits of ids, run padded to the whole context (one compile: the model is causal)."""
