@@ -189,7 +189,10 @@ def main():
           if args.base == "smollm2" else []),
         *(["Ship it: serve the LoRA adapter beside its base over the OpenAI API (model name "
            "`capstone`), with the chat page at http://127.0.0.1:8000/ (pick `capstone` in the model menu):", "",
-           f"    python -m jaxgpt.serve {base} --adapter capstone={out / 'lora'}", ""]
+           f"    python -m jaxgpt.serve {base} --adapter capstone={out / 'lora'}", "",
+           "(The server compiles every shape up to `--max-len`, by default the model's context (8192 "
+           "for SmolLM2), before it listens; on a 2-core CPU add e.g. `--max-len 1024 --max-batch 2`: "
+           "that started in ~4 min here, and model `capstone` answered held-out question 2 exactly as above.)", ""]
           if "lora" in wanted else [])])
     (out / "capstone_report.md").write_text(report)
     print(report)
