@@ -44,6 +44,9 @@ def _main(argv) -> int:
         sys.stdout.flush()
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    from jaxgpt import runtime
+
+    runtime.enable_compilation_cache()  # the decoder's programs, kept for the next chat
     if args.template is not None:
         templates.check_template(args.template)
     lm = load_for_inference(args.ckpt, args.int8)

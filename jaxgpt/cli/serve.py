@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine slots: sequences decoded together (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions of each slot's KV cache, prompt + reply (default: the model's "
-                        "context); smaller is less memory and faster steps")
+                        "context, at most 2048); smaller is less memory and faster steps")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more are answered 429 with Retry-After "
                         "(default: %(default)s)")
@@ -66,6 +66,9 @@ def _main(argv) -> int:
     if args.template is not None:
         templates.check_template(args.template)
     adapters = parse_adapters(args.adapter)
+    from jaxgpt import runtime
+
+    runtime.enable_compilation_cache()  # a second start skips compiling the warm-up's programs
     api_key = args.api_key
     if args.api_key_file:
         try:

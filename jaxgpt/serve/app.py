@@ -62,13 +62,17 @@ def _name(path: str) -> str:
     return p.name or str(path)
 
 
+DEFAULT_MAX_LEN = 2048  # slot length when --max-len is not given, for long-context models (SmolLM2: 8192)
+
+
 def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int = 8,
                   max_queue: int = 64, template: str | None = None, api_key: str | None = None,
                   name: str | None = None, max_len: int | None = None, warmup: bool = True,
                   warmup_prompt: int | None = None, fast_decode: bool | None = None,
                   log=lambda s: print(s, file=sys.stderr, flush=True)) -> Service:
     """Load CKPT (anything jaxgpt.load takes) and the adapters [(NAME, PATH)], build the engine
-    with `max_batch` slots of `max_len` positions (default: the model's context), compile every
+    with `max_batch` slots of `max_len` positions (default: the model's context, at most
+    DEFAULT_MAX_LEN: warm-up compiles every cache capacity up to it), compile every
     shape it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given; the rest
     compiles on first use), start the scheduler."""
     from flax import nnx
@@ -86,7 +90,7 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     lm = load_for_inference(ckpt)
     base_name = name or _name(ckpt)
     names = {base_name: 0}
-    weights, tmpl = [], {base_name: template or lm.meta.get("template") or templates.DEFAULT}
+    weights, tmpl = [], {base_name: template or templates.default_template(lm)}
     for i, (aname, path) in enumerate(adapters, start=1):
         if aname in names:
             raise ConfigError(f"--adapter {aname}: the name is already taken")
@@ -105,8 +109,14 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     tok = lm.tokenizer
     eot = getattr(tok, "eot_token", None)
     t = time.perf_counter()
+    if max_len is None and lm.config.block_size > DEFAULT_MAX_LEN:
+        max_len = DEFAULT_MAX_LEN
+        log(f"slots hold {DEFAULT_MAX_LEN} of the model's {lm.config.block_size} positions "
+            "(--max-len N for more; warm-up takes longer)")
     engine = Engine(lm.model, slots=max_batch, max_len=max_len, adapters=weights, fast_decode=fast_decode)
     if warmup:
+        log(f"compiling the engine for {max_batch} slots of up to {engine.max_len} positions "
+            "(kept in the compilation cache for the next start)...")
         engine.warmup(warmup_prompt)
         # the eager bits of a request (its key, the logprobs path), once
         for a in range(len(weights) + 1):
@@ -381,7 +391,8 @@ def create_app(service: Service) -> FastAPI:
                 "eos_token": text(ctx.eot), "eos_token_id": ctx.eot, "bos_token": text(bos),
                 "bos_token_id": bos, "pad_token": None,
                 "add_bos_token": adds_bos(tok),
-                "model_max_length": ctx.context, "vocab_size": ctx.vocab_size, "chat_template": None}
+                "model_max_length": ctx.context, "vocab_size": ctx.vocab_size,
+                "chat_template": getattr(tok, "chat_template", None)}
 
     @app.get("/health")
     async def health():

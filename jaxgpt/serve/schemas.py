@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxgpt import templates
+from jaxgpt.config import ConfigError
 from jaxgpt.eval import prepend_bos
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -329,8 +330,12 @@ def _chat_prompt(body: dict, ctx: Context):
         raise APIError("this model has no tokenizer, so it cannot chat; use /v1/completions with "
                        "token ids", "messages")
     template = ctx.templates[model]
-    text = templates.render_prompt(template, messages)
-    ids = ctx.tokenizer.encode_ordinary(text) if hasattr(ctx.tokenizer, "encode_ordinary") \
+    try:  # the template "model" is the tokenizer's own Jinja source, which may refuse messages
+        text = templates.render_prompt(template, messages, getattr(ctx.tokenizer, "chat_template", None))
+    except ConfigError as e:
+        raise APIError(str(e), "messages") from None
+    # a model's own special tokens (SmolLM2's <|im_start|>) become their ids; GPT-2's are text
+    ids = templates.encode_prompt(ctx.tokenizer, text) if hasattr(ctx.tokenizer, "encode_ordinary") \
         else _encode(ctx, text, "messages")
     return model, adapter, template, text, ids
 
