@@ -35,9 +35,10 @@ class GPTConfig:
     quant: str | None = None  # "int8": matmul kernels stored int8 + per-channel scales (inference)
     quant_embedding: bool = True  # with quant: the tied embedding wte is int8 too (per-row scales)
     # with quant: how int8 layers multiply (jaxgpt.quant.int8_matmul): "auto" (int8 x int8 with
-    # activations quantized per row from a few rows on, weight-only below), "int8", or "float"
-    # (weight-only always). quantize_model picks "float" for the Llama family (SmolLM2's
-    # activations lose too much per row: val KL 0.12 vs 0.007 weight-only, experiments/PERF.md)
+    # activations quantized per row from a few rows on, weight-only below), "int8", "float"
+    # (weight-only always) or "int8x2" (two-part int8 activations, two exact int8 dots; weight-only
+    # for one row and prompts). quantize_model picks "int8x2" for the Llama family: SmolLM2's
+    # activations lose too much in one pass (KL 0.11 vs 0.008 for both others; PERF.md "SmolLM2")
     quant_activations: str = "auto"
     remat: bool = False  # training: recompute each block's activations in the backward pass
     # Hugging Face GPT2Config fields that change the math (defaults: the original GPT-2)
@@ -76,8 +77,9 @@ class GPTConfig:
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quant not in (None, "int8"):
             raise ConfigError(f"quant must be None or 'int8', got {self.quant!r}")
-        if self.quant_activations not in ("auto", "int8", "float"):
-            raise ConfigError(f"quant_activations must be auto, int8 or float, got {self.quant_activations!r}")
+        if self.quant_activations not in ("auto", "int8", "float", "int8x2"):
+            raise ConfigError(f"quant_activations must be auto, int8, float or int8x2, "
+                              f"got {self.quant_activations!r}")
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"activation_function={self.activation_function!r} is not supported; "
                               f"choose one of: {', '.join(ACTIVATIONS)}")

@@ -13,8 +13,12 @@ product is int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`
 integers, rescaled once: the CPU's integer dot instructions do the work. A single row (batch-1
 decoding) keeps the activations in float and streams the int8 weights through a float
 matrix-vector product: there XLA:CPU's integer product is ~30x slower (experiments/PERF.md
-"Int8 kernels"). `set_activations(model, "float" | "int8" | "auto")` forces one path (quality
-and speed comparisons); "auto" is the default.
+"Int8 kernels"). `set_activations(model, "float" | "int8" | "auto" | "int8x2")` forces one path
+(quality and speed comparisons); "auto" is GPT-2's default. "int8x2" (the Llama family's
+default: SmolLM2's activations lose too much in one int8 pass) splits each activation row into
+two int8 parts, x ~ s1 q1 + s2 q2 with q2 the rounding residue of q1, and runs two exact int8
+dots: the activation error is 1/254 of one pass; from 2 to INT8X2_MAX_ROWS rows (one row and
+long prompts stay weight-only).
 
     qmodel = quantize_model(model)          # a GPT whose config has quant="int8"
     lm = jaxgpt.load(path).quantize()       # the same, on a LoadedModel
@@ -36,7 +40,8 @@ from jaxgpt.config import ConfigError
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
 
 LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
-ACTIVATION_MODES = ("auto", "int8", "float")
+ACTIVATION_MODES = ("auto", "int8", "float", "int8x2")
+INT8X2_MAX_ROWS = 64  # "int8x2": more rows (a prompt) run weight-only, a float GEMM (PERF.md "SmolLM2")
 INT8_DOT_MIN_ROWS = 2  # "auto": from this many rows on, int8 x int8 (measured: PERF.md "Int8 kernels")
 
 
@@ -71,12 +76,16 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto"
     is at most x_scale / 2 * scale[m] * sum_k |q[m, k]| (the activation rounding). "float" (and
     "auto" for one row): x @ q.T in x's float dtype, q converted inside the product, * scale.
     """
+    dot = lambda a: jax.lax.dot_general(a, q, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.int32).astype(jnp.float32)  # [N, M], exact
     if mode == "int8" or (mode == "auto" and x.shape[0] >= INT8_DOT_MIN_ROWS):
         xq, x_scale = quantize_rows(x)  # per row, symmetric: |x - xq * x_scale| <= x_scale / 2
-        x_scale = x_scale[:, None]  # [N, 1]
-        acc = jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.int32)  # [N, M], exact
-        return acc.astype(jnp.float32) * x_scale * scale.astype(jnp.float32)
+        return dot(xq) * x_scale[:, None] * scale.astype(jnp.float32)
+    if mode == "int8x2" and INT8_DOT_MIN_ROWS <= x.shape[0] <= INT8X2_MAX_ROWS:
+        x = x.astype(jnp.float32)
+        xq, s1 = quantize_rows(x)  # x = xq * s1 + r, |r| <= s1 / 2
+        rq, s2 = quantize_rows(x - xq.astype(jnp.float32) * s1[:, None])  # r ~ rq * s2
+        return (dot(xq) * s1[:, None] + dot(rq) * s2[:, None]) * scale.astype(jnp.float32)
     x, q = _tie(x, q)
     return (x @ q.astype(x.dtype).T).astype(jnp.float32) * scale.astype(jnp.float32)
 
@@ -148,8 +157,8 @@ def quant_meta(config) -> dict | None:
 
 def quantize_model(model, embedding: bool = True, activations: str | None = None):
     """An int8 copy of float `model` (the float model is left untouched). `activations`: the int8
-    layers' matmul mode (GPTConfig.quant_activations); default "auto" for GPT-2, "float"
-    (weight-only) for other families.
+    layers' matmul mode (GPTConfig.quant_activations); default "auto" for GPT-2, "int8x2"
+    (two-part activations) for other families.
 
     Only the int8 weights, their scales and the small float leftovers are allocated for the new
     model; the float model's arrays are read one matrix at a time.
@@ -157,7 +166,7 @@ def quantize_model(model, embedding: bool = True, activations: str | None = None
     if is_quantized(model.config):
         raise ConfigError("this model is already int8-quantized; quantize its float32 source instead")
     if activations is None:
-        activations = "auto" if model.config.family == "gpt2" else "float"
+        activations = "auto" if model.config.family == "gpt2" else "int8x2"
     qcfg = dataclasses.replace(model.config, quant="int8", quant_embedding=bool(embedding),
                                quant_activations=activations)
     graphdef, qstate = nnx.split(nnx.eval_shape(lambda: type(model)(qcfg)))  # shapes only, no allocation

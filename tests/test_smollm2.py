@@ -115,7 +115,7 @@ def test_chat_cli_answers_as_transformers_does(hf):
 
 def test_int8_is_weight_only_and_close(lm):
     q = lm.quantize()
-    assert q.config.quant_activations == "float"
+    assert q.config.quant_activations == "int8x2"
     ids = [lm.tokenizer.encode(PROMPTS[2])]
     lf = np.asarray(jax_log_softmax(lm.logits(ids)))
     lq = np.asarray(jax_log_softmax(q.logits(ids)))
