@@ -88,7 +88,7 @@ def test_cli_doc_lists_every_train_and_sft_flag():
 def test_readme_flags_exist():
     """Every jaxgpt `--flag` the README mentions is in some command's --help (docs/cli.md)."""
     documented = set(re.findall(r"--[a-z][a-z0-9-]*", CLI_DOC.read_text(encoding="utf-8")))
-    others = {"--local-dir"}  # huggingface-cli's
+    others = {"--local-dir", "--no-deps"}  # huggingface-cli's, pip's
     text = re.sub(r"python experiments/[^`\n]*", "", readme())  # benchmark scripts' own flags
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w])", text))
     assert "--resume" in used  # the parse works
