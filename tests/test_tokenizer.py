@@ -154,12 +154,13 @@ def test_byte_split_decode(tok, hf):
 @needs_smol
 def test_to_dict_round_trip(tok):
     d = json.loads(json.dumps(tok.to_dict()))
-    assert set(d) == {"type", "tokens", "merges", "added", "bos", "eos", "add_bos"}
+    assert set(d) == {"type", "tokens", "merges", "added", "bos", "eos", "add_bos", "chat_template"}
+    assert d["chat_template"].startswith("{% for message in messages %}")  # the GGUF's own
     back = tokenizer_from_dict(d)
     assert isinstance(back, BPETokenizer) and back.to_dict() == d
     assert (back.vocab_size, back.eot_token, back.bos_token, back.add_bos,
-            back.special_tokens) == (tok.vocab_size, tok.eot_token, tok.bos_token, tok.add_bos,
-                                     tok.special_tokens)
+            back.special_tokens, back.chat_template) == (tok.vocab_size, tok.eot_token, tok.bos_token,
+                                                         tok.add_bos, tok.special_tokens, tok.chat_template)
     for text in AWKWARD[::3] + [SHAKESPEARE[:2000]]:
         assert back.encode(text) == tok.encode(text)
         assert back.encode_ordinary(text) == tok.encode_ordinary(text)
