@@ -1,6 +1,6 @@
 """Mixed-precision speed: jaxgpt's real train step in float32 vs bfloat16 compute (and HF torch).
 
-Runs the train step that `python -m jaxgpt.train` uses (`jaxgpt.trainer.make_step`: forward, backward,
+Runs the train step that `python -m jaxgpt.train` uses (`jaxgpt.training.trainer.make_step`: forward, backward,
 clipping, AdamW, params and optimizer state float32 in both) once with `dtype="float32"` and once
 with `dtype="bfloat16"`, alternated over several rounds in one process, on whatever device JAX
 picks (a GPU when there is one). With --torch it adds HF `GPT2LMHeadModel` + `torch.optim.AdamW`
@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--peak-size", type=int, default=None, help="n of the n^3 matmul peak (default 8192 on GPU, 1024 on CPU)")
     ap.add_argument("--plain-attention", action="store_true",
                     help="add a bfloat16 row with the plain masked-softmax attention instead of "
-                         "the fused one the model picks on a GPU (jaxgpt.model.fused_attention)")
+                         "the fused one the model picks on a GPU (jaxgpt.model.gpt.fused_attention)")
     ap.add_argument("--torch", action="store_true", help="add HF GPT-2 + torch AdamW rows (fp32, autocast bf16)")
     args = ap.parse_args()
     vocab = args.vocab or (65 if args.preset == "baby" else 50257)
@@ -70,7 +70,7 @@ def main():
         cfg = TrainConfig(**{**base.__dict__, "dtype": d})
         runners[f"jaxgpt {d}"], compiles[d] = jax_runner(cfg, vocab, args.steps, x)
     if args.plain_attention:  # the same step traced with the fused-attention selector off
-        import jaxgpt.model as model_mod
+        import jaxgpt.model.gpt as model_mod
 
         selector, model_mod.fused_attention = model_mod.fused_attention, lambda dtype: None
         cfg = TrainConfig(**{**base.__dict__, "dtype": "bfloat16"})
@@ -88,7 +88,7 @@ def main():
             times[name].append((time.perf_counter() - t) / args.steps)
     flops = model_flops_per_step(base, vocab)
     ref = statistics.median(times["jaxgpt float32"])
-    import jaxgpt.model as model_mod
+    import jaxgpt.model.gpt as model_mod
 
     print("compile (trace + lower + compile): " + ", ".join(f"{k} {v:.1f} s" for k, v in compiles.items())
           + f"; model FLOPs/step {flops / 1e12:.2f} T; fused attention in bfloat16: "

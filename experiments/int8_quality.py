@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 import jaxgpt
-from jaxgpt.eval import evaluate
-from jaxgpt.model import param_bytes
-from jaxgpt.quant import set_activations
+from jaxgpt.evaluate.scoring import evaluate
+from jaxgpt.model.gpt import param_bytes
+from jaxgpt.model.quant import set_activations
 
 # int8_matmul modes: "int8" = activations quantized per row, int8 x int8 -> int32 (the default
 # from 2 rows on: prompts, eval batches, batched decoding); "float" = weight-only (the default
@@ -64,7 +64,7 @@ def main():
         lm = jaxgpt.load(run)
         ids = val_tokens(run)
         variants = {"fp32": lm}
-        for emb in (True, False):  # each int8 model in both matmul modes (jaxgpt.quant.int8_matmul)
+        for emb in (True, False):  # each int8 model in both matmul modes (jaxgpt.model.quant.int8_matmul)
             for mode in ("int8", "float"):
                 q = lm.quantize(embedding=emb)
                 set_activations(q.model, mode)

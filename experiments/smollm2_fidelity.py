@@ -14,8 +14,8 @@ import torch
 import transformers
 
 import jaxgpt
-from jaxgpt.api import packaged_model
-from jaxgpt.quant import quantize_model
+from jaxgpt.formats.load import packaged_model
+from jaxgpt.model.quant import quantize_model
 
 PROMPTS = ["Hello, my name is", "The quick brown fox jumps over the lazy dog. " * 3, "def fib(n):\n    return",
            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "1 2 3 4 5 6 7 8 9 10 11 12"]
@@ -39,7 +39,7 @@ def main():
     lf = np.asarray(jax.nn.log_softmax(lm.logits(ids), axis=-1))
     print("\n| int8 activations | KL (nats) | argmax agreement |\n|---|--:|--:|")
     for mode in ("auto", "float", "int8x2"):
-        q = jaxgpt.api.LoadedModel(quantize_model(lm.model, activations=mode), lm.tokenizer, lm.meta)
+        q = jaxgpt.formats.load.LoadedModel(quantize_model(lm.model, activations=mode), lm.tokenizer, lm.meta)
         lq = np.asarray(jax.nn.log_softmax(q.logits(ids), axis=-1))
         kl = float((np.exp(lf) * (lf - lq)).sum(-1).mean())
         print(f"| {mode} | {kl:.4f} | {np.mean(lf.argmax(-1) == lq.argmax(-1)):.3f} |")

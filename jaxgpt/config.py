@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 
 
 # The MLP activations jaxgpt implements, by Hugging Face's names (transformers.activations.ACT2FN);
-# jaxgpt.model.ACTIVATION_FNS holds their definitions.
+# jaxgpt.model.gpt.ACTIVATION_FNS holds their definitions.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "gelu",
                "gelu_python", "gelu_fast", "gelu_10", "quick_gelu", "relu", "relu2", "relu6",
                "silu", "swish", "mish", "tanh", "sigmoid", "linear")
@@ -34,7 +34,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype of activations/matmuls; params always stay float32
     quant: str | None = None  # "int8": matmul kernels stored int8 + per-channel scales (inference)
     quant_embedding: bool = True  # with quant: the tied embedding wte is int8 too (per-row scales)
-    # with quant: how int8 layers multiply (jaxgpt.quant.int8_matmul): "auto" (int8 x int8 with
+    # with quant: how int8 layers multiply (jaxgpt.model.quant.int8_matmul): "auto" (int8 x int8 with
     # activations quantized per row from a few rows on, weight-only below), "int8", "float"
     # (weight-only always) or "int8x2" (two-part int8 activations, two exact int8 dots; weight-only
     # for one row and prompts). quantize_model picks "int8x2" for the Llama family: SmolLM2's

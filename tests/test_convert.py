@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt.convert import rename_table  # noqa: E402
+from jaxgpt.formats.convert import rename_table  # noqa: E402
 
 torch.set_num_threads(2)
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32)  # GPT-2 vocabulary, tiny body
@@ -192,7 +192,7 @@ def test_activations_match_transformers():
     from transformers.activations import ACT2FN
 
     from jaxgpt.config import ACTIVATIONS
-    from jaxgpt.model import ACTIVATION_FNS
+    from jaxgpt.model.gpt import ACTIVATION_FNS
 
     x = np.linspace(-12, 12, 4001, dtype=np.float32)
     for name in ACTIVATIONS:
@@ -239,8 +239,8 @@ def test_variant_fields_change_the_logits(fields):
     weights of its own.)"""
     import dataclasses
 
-    from jaxgpt.api import LoadedModel
-    from jaxgpt.convert import config_from_hf, model_from_tensors
+    from jaxgpt.formats.load import LoadedModel
+    from jaxgpt.formats.convert import config_from_hf, model_from_tensors
 
     model = hf_variant(**fields)
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -257,7 +257,7 @@ def test_untied_head_params_and_init_order():
     is drawn exactly as for the tied default, so default configs train as before."""
     from flax import nnx
 
-    from jaxgpt.model import GPT
+    from jaxgpt.model.gpt import GPT
 
     tied_cfg = jaxgpt.GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
     untied_cfg = jaxgpt.GPTConfig(**{**tied_cfg.to_dict(), "tie_word_embeddings": False})
@@ -274,7 +274,7 @@ def test_untied_greedy_generate_matches_transformers(tmp_path):
     """Greedy decoding picks tokens through lm_head, not wte: the same ids as HF's generate for a
     batch of 2 (full head), batch 1 through the decode copy (the int8 screen of lm_head's table),
     batch 1 without the decode copy, and without a cache."""
-    from jaxgpt.sample import _DERIVED, generate
+    from jaxgpt.decode.sample import _DERIVED, generate
 
     model = hf_model(**TINY, tie_word_embeddings=False)
     model.save_pretrained(tmp_path / "st")
@@ -304,7 +304,7 @@ def test_untied_greedy_generate_matches_transformers(tmp_path):
 def test_untied_head_int8(embedding, tmp_path):
     """int8 quantization of an untied model: lm_head goes int8 with the embedding (one scale per
     vocabulary row) or stays float32; the logits stay close to the float model's."""
-    from jaxgpt.model import Int8Linear
+    from jaxgpt.model.gpt import Int8Linear
 
     model = hf_model(**TINY, tie_word_embeddings=False)
     model.save_pretrained(tmp_path / "st")
@@ -325,7 +325,7 @@ def test_reorder_and_upcast_attn_scores_in_float32():
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt.model import GPT, init_cache
+    from jaxgpt.model.gpt import GPT, init_cache
 
     def score_dtypes(cfg):
         model, ids = GPT(cfg), jnp.zeros((2, 8), jnp.int32)
@@ -361,7 +361,7 @@ def test_reorder_and_upcast_attn_scores_in_float32():
 ])
 def test_unsupported_config_values_are_one_line_errors(key, value, needles):
     from jaxgpt.config import ConfigError
-    from jaxgpt.convert import config_from_hf
+    from jaxgpt.formats.convert import config_from_hf
 
     hf = {**transformers.GPT2Config(**TINY).to_dict(), key: value}
     with pytest.raises(ConfigError) as e:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import ConfigError
-from jaxgpt.data import get_batch, prepare, step_rng
-from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.data.textfile import get_batch, prepare, step_rng
+from jaxgpt.tokenizers.tokenizer import get_tokenizer
 
 
 def test_cache_is_built_once_and_reused(corpus, tmp_path):

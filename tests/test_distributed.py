@@ -68,7 +68,7 @@ FSDP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from jaxgpt.cli.train import parse_args
-    from jaxgpt.train import train
+    from jaxgpt.training.pretrain import train
     argv = sys.argv[1:]
     s = train(parse_args(argv), log=lambda m: None)
     shards = []

@@ -11,10 +11,10 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from conftest import random_adapter, xla_compiles  # noqa: E402
-from jaxgpt import templates  # noqa: E402
-from jaxgpt.chat import ChatSession  # noqa: E402
+from jaxgpt.tokenizers import templates  # noqa: E402
+from jaxgpt.decode.chat import ChatSession  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
-from jaxgpt.engine import (Engine, Request, _engine_insert, _engine_prefill, _engine_step,  # noqa: E402
+from jaxgpt.decode.engine import (Engine, Request, _engine_insert, _engine_prefill, _engine_step,  # noqa: E402
                            _grow_slots, sample_rows, top_k_filter, top_p_filter)
 
 torch.set_num_threads(2)
@@ -84,7 +84,7 @@ def test_per_row_cache_index_equals_each_row_alone(tiny):
     """The model's cache takes a position per row (cache["index"] int32 [B], as the engine's slots
     use it): rows at different positions give the logits and cache each gets with its own scalar
     index."""
-    from jaxgpt.model import init_cache
+    from jaxgpt.model.gpt import init_cache
 
     _, lm = tiny
     ids = jnp.asarray(np.random.RandomState(5).randint(0, 50257, (3, 12)), jnp.int32)
@@ -259,8 +259,8 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
     """Rows of one batch with different LoRA adapters (and the base) each decode what their merged
     model decodes alone; logprobs are the model's log-softmax at each position, the alternatives
     its most likely tokens."""
-    from jaxgpt import lora
-    from jaxgpt.engine import generate
+    from jaxgpt.model.gpt import lora
+    from jaxgpt.decode.engine import generate
     hf, lm = tiny
     base_dir = lm.meta["source"]
     paths = [random_adapter(base_dir, tmp_path / "a", 4, ["c_attn", "mlp.c_proj"], 1),
@@ -298,7 +298,7 @@ def test_per_row_filters_read_the_top_logits_first():
     thresholds: a batch of 4 by halving searches over the whole rows; each row alone among the
     FILTER_TOP largest logits when they suffice (small k, peaked rows) and by the 4-way search
     otherwise (k or the nucleus past FILTER_TOP)."""
-    from jaxgpt.engine import FILTER_TOP, _filter_rows
+    from jaxgpt.decode.engine import FILTER_TOP, _filter_rows
     rng = np.random.RandomState(1)
     V = 2000
     peaked = rng.randn(4, V).astype(np.float32) * 4
@@ -319,7 +319,7 @@ def test_draw_samples_the_softmax_distribution():
     """engine.draw (inverse CDF in two levels) against the exact probabilities: a chi-square
     test over 20,000 draws of a 600-id row whose mass spans blocks, with excluded (-inf) ids
     that must never be drawn; and one fixed key always gives the same id."""
-    from jaxgpt.engine import DRAW_BLOCK, draw
+    from jaxgpt.decode.engine import DRAW_BLOCK, draw
     rng = np.random.RandomState(3)
     V = 600  # > 2 blocks, the last one partial
     logits = rng.randn(V).astype(np.float32) * 2

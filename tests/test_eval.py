@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt import eval as ev  # noqa: E402
+from jaxgpt.evaluate import scoring as ev  # noqa: E402
 
 torch.set_num_threads(2)
 L = 16  # the tiny model's context

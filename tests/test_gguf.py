@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T, GGUFValueType as V  # noqa: E402
 
 from jaxgpt.config import ConfigError  # noqa: E402
-from jaxgpt.gguf import SUPPORTED_TYPES, read_gguf  # noqa: E402
+from jaxgpt.formats.gguf import SUPPORTED_TYPES, read_gguf  # noqa: E402
 
 # every metadata value kind: (key, value, value type, array item type)
 METADATA = [

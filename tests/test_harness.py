@@ -22,8 +22,9 @@ httpx = pytest.importorskip("httpx")
 
 import jaxgpt  # noqa: E402
 import jaxgpt.harness as harness  # noqa: E402  (registers the jaxgpt model)
-from jaxgpt import eval as ev, hellaswag  # noqa: E402
-from jaxgpt.api import load_for_inference  # noqa: E402
+from jaxgpt.evaluate import scoring as ev  # noqa: E402
+from jaxgpt.evaluate import hellaswag
+from jaxgpt.formats.load import load_for_inference  # noqa: E402
 from jaxgpt.cli import harness as harness_cli  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -400,7 +401,7 @@ def test_tokenizer_routes(server):
     assert r["tokens"] == tok.encode("Hello <|endoftext|> world") and r["count"] == len(r["tokens"])
     assert r["max_model_len"] == CTX
     chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    from jaxgpt import templates
+    from jaxgpt.tokenizers import templates
     assert chat["tokens"] == tok.encode_ordinary(templates.render_prompt("alpaca", [{"role": "user", "content": "hi"}]))
     assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello <|endoftext|> world"}
     assert httpx.post(url + "/detokenize", json={"tokens": []}).json() == {"prompt": ""}

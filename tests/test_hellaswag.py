@@ -14,10 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import eval as ev, hellaswag  # noqa: E402
-from jaxgpt.api import load  # noqa: E402
+from jaxgpt.evaluate import scoring as ev  # noqa: E402
+from jaxgpt.evaluate import hellaswag
+from jaxgpt.formats.load import load  # noqa: E402
 from jaxgpt.cli import eval as eval_cli  # noqa: E402
-from jaxgpt.tokenizer import get_tokenizer  # noqa: E402
+from jaxgpt.tokenizers.tokenizer import get_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)
 L = 64  # the tiny model's context: the long example below is cut from the left

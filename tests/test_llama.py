@@ -15,10 +15,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxgpt  # noqa: E402
-from jaxgpt import lora  # noqa: E402
+from jaxgpt.model.gpt import lora  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
-from jaxgpt.engine import Engine, Request, generate  # noqa: E402
-from jaxgpt.model import GPT, init_cache  # noqa: E402
+from jaxgpt.decode.engine import Engine, Request, generate  # noqa: E402
+from jaxgpt.model.gpt import GPT, init_cache  # noqa: E402
 
 from conftest import TINY, random_adapter, run_cli  # noqa: E402
 from llama_helpers import hf_llama, write_gguf  # noqa: E402

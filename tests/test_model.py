@@ -129,7 +129,7 @@ def test_fused_attention_path_equals_the_masked_softmax(monkeypatch):
     (layouts, causal flag, scale) is checked here on CPU with the XLA implementation of the same
     call, in float32: logits and gradients equal the plain masked-softmax path, and the cached
     decode path does not take it."""
-    import jaxgpt.model as model_mod
+    import jaxgpt.model.gpt as model_mod
 
     ids = jnp.arange(2 * 24).reshape(2, 24) % 97
     calls = []

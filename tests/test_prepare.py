@@ -1,4 +1,4 @@
-"""jaxgpt.prepare (sources -> llm.c shards) and jaxgpt.shards.ShardDataset (windows, batches)."""
+"""jaxgpt.prepare (sources -> llm.c shards) and jaxgpt.data.shards.ShardDataset (windows, batches)."""
 
 import gzip
 import importlib.util
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt import prepare as prep
+from jaxgpt.data.textfile import prepare as prep
 from jaxgpt.config import ConfigError
-from jaxgpt.shards import MANIFEST, STATE, ShardDataset, read_header, read_shard, write_shard
-from jaxgpt.tokenizer import get_tokenizer, tokenizer_from_dict
+from jaxgpt.data.shards import MANIFEST, STATE, ShardDataset, read_header, read_shard, write_shard
+from jaxgpt.tokenizers.tokenizer import get_tokenizer, tokenizer_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKES = (REPO / "jaxgpt" / "assets" / "tinyshakespeare.txt").read_text()

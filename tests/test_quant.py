@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
-from jaxgpt.model import GPT, Int8Embed, Int8Linear, param_bytes  # noqa: E402
-from jaxgpt.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
+from jaxgpt.model.gpt import GPT, Int8Embed, Int8Linear, param_bytes  # noqa: E402
+from jaxgpt.model.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
                           quantize_model, quantize_rows, set_activations)
 
 from conftest import run_cli  # noqa: E402

@@ -73,7 +73,7 @@ def _flags(cls, positional=()) -> set[str]:
 
 def test_cli_doc_lists_every_train_and_sft_flag():
     from jaxgpt.config import TrainConfig
-    from jaxgpt.sft import SFTConfig
+    from jaxgpt.training.sft import SFTConfig
 
     doc = CLI_DOC.read_text(encoding="utf-8")
     sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", doc, re.S | re.M))

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.cli.sample import main  # noqa: E402
-from jaxgpt.sample import generate, sample_token, top_k_filter, top_p_filter  # noqa: E402
+from jaxgpt.decode.sample import generate, sample_token, top_k_filter, top_p_filter  # noqa: E402
 
 torch.set_num_threads(2)
 EOT = 50256
@@ -70,7 +70,7 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
 def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
     """Batch-1 greedy decoding through the decode copy (transposed kernels + the int8 screen of the
     head, the CPU default) gives the same ids as HF, as the model's own weights and as no cache."""
-    from jaxgpt.engine import _DERIVED
+    from jaxgpt.decode.engine import _DERIVED
 
     model, folder, _ = tiny
     lm = jaxgpt.load(folder)
@@ -92,8 +92,8 @@ def test_decode_copy_follows_the_weights(tiny):
 
     from flax import nnx
 
-    from jaxgpt.model import RowLinear
-    from jaxgpt.engine import _DERIVED, decode_copy
+    from jaxgpt.model.gpt import RowLinear
+    from jaxgpt.decode.engine import _DERIVED, decode_copy
 
     lm = jaxgpt.load(tiny[1])
     a = decode_copy(lm.model)
@@ -117,7 +117,7 @@ def test_decode_copy_follows_the_weights(tiny):
 def test_screened_argmax_is_the_float32_argmax():
     """screened_argmax == argmax of the float32 logits, including near-ties that the int8 copy
     alone gets wrong, rows with outliers, and the fallback when more than k rows are candidates."""
-    from jaxgpt.sample import greedy_screen, screened_argmax
+    from jaxgpt.decode.sample import greedy_screen, screened_argmax
 
     pick = jax.jit(screened_argmax, static_argnames="k")
     rng = np.random.RandomState(0)
@@ -158,7 +158,7 @@ def test_new_prompt_length_and_length_reuse_the_compiled_decoder(tiny):
     """Prompts are padded to power-of-two buckets and the buffer length too, and the real prompt
     length and max_new_tokens are traced: prompts of 3..16 tokens with up to 32 tokens in all
     share one compiled function per path (counted in jax.jit's cache), and still equal HF."""
-    from jaxgpt.engine import _generate, bucket
+    from jaxgpt.decode.engine import _generate, bucket
 
     assert [bucket(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
     assert bucket(100, cap=64) == 64

@@ -30,8 +30,8 @@ pytest.importorskip("fastapi")
 
 
 import jaxgpt  # noqa: E402
-from jaxgpt import templates  # noqa: E402
-from jaxgpt.sample import text_samples  # noqa: E402
+from jaxgpt.tokenizers import templates  # noqa: E402
+from jaxgpt.decode.sample import text_samples  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
 from conftest import REPO, random_adapter, run_cli, xla_compiles  # noqa: E402

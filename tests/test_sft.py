@@ -18,12 +18,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt import lora, sft, templates  # noqa: E402
+from jaxgpt.model.gpt import lora  # noqa: E402
+from jaxgpt.training import sft
+from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 from jaxgpt.losses import masked_mean  # noqa: E402
-from jaxgpt.model import GPT  # noqa: E402
-from jaxgpt.trainer import make_step  # noqa: E402
-from jaxgpt.tokenizer import get_tokenizer  # noqa: E402
+from jaxgpt.model.gpt import GPT  # noqa: E402
+from jaxgpt.training.trainer import make_step  # noqa: E402
+from jaxgpt.tokenizers.tokenizer import get_tokenizer  # noqa: E402
 
 from conftest import REPO, run_cli  # noqa: E402
 
@@ -317,7 +319,7 @@ def sft_losses(out) -> dict:
 
 def final_arrays(out) -> list[np.ndarray]:
     """The fine-tuned weights (full) or adapter arrays (LoRA) a run left in `out`."""
-    from jaxgpt import lora as lora_mod
+    from jaxgpt.model.gpt import lora as lora_mod
     if lora_mod.is_adapter(out):
         import orbax.checkpoint as ocp
         with ocp.StandardCheckpointer() as c:

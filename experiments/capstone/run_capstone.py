@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import jaxgpt  # noqa: E402
-from jaxgpt.chat import ChatSession  # noqa: E402
-from jaxgpt.sft import SFTConfig, run_sft, summary_table  # noqa: E402
+from jaxgpt.decode.chat import ChatSession  # noqa: E402
+from jaxgpt.training.sft import SFTConfig, run_sft, summary_table  # noqa: E402
 
 CHAT_QUESTIONS = [
     "How do I train the default model?",

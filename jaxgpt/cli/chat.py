@@ -1,7 +1,7 @@
 """Chat with a model in the terminal: the template applied, tokens streamed as they are generated;
 `python -m jaxgpt.chat CKPT` (interactive) or `--prompt TEXT` (one reply, for scripts).
 
-A front end over jaxgpt.chat.ChatSession: `/reset` forgets the conversation, `/exit` (or Ctrl-D)
+A front end over jaxgpt.decode.chat.ChatSession: `/reset` forgets the conversation, `/exit` (or Ctrl-D)
 leaves, Ctrl-C stops the reply being written and keeps the session.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt import templates
-from jaxgpt.api import load_for_inference
-from jaxgpt.chat import ChatSession
+from jaxgpt.tokenizers import templates
+from jaxgpt.formats.load import load_for_inference
+from jaxgpt.decode.chat import ChatSession
 from jaxgpt.cli import run
-from jaxgpt.engine import check_sampling
+from jaxgpt.decode.engine import check_sampling
 
 
 def build_parser() -> argparse.ArgumentParser:

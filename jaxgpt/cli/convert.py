@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.api import load
-from jaxgpt.checkpoint import check_writable
+from jaxgpt.formats.load import load
+from jaxgpt.formats.checkpoint import check_writable
 from jaxgpt.cli import run
 
 

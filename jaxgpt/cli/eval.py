@@ -1,6 +1,6 @@
 """`python -m jaxgpt.eval CKPT --text FILE [--stride S] [--json]`: perplexity of a model on a text
-(jaxgpt.eval.evaluate); `--task hellaswag --data FILE.jsonl [--limit N]`: HellaSwag accuracy
-(jaxgpt.hellaswag.score)."""
+(jaxgpt.evaluate.scoring.evaluate); `--task hellaswag --data FILE.jsonl [--limit N]`: HellaSwag accuracy
+(jaxgpt.evaluate.hellaswag.score)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from jaxgpt.api import load_for_inference
+from jaxgpt.formats.load import load_for_inference
 from jaxgpt.cli import run
 from jaxgpt.config import ConfigError
-from jaxgpt.eval import check_stride, evaluate
-from jaxgpt import hellaswag
+from jaxgpt.evaluate.scoring import check_stride, evaluate
+from jaxgpt.evaluate import hellaswag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def _hellaswag(args) -> int:
     if args.data is None:
         raise ConfigError("--task hellaswag needs --data FILE.jsonl (the official HellaSwag format)")
     examples = hellaswag.read_examples(args.data, args.limit)  # bad data fails before the load
-    from jaxgpt.api import load_for_inference  # late: loading pulls in orbax
+    from jaxgpt.formats.load import load_for_inference  # late: loading pulls in orbax
 
     lm = load_for_inference(args.ckpt, args.int8)
     hellaswag.check_tokenizer(lm.model, lm.tokenizer)

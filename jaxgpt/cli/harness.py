@@ -68,7 +68,7 @@ def _model_args(value) -> dict:
 
 def check_model(args: dict) -> None:
     """The jaxgpt model's args: known keys, a path, and a path that exists (or a hub name)."""
-    from jaxgpt.api import HUB_NAME
+    from jaxgpt.formats.load import HUB_NAME
     from jaxgpt.harness.model import check_args
 
     check_args(args)

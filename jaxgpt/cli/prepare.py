@@ -1,5 +1,5 @@
 """`python -m jaxgpt.prepare SOURCE... --out DIR`: tokenize corpora into llm.c token shards
-(jaxgpt.prepare.prepare). Bad input is one line and exit status 2 (jaxgpt.cli.run).
+(jaxgpt.data.prepare.prepare). Bad input is one line and exit status 2 (jaxgpt.cli.run).
 """
 
 import argparse
@@ -8,7 +8,7 @@ import re
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.prepare import DEFAULT_SHARD_TOKENS, prepare
+from jaxgpt.data.prepare import DEFAULT_SHARD_TOKENS, prepare
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 

@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.quantize CKPT OUT`: write an int8 copy of a model (jaxgpt.quantize.quantize_checkpoint)."""
+"""`python -m jaxgpt.quantize CKPT OUT`: write an int8 copy of a model (jaxgpt.formats.quantize.quantize_checkpoint)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.quantize import quantize_checkpoint
+from jaxgpt.formats.quantize import quantize_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.sample CKPT --prompt TEXT`: sample text from a model (jaxgpt.sample.text_samples)."""
+"""`python -m jaxgpt.sample CKPT --prompt TEXT`: sample text from a model (jaxgpt.decode.sample.text_samples)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from jaxgpt.api import load_for_inference
+from jaxgpt.formats.load import load_for_inference
 from jaxgpt.cli import run
-from jaxgpt.engine import check_sampling
-from jaxgpt.sample import text_samples
+from jaxgpt.decode.engine import check_sampling
+from jaxgpt.decode.sample import text_samples
 
 
 def build_parser() -> argparse.ArgumentParser:

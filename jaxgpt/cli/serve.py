@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxgpt import templates
+from jaxgpt.tokenizers import templates
 from jaxgpt.cli import run
 from jaxgpt.config import ConfigError
 

@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.sft`: flags -> SFTConfig -> fine-tune (jaxgpt.sft.run_sft), --merge an
+"""`python -m jaxgpt.sft`: flags -> SFTConfig -> fine-tune (jaxgpt.training.sft.run_sft), --merge an
 adapter, or --eval-only; a closing line. Bad input is one line and exit status 2 (jaxgpt.cli.run).
 """
 
@@ -10,8 +10,8 @@ import sys
 from jaxgpt.cli import run
 from jaxgpt.cli.train import HELP as TRAIN_HELP
 from jaxgpt.config import ConfigError, add_dataclass_flags
-from jaxgpt.sft import SFTConfig, _fmt, eval_only, merge_adapter, run_sft
-from jaxgpt import templates
+from jaxgpt.training.sft import SFTConfig, _fmt, eval_only, merge_adapter, run_sft
+from jaxgpt.tokenizers import templates
 
 HELP = {
     "ckpt": "base model: jaxgpt run dir, Hugging Face GPT-2 folder, hub name (gpt2, ...) or nanoGPT ckpt.pt",
@@ -66,10 +66,10 @@ HELP = {**SHARED, **HELP,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import jaxgpt.sft
+    import jaxgpt.training.sft
 
     p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.sft", description=jaxgpt.sft.__doc__.split("\n\n")[0],
+        prog="python -m jaxgpt.sft", description=jaxgpt.training.sft.__doc__.split("\n\n")[0],
         epilog="Full fine-tuning leaves a jaxgpt checkpoint in --out; LoRA writes the adapter "
                "(A, B and adapter.json), which sample/chat/eval load on top of its base, and which "
                "--merge folds into a plain checkpoint.",

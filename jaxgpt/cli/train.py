@@ -1,4 +1,4 @@
-"""`python -m jaxgpt.train`: flags -> TrainConfig -> jaxgpt.train.train -> a closing line.
+"""`python -m jaxgpt.train`: flags -> TrainConfig -> jaxgpt.training.pretrain.train -> a closing line.
 
 One flag per TrainConfig field (the optimization and run flags shared with jaxgpt.sft under
 their own headings); bad input is one line on stderr and exit status 2 (jaxgpt.cli.run).
@@ -94,8 +94,9 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel, runtime, trainer
-    from jaxgpt.train import train
+    from jaxgpt import parallel, runtime
+    from jaxgpt.training import trainer
+    from jaxgpt.training.pretrain import train
 
     cfg = parse_args(argv)
     if cfg.deterministic:  # before JAX starts its backends

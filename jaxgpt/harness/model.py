@@ -13,8 +13,8 @@ else its end-of-text token), BOS prepended only when the tokenizer does so by de
 `add_bos_token` says, inputs cut from the left to `max_length` + 1 tokens, rolling windows from
 lm_eval.utils, stop strings and `max_gen_toks` as HFLM handles them.
 
-Scoring goes through jaxgpt.eval.score_continuations (batched by padded length, each shape
-compiled once), generation through the one decoder's slot engine (jaxgpt.engine.Engine:
+Scoring goes through jaxgpt.evaluate.scoring.score_continuations (batched by padded length, each shape
+compiled once), generation through the one decoder's slot engine (jaxgpt.decode.engine.Engine:
 prompts of any length decoded together, a row leaving as soon as it produced a stop string or
 its end-of-text token). This module imports lm_eval; nothing else in jaxgpt does.
 """
@@ -29,9 +29,9 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from jaxgpt import templates
+from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.eval import adds_bos, prepend_bos, score_continuations
+from jaxgpt.evaluate.scoring import adds_bos, prepend_bos, score_continuations
 
 ARGS = {  # model_args -> what they do (the one-line error for an unknown key lists them)
     "path": "the model: anything jaxgpt.load takes (run dir, HF folder, hub name, int8 "
@@ -90,7 +90,7 @@ class JaxGPTLM(TemplateLM):
                  **harness_args):
         super().__init__()
         check_args({"path": path, "pretrained": pretrained, **harness_args})
-        from jaxgpt.api import load_for_inference  # (late: loading pulls in orbax)
+        from jaxgpt.formats.load import load_for_inference  # (late: loading pulls in orbax)
 
         self.path = str(path or pretrained)
         self.lm = load_for_inference(self.path, int8=bool(_bool_arg("int8", int8)))
@@ -168,7 +168,7 @@ class JaxGPTLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """[(sum of the continuation's logprobs, whether greedy decoding gives it)] for requests
         [(cache key, context ids, continuation ids)]: the row is the last max_length + 1 tokens of
-        context + continuation (HFLM's truncation), scored by jaxgpt.eval.score_continuations."""
+        context + continuation (HFLM's truncation), scored by jaxgpt.evaluate.scoring.score_continuations."""
         pairs = []
         for _, ctx, cont in requests:
             if not cont:
@@ -234,7 +234,7 @@ class JaxGPTLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation: decoded by the slot engine (greedy unless do_sample),
         cut before the first stop string (the end-of-text token's text is one)."""
-        from jaxgpt.engine import Engine, Request
+        from jaxgpt.decode.engine import Engine, Request
 
         jobs = [self._generation(ctx, kw, i) for i, (ctx, kw) in enumerate(r.args for r in requests)]
         if self._engine is None:

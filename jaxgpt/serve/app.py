@@ -30,10 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxgpt import lora, templates
+from jaxgpt.model.gpt import lora
+from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.engine import Engine, Request as EngineRequest
-from jaxgpt.eval import adds_bos
+from jaxgpt.decode.engine import Engine, Request as EngineRequest
+from jaxgpt.evaluate.scoring import adds_bos
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
 from jaxgpt.serve.schemas import (APIError, Context, GenRequest, parse_chat, parse_completion,
@@ -77,7 +78,7 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     compiles on first use), start the scheduler."""
     from flax import nnx
 
-    from jaxgpt.api import load_for_inference  # (the heavy imports stay out of `import app`)
+    from jaxgpt.formats.load import load_for_inference  # (the heavy imports stay out of `import app`)
 
     if max_batch < 1:
         raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")

@@ -1,6 +1,6 @@
 """Continuous batching: the one thread that owns the decode engine and feeds its slots.
 
-A `Job` is one HTTP request: one or more `Choice`s (prompts x n), each a jaxgpt.engine.Request
+A `Job` is one HTTP request: one or more `Choice`s (prompts x n), each a jaxgpt.decode.engine.Request
 with its own settings and random stream. `Scheduler.submit` queues a job's choices (429 when
 `max_queue` jobs are already waiting); the scheduler thread loops:
 
@@ -19,7 +19,7 @@ known not to be one; a stop string ends the choice (finish_reason "stop") with t
 
 Echo with logprobs (/v1/completions `echo` + `logprobs`, what lm-evaluation-harness's
 local-completions model sends to score text): before its choices take slots, the thread scores
-the job's prompts with jaxgpt.eval.score_continuations on the engine's own weights (its LoRA
+the job's prompts with jaxgpt.evaluate.scoring.score_continuations on the engine's own weights (its LoRA
 adapter per row): each prompt token's logprob and top alternatives (the first token's: null).
 """
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt.engine import TOP_LOGPROBS, Request
-from jaxgpt.eval import score_continuations
+from jaxgpt.decode.engine import TOP_LOGPROBS, Request
+from jaxgpt.evaluate.scoring import score_continuations
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.schemas import APIError, GenRequest
 

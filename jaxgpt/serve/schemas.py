@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxgpt import templates
+from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.eval import prepend_bos
+from jaxgpt.evaluate.scoring import prepend_bos
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.engine.TOP_LOGPROBS)
+MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.decode.engine.TOP_LOGPROBS)
 MAX_N = 128
 ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 

@@ -26,7 +26,7 @@ def _dataset(records):
 
 
 def hellaswag_docs(**_):
-    from jaxgpt.hellaswag import harness_preprocess, harness_query
+    from jaxgpt.evaluate.hellaswag import harness_preprocess, harness_query
 
     records = []
     for line in (HERE / "hellaswag_sample.jsonl").read_text(encoding="utf-8").splitlines():

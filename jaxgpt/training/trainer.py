@@ -29,11 +29,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt import checkpoint, parallel
+from jaxgpt import parallel
+from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.data import atomic_write
+from jaxgpt.data.textfile import atomic_write
 from jaxgpt.losses import lm_loss
-from jaxgpt.model import count_params
+from jaxgpt.model.gpt import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)

@@ -22,7 +22,7 @@ A row longer than the model's context keeps its last block_size + 1 tokens (the 
 from the left); ending tokens cut off that way, if any, are not scored.
 
 `score` is meant to be called repeatedly (the trainer's periodic HellaSwag eval): the rows are
-scored by jaxgpt.eval.score_continuations, one jitted forward keyed on the model's nnx graphdef
+scored by jaxgpt.evaluate.scoring.score_continuations, one jitted forward keyed on the model's nnx graphdef
 and the padded shape, so scoring the same examples again on the same model graph compiles
 nothing; rows are padded to power-of-two lengths (buckets), each compiled once, and the
 tokenization of an example is cached.
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.eval import LOGITS_BUDGET, score_continuations
+from jaxgpt.evaluate.scoring import LOGITS_BUDGET, score_continuations
 
 N_ENDINGS = 4
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
@@ -168,7 +168,7 @@ def score(model, tokenizer, examples: list[dict], progress: bool = True,
     "pred_norm", "pred_norm_harness"}, ...]} for a GPT (nnx) model and the GPT-2 tokenizer.
 
     Each example's 8 rows (4 endings x 2 conventions) are (context, ending) pairs for
-    jaxgpt.eval.score_continuations, the scorer shared with perplexity, the lm-evaluation-harness
+    jaxgpt.evaluate.scoring.score_continuations, the scorer shared with perplexity, the lm-evaluation-harness
     model and the server: batched by padded length, each shape compiled once."""
     check_tokenizer(model, tokenizer)
     if not examples:

@@ -641,7 +641,7 @@ class BPETokenizer:
         the byte alphabet is respelled as its UTF-8 bytes; CONTROL tokens (type 3) spelled in the
         alphabet become special, USER_DEFINED ones (type 4) plain added tokens, and so do the bos,
         eos, unk and pad tokens (special), and <|endoftext|> if the vocabulary has it. (A
-        GGUFFile from jaxgpt.gguf.read_gguf is taken too: its `.metadata`.)"""
+        GGUFFile from jaxgpt.formats.gguf.read_gguf is taken too: its `.metadata`.)"""
         meta = getattr(meta, "metadata", meta)
         model = _meta_str(meta.get("tokenizer.ggml.model"))
         if model != "gpt2":

@@ -8,8 +8,8 @@ and the shards in stream order with their split, token count and sha256).
 
 `ShardDataset` trains on either kind of folder (or a glob of `.bin` files)::
 
-    from jaxgpt.shards import ShardDataset
-    from jaxgpt.tokenizer import tokenizer_from_dict
+    from jaxgpt.data.shards import ShardDataset
+    from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 
     ds = ShardDataset("data/fineweb10B")            # a prepared folder, or a glob of llm.c shards
     ds.vocab_size, ds.tokenizer["name"]              # 50257, "gpt2" (a bare llm.c folder is GPT-2)

@@ -21,9 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxgpt import checkpoint
+from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError
-from jaxgpt.data import atomic_write
+from jaxgpt.data.textfile import atomic_write
 
 ADAPTER_META = "adapter.json"
 ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -184,7 +184,7 @@ def load_adapter(path: str | Path, base_model) -> None:
     nnx.update(base_model, restored)
 
 
-# ---- many adapters in one batch (jaxgpt.engine.Engine, the server) ----------------------------
+# ---- many adapters in one batch (jaxgpt.decode.engine.Engine, the server) ----------------------------
 class MultiLoRALinear(nnx.Module):
     """A layer (nnx.Linear, its decode copy RowLinear, or Int8Linear) plus the low-rank updates of
     several adapters, one chosen per row:  y[i] = base(x)[i] + (x[i] @ A_k) @ B_k  for row i's

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import lora
+from jaxgpt.model.gpt import lora
 from jaxgpt.config import ConfigError
-from jaxgpt.model import RowLinear, init_cache
-from jaxgpt.quant import LINEARS, dequantize_rows, quantize_rows
+from jaxgpt.model.gpt import RowLinear, init_cache
+from jaxgpt.model.quant import LINEARS, dequantize_rows, quantize_rows
 
 NEG_INF = -jnp.inf
 
@@ -302,7 +302,7 @@ def head_table(model) -> jax.Array | None:
 class GreedyScreen(NamedTuple):
     """An int8 copy of a [V, C] head table w with per-row bounds on its error.
 
-    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (jaxgpt.quant.quantize_rows); err [V] is
+    q [V, C] int8 and scale [V]: w[v] ~ q[v] * scale[v] (jaxgpt.model.quant.quantize_rows); err [V] is
     ||w[v] - q[v] * scale[v]||_2 exactly and norm [V] is ||w[v]||_2, so for any x
     |x . w[v] - (x . q[v]) * scale[v]| <= ||x||_2 * err[v]  (Cauchy-Schwarz).
     """
@@ -581,9 +581,9 @@ class Engine:
     recompiles.
 
     On a CPU the engine decodes through the model's decode copy (`fast_decode`), and with one
-    slot greedy rows use the exact int8 head screen. `adapters` (jaxgpt.lora.adapter_weights
+    slot greedy rows use the exact int8 head screen. `adapters` (jaxgpt.model.lora.adapter_weights
     results) are LoRA adapters a request may pick (Request.adapter): rows of one batch may use
-    different ones (jaxgpt.lora.MultiLoRALinear: the base matmul once, each row's update added).
+    different ones (jaxgpt.model.lora.MultiLoRALinear: the base matmul once, each row's update added).
     The weights are those of `model` when the engine is made.
     """
 

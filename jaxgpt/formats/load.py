@@ -26,12 +26,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint, convert, lora
+from jaxgpt.formats import checkpoint
+from jaxgpt.formats import convert
+from jaxgpt.model.gpt import lora
 from jaxgpt.config import ConfigError, GPTConfig
-from jaxgpt.engine import generate
-from jaxgpt.model import GPT
-from jaxgpt.quant import quant_meta, quantize_model
-from jaxgpt.tokenizer import tokenizer_from_dict
+from jaxgpt.decode.engine import generate
+from jaxgpt.model.gpt import GPT
+from jaxgpt.model.quant import quant_meta, quantize_model
+from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"
 # Models that ship inside a Python package: name -> (package, file in it, how to install it).
@@ -99,7 +101,7 @@ class LoadedModel:
         """Continue a prompt. A string gives back a string (prompt + continuation, cut at
         `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
         prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot).
-        `fast_decode`: see jaxgpt.engine.generate (default: the decode copy on a CPU)."""
+        `fast_decode`: see jaxgpt.decode.engine.generate (default: the decode copy on a CPU)."""
         as_text = isinstance(prompt_or_ids, str)
         ids = np.asarray(self.encode(prompt_or_ids) if as_text else prompt_or_ids, np.int32)
         eot = getattr(self.tokenizer, "eot_token", None) if stop_at_eot else None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.tokenizer import get_tokenizer, tokenizer_from_dict
+from jaxgpt.tokenizers.tokenizer import get_tokenizer, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # tokenize in ~1 MB pieces so long corpora show progress
 

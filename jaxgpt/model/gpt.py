@@ -18,7 +18,7 @@ GELU backward with a transpose (measured ~30% faster on the baby model); attenti
 to `[B, H, T, D]` internally.
 
 With `config.quant == "int8"` the Linear layers (and, unless `quant_embedding` is off, the tied
-embedding) are `Int8Linear` / `Int8Embed` (jaxgpt/quant.py): int8 weights plus float32
+embedding) are `Int8Linear` / `Int8Embed` (jaxgpt/model/quant.py): int8 weights plus float32
 per-output-channel scales; no float copy of the model is kept.
 """
 
@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxgpt.config import ACTIVATIONS, GPTConfig
 from jaxgpt.parallel import gpu_ops_deterministic
-from jaxgpt.quant import Int8Embed, Int8Linear  # noqa: F401  (the int8 layers live with their kernels)
+from jaxgpt.model.quant import Int8Embed, Int8Linear  # noqa: F401  (the int8 layers live with their kernels)
 
 _tanh_gelu = lambda x: jax.nn.gelu(x, approximate=True)  # 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
 _erf_gelu = lambda x: jax.nn.gelu(x, approximate=False)  # 0.5x(1 + erf(x / sqrt(2)))
@@ -423,7 +423,7 @@ class GPT(nnx.Module):
         into the T positions) computes the head at that one position only: logits [B, 1, V]
         (decoding needs just the last real position's logits). `hidden=True` skips the head: out
         is then the final hidden states (after ln_f) in place of the logits, [B*T, C] (or [B, C]
-        with `logits_at`), for a loss that applies the head itself (jaxgpt.train.head_loss, in
+        with `logits_at`), for a loss that applies the head itself (jaxgpt.training.pretrain.head_loss, in
         chunks) or a decoder that picks tokens from them (`head`).
         """
         B, T = ids.shape

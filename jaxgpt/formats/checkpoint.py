@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxgpt.config import ConfigError, GPTConfig
-from jaxgpt.model import GPT
-from jaxgpt.tokenizer import tokenizer_from_dict
+from jaxgpt.model.gpt import GPT
+from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 
 CKPT_SUBDIR = "checkpoints"
 

@@ -1,0 +1,1 @@
+"""Evaluation: the one scorer of continuations, perplexity, HellaSwag."""
