@@ -239,7 +239,7 @@ def make_models(out: Path):
             from flax import nnx
 
             import jaxgpt
-            from jaxgpt.model.gpt import lora
+            from jaxgpt.model import lora
             lm = jaxgpt.load(base)
             targets = list(lora.ALL_TARGETS)
             lora.apply_lora(lm.model, 16, 32.0, targets, seed=seed)

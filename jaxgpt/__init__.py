@@ -1,4 +1,17 @@
-"""jaxgpt: GPT-2 in JAX/Flax NNX — train from scratch, sample, and load checkpoints."""
+"""jaxgpt: GPT-2 and the Llama family in JAX/Flax NNX — train from scratch, load, sample, fine-tune, serve.
+
+The package in rooms (imports point one way, down this list):
+  cli/         one module per command (`python -m jaxgpt.X` runs jaxgpt.cli.X)
+  serve/, harness/   the OpenAI-compatible server; the lm-evaluation-harness model
+  training/    the one Trainer and the kinds of run on it (pretrain, sft)
+  decode/      the one decode Engine, text samples, chat sessions
+  evaluate/    the one scorer of continuations, perplexity, HellaSwag
+  formats/     jaxgpt.load, checkpoints, HF / GGUF / nanoGPT conversion, int8 copies
+  data/        corpora -> token shards, the shard loader, the text-file cache
+  model/       GPT (gpt), int8 layers (quant), LoRA (lora)
+  tokenizers/  char, GPT-2, HF byte-level BPE; chat templates
+  config, losses, optim, parallel, runtime   small shared pieces
+"""
 
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
 
@@ -9,7 +22,7 @@ __version__ = "0.1.0"
 
 def train(config: TrainConfig | None = None, **overrides) -> dict:
     """Train as `python -m jaxgpt.train` does: `jaxgpt.train(TrainConfig(...))` or keyword flags."""
-    from jaxgpt.train import train as _train
+    from jaxgpt.training.pretrain import train as _train
 
     config = config or TrainConfig()
     if overrides:
@@ -19,20 +32,18 @@ def train(config: TrainConfig | None = None, **overrides) -> dict:
 
 
 def __getattr__(name):
-    # PEP 562 lazy attributes, for two reasons only (no import cycle needs them): `import jaxgpt`
-    # stays light (the model with jax and flax, the decoder and the loaders with orbax and the
-    # converters load on first use, so a CLI re-executing itself imports them once), and `python -m jaxgpt.<module>` does not find its module imported already by the
-    # package (runpy would warn, and the module would run twice).
+    # PEP 562 lazy attributes: `import jaxgpt` stays light (jax and flax, orbax and the converters
+    # load on first use, so a CLI re-executing itself imports them once).
     if name in ("GPT", "count_params", "init_cache"):  # jax + flax: ~1 s to import
-        from jaxgpt import model
-        return getattr(model, name)
+        from jaxgpt.model import gpt
+        return getattr(gpt, name)
     if name == "get_tokenizer":
-        from jaxgpt.tokenizer import get_tokenizer
+        from jaxgpt.tokenizers.tokenizer import get_tokenizer
         return get_tokenizer
     if name == "generate":
-        from jaxgpt.engine import generate
+        from jaxgpt.decode.engine import generate
         return generate
     if name in ("load", "LoadedModel"):
-        from jaxgpt import api
-        return getattr(api, name)
+        from jaxgpt.formats import load
+        return getattr(load, name)
     raise AttributeError(f"module 'jaxgpt' has no attribute {name!r}")

@@ -42,7 +42,7 @@ def random_adapter(base_dir, out, rank, targets, seed):
     from flax import nnx
 
     import jaxgpt
-    from jaxgpt.model.gpt import lora
+    from jaxgpt.model import lora
     lm = jaxgpt.load(base_dir)
     lora.apply_lora(lm.model, rank, 2.0 * rank, targets, seed=seed)
     rng = np.random.RandomState(seed)

@@ -259,7 +259,7 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
     """Rows of one batch with different LoRA adapters (and the base) each decode what their merged
     model decodes alone; logprobs are the model's log-softmax at each position, the alternatives
     its most likely tokens."""
-    from jaxgpt.model.gpt import lora
+    from jaxgpt.model import lora
     from jaxgpt.decode.engine import generate
     hf, lm = tiny
     base_dir = lm.meta["source"]

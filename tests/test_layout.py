@@ -70,10 +70,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read_right():
     """The walker sees top-level, function-level and `from jaxgpt import x` imports."""
-    assert "jaxgpt.engine" in GRAPH["jaxgpt.api"]  # from jaxgpt.engine import generate
-    assert "jaxgpt.checkpoint" in GRAPH["jaxgpt.api"]  # from jaxgpt import checkpoint, ...
-    assert "jaxgpt.api" in GRAPH["jaxgpt.cli.sample"]  # inside a function
-    assert not any(m.startswith("jaxgpt.cli") for m in GRAPH["jaxgpt.sample"])  # runpy: a string
+    assert "jaxgpt.decode.engine" in GRAPH["jaxgpt.formats.load"]  # from jaxgpt.decode.engine import generate
+    assert "jaxgpt.formats.checkpoint" in GRAPH["jaxgpt.formats.load"]  # from jaxgpt.formats import checkpoint
+    assert "jaxgpt.formats.load" in GRAPH["jaxgpt.cli.sample"]  # inside a function
+    assert "jaxgpt.cli.sample" in GRAPH["jaxgpt.sample"]  # under `if __name__ == "__main__"`
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -83,20 +83,31 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# `python -m jaxgpt.<name>`: a module that only runs its command (docstring + main guard)
+ENTRY = {m for m, p in MODULES.items() if m.count(".") == 1 and f"jaxgpt.cli.{m.split('.')[1]}" in MODULES
+         and p.name != "__init__.py"}
+
+
 def test_nothing_outside_cli_imports_cli():
     for m, deps in sorted(GRAPH.items()):
-        if m == "jaxgpt.cli" or m.startswith("jaxgpt.cli."):
+        if m == "jaxgpt.cli" or m.startswith("jaxgpt.cli.") or m in ENTRY:
             continue
         bad = sorted(d for d in deps if d == "jaxgpt.cli" or d.startswith("jaxgpt.cli."))
         assert not bad, f"{m} imports {bad}: only jaxgpt.cli may (library modules run their CLI via runpy)"
 
 
-def test_shims_run_their_cli_without_importing_it():
-    """`python -m jaxgpt.<x>` still works for each moved CLI: its module ends in a runpy shim."""
-    for name in ("sample", "chat", "eval", "convert", "quantize"):
-        src = MODULES[f"jaxgpt.{name}"].read_text(encoding="utf-8")
-        assert f'runpy.run_module("jaxgpt.cli.{name}", run_name="__main__")' in src, name
-        assert f"jaxgpt.cli.{name}" in MODULES and "def main" not in src, name
+def test_entry_modules_only_run_their_command():
+    """`python -m jaxgpt.<x>` works for every command: jaxgpt/<x>.py is a docstring and a main
+    guard calling jaxgpt.cli.<x>.main, nothing else, and nothing imports it."""
+    assert {"jaxgpt.train", "jaxgpt.sample", "jaxgpt.chat", "jaxgpt.eval", "jaxgpt.convert",
+            "jaxgpt.quantize", "jaxgpt.prepare", "jaxgpt.sft"} <= ENTRY
+    for m in ENTRY:
+        tree = ast.parse(MODULES[m].read_text(encoding="utf-8"))
+        body = tree.body[1:] if ast.get_docstring(tree) else tree.body
+        assert len(body) == 1 and isinstance(body[0], ast.If), m
+        assert "__main__" in ast.unparse(body[0].test), m
+        assert GRAPH[m] == {f"jaxgpt.cli.{m.split('.')[1]}"}, m
+        assert not any(m in deps for deps in GRAPH.values()), m
 
 
 def test_every_module_has_a_docstring():

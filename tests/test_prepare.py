@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt.data.textfile import prepare as prep
+from jaxgpt.data import prepare as prep
 from jaxgpt.config import ConfigError
 from jaxgpt.data.shards import MANIFEST, STATE, ShardDataset, read_header, read_shard, write_shard
 from jaxgpt.tokenizers.tokenizer import get_tokenizer, tokenizer_from_dict

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt.model.gpt import lora  # noqa: E402
+from jaxgpt.model import lora  # noqa: E402
 from jaxgpt.training import sft
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
@@ -319,7 +319,7 @@ def sft_losses(out) -> dict:
 
 def final_arrays(out) -> list[np.ndarray]:
     """The fine-tuned weights (full) or adapter arrays (LoRA) a run left in `out`."""
-    from jaxgpt.model.gpt import lora as lora_mod
+    from jaxgpt.model import lora as lora_mod
     if lora_mod.is_adapter(out):
         import orbax.checkpoint as ocp
         with ocp.StandardCheckpointer() as c:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.model.gpt import lora
+from jaxgpt.model import lora
 from jaxgpt.config import ConfigError
 from jaxgpt.model.gpt import RowLinear, init_cache
 from jaxgpt.model.quant import LINEARS, dequantize_rows, quantize_rows

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.model.gpt import lora
+from jaxgpt.model import lora
 from jaxgpt.config import ConfigError
 from jaxgpt.decode.engine import bucket
 

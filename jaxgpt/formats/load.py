@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxgpt.formats import checkpoint
 from jaxgpt.formats import convert
-from jaxgpt.model.gpt import lora
+from jaxgpt.model import lora
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.decode.engine import generate
 from jaxgpt.model.gpt import GPT

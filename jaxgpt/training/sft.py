@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxgpt import parallel
 from jaxgpt.formats import checkpoint
-from jaxgpt.model.gpt import lora
+from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.data.textfile import atomic_write
