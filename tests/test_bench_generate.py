@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 

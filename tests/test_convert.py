@@ -391,6 +391,7 @@ def assert_clean_failure(rc, out, err, *needles):
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_cli_both_directions(tiny, tmp_path):
     model, st, _ = tiny
     rc, _, err = run("jaxgpt.convert", str(st), str(tmp_path / "jx"))
@@ -447,6 +448,7 @@ def _broken_folders(tiny, root):
     return cases
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

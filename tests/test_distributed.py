@@ -13,6 +13,8 @@ import pytest
 
 from conftest import REPO, TINY, run_cli
 
+pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+
 ARGS = [*TINY, "--max-iters", "50", "--eval-interval", "25", "--ckpt-interval", "25",
         "--log-interval", "5"]
 

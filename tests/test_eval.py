@@ -78,6 +78,7 @@ def test_one_compile_for_any_length(tiny):
     assert ev._token_scores._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_cli(tiny, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 6)

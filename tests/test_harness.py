@@ -33,6 +33,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from conftest import REPO, random_adapter, xla_compiles  # noqa: E402
 
+pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+
 torch.set_num_threads(2)
 CTX = 64
 TASKS = ["jaxgpt_hellaswag", "jaxgpt_shakespeare", "jaxgpt_shakespeare_next"]

@@ -169,6 +169,7 @@ def run_cli(*args):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_json_and_limit(tiny):
     model, folder, data = tiny
     p = run_cli(folder, "--task", "hellaswag", "--data", data, "--limit", "4", "--json")
@@ -217,6 +218,7 @@ def bad_files(tmp_path):
     return cases
 
 
+@pytest.mark.slow
 def test_bad_inputs(tiny, tmp_path, capsys):
     _, folder, data = tiny
     cases = bad_files(tmp_path)

@@ -171,6 +171,7 @@ def losses(out) -> dict:
     return {(r["step"], k): r[k] for r in rows for k in ("train_loss", "val_loss") if k in r}
 
 
+@pytest.mark.slow
 def test_llama_trains_fsdp_equals_one_device_and_remat(corpus, tmp_path):
     args = ["--data", corpus, "--preset", "baby-llama", *TINY, "--max-iters", "20",
             "--eval-interval", "10", "--log-interval", "5"]

@@ -156,6 +156,7 @@ def test_char_tokenizer(tmp_path):
     assert tokenizer_from_dict(ds.tokenizer).decode(want[1:13]) == "hello world\n"
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_gives_identical_shards(corpus, reference, tmp_path):
     """SIGKILL right after the second shard is recorded, then run again: same bytes."""
     srcs, _ = corpus
@@ -418,6 +419,7 @@ def test_out_with_a_different_preparation_is_refused(tmp_path):
         prep.prepare([tmp_path / "a.txt"], tmp_path / "bins")
 
 
+@pytest.mark.slow
 def test_cli_hf_offline_and_missing_source_exit_2(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
@@ -445,6 +447,7 @@ def test_corpus_only_fits_validation_is_refused(tmp_path):
 
 
 # ---- pretraining on shards, end to end ----------------------------------------------------------
+@pytest.mark.slow
 def test_prepare_then_train_on_the_shards(tmp_path):
     """A multi-file jsonl corpus -> jaxgpt.prepare -> jaxgpt.train --data DIR (GPT-2 BPE from the
     manifest, windows without replacement, val on the val shard's prefix) -> it learns; a model

@@ -185,6 +185,7 @@ def _one_line_error(r, match):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_quantize_sample_eval_and_refusals(hf_dir, tmp_path):
     q = tmp_path / "q"
     r = run_cli("jaxgpt.quantize", hf_dir, q)

@@ -192,6 +192,7 @@ def test_generate_past_the_context_slides_a_window(tiny):
     assert out[0, -1] == lm.logits(out[:, -65:-1])[0, -1].argmax()
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(tiny):
     lm = jaxgpt.load(tiny[1])
     prompt = np.zeros((4, 3), np.int32)
@@ -277,6 +278,7 @@ def test_cli_truncates_long_prompt_with_warning(tiny, capsys):
     assert len(json.loads(cap.out)["samples"][0]["tokens"]) == 66
 
 
+@pytest.mark.slow
 def test_cli_bad_settings_exit_2(tiny, tmp_path):
     """Each bad setting: exit 2, one line on stderr, nothing on stdout (real subprocesses)."""
     bad = [["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "0"], ["--temperature", "-1"],

@@ -36,6 +36,8 @@ from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
 from conftest import REPO, random_adapter, run_cli, xla_compiles  # noqa: E402
 
+pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+
 torch.set_num_threads(2)
 CTX = 64
 EOT = 50256

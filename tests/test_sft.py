@@ -169,6 +169,7 @@ def test_lora_training_freezes_base_and_merges_exactly(records):
 
 
 # ---- CLIs --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_cli_full_then_chat(hf_dir, tmp_path):
     """A short full SFT on the reference data lowers masked val loss and raises the fraction of
     test answers that end with <|endoftext|>; chat then answers with the saved template."""
@@ -218,6 +219,7 @@ def test_sft_cli_full_then_chat(hf_dir, tmp_path):
     assert a == b  # /reset: the second turn saw no history
 
 
+@pytest.mark.slow
 def test_sft_cli_lora_adapter_and_merge(hf_dir, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(json.loads(DATA.read_text())[:120]))
@@ -258,6 +260,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,flags,message", BAD, ids=[m for _, _, m in BAD])
 def test_sft_bad_input(hf_dir, tmp_path, content, flags, message):
     data = tmp_path / "d.json"
@@ -277,6 +280,7 @@ def test_rouge_and_normalize():
 
 
 # ---- SFT on the one trainer: accumulation, devices, exact resume -------------------------------
+@pytest.mark.slow
 def test_accumulation_is_the_token_weighted_mean_of_the_whole_batch():
     """make_step with 2 micro-batches of unequal token counts == 1 batch of both (the gradient of
     sum / count over the global batch), and != the mean of the two micro-batch means."""
@@ -346,6 +350,7 @@ def sft_reference(hf_dir, sft_data, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,sig", [("full", signal.SIGTERM), ("full", signal.SIGKILL),
                                       ("lora", signal.SIGTERM), ("lora", signal.SIGKILL)])
 def test_sft_interrupted_then_resumed_equals_uninterrupted(hf_dir, sft_data, sft_reference, tmp_path,
@@ -376,6 +381,7 @@ def test_sft_interrupted_then_resumed_equals_uninterrupted(hf_dir, sft_data, sft
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 def test_sft_one_device_equals_four_and_fsdp(hf_dir, sft_data, sft_reference, tmp_path):
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     want = sft_losses(sft_reference["full"])
@@ -393,6 +399,7 @@ def test_sft_one_device_equals_four_and_fsdp(hf_dir, sft_data, sft_reference, tm
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_sft_grad_accum_equals_the_whole_batch(hf_dir, sft_data, sft_reference, tmp_path):
     r = run_cli("jaxgpt.sft", hf_dir, "--data", sft_data, "--out", tmp_path / "acc", *SFT_RUN,
                 "--grad-accum", "2")
@@ -402,6 +409,7 @@ def test_sft_grad_accum_equals_the_whole_batch(hf_dir, sft_data, sft_reference, 
     assert max(abs(got[k] - want[k]) for k in want) <= 1e-5
 
 
+@pytest.mark.slow
 def test_sft_bad_resumes(hf_dir, sft_data, sft_reference, tmp_path, corpus):
     ref = sft_reference["full"]
     def bad(*args, msg, env=None):

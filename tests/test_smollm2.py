@@ -22,6 +22,8 @@ from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+
 PROMPTS = ["Hello, my name is", "def fib(n):\n    return", "The quick brown fox jumps over the lazy dog. " * 3,
            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "1 2 3 4 5 6 7 8 9 10 11 12"]
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],

@@ -113,6 +113,7 @@ def _start_and_interrupt(corpus, out, sig) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_resumes_with_identical_losses(corpus, tmp_path, reference_run, sig):
     out = tmp_path / "run"
@@ -132,6 +133,7 @@ def test_interrupted_run_resumes_with_identical_losses(corpus, tmp_path, referen
 
 
 # ---- data parallel: 1 device == 4 devices -------------------------------------------------------
+@pytest.mark.slow
 def test_one_device_equals_four_devices(corpus, tmp_path):
     args = ["--data", corpus, *TINY, "--max-iters", "30", "--eval-interval", "15",
             "--ckpt-interval", "30", "--log-interval", "5"]
@@ -212,6 +214,7 @@ def test_nan_loss_stops_with_a_message(capsys, corpus, tmp_path):
     assert code == 2 and "loss became nan" in err.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_default_recipe_shortened(tmp_path):
     """`python -m jaxgpt.train` with its defaults (baby model, shipped Tiny Shakespeare), cut to
     150 of its 2000 steps: it learns, ends with a sample, and writes its outputs."""
@@ -225,6 +228,7 @@ def test_default_recipe_shortened(tmp_path):
     assert json.loads((out / "config.json").read_text())["model_config"]["n_layer"] == 4
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     import dataclasses
     p = run_cli("jaxgpt.train", "--help")
@@ -293,6 +297,7 @@ def test_chunked_head_loss_matches_full_logits():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
     """One array file of the newest checkpoint truncated: sample and --resume use the one before
     it, with a warning naming the damaged one, and no traceback (orbax's threads included)."""
