@@ -10,7 +10,6 @@ jaxgpt.cli.chat (`python -m jaxgpt.chat CKPT`).
 
 from __future__ import annotations
 
-import codecs
 import sys
 
 import jax
@@ -18,6 +17,7 @@ import jax
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
 from jaxgpt.decode.engine import Engine, Request, check_sampling
+from jaxgpt.decode.text import TextStream, token_bytes
 
 
 class ChatSession:
@@ -39,6 +39,7 @@ class ChatSession:
         self.turn = 0
         self.settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.engine = Engine(lm.model, slots=1)
+        self.token_bytes = token_bytes(tok)
         self.reset()
 
     def reset(self) -> None:
@@ -66,13 +67,11 @@ class ChatSession:
         ids = self._prompt_ids()
         L, eot = self.lm.config.block_size, self.tok.eot_token
         self.turn += 1
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stream = TextStream(self.token_bytes)
 
         def on_token(t: int) -> None:
-            if t != eot:
-                piece = decoder.decode(self.tok.decode_bytes([t]))
-                if piece:
-                    on_text(piece)
+            if t != eot and (piece := stream.push(t)):
+                on_text(piece)
 
         request = Request(ids, min(self.max_new, L - len(ids)), **self.settings, stop=(eot,),
                           seed=jax.random.fold_in(self.key, self.turn), on_token=on_token)
@@ -82,8 +81,7 @@ class ChatSession:
         finally:
             self.engine.release(slot)  # a no-op once the reply has ended; frees it after Ctrl-C
         out = [t for t in request.tokens if t != eot]
-        tail = decoder.decode(b"", final=True)
-        if tail:
+        if tail := stream.finish():
             on_text(tail)
         answer = self.tok.decode(out)
         self.messages.append({"role": "assistant", "content": answer})

@@ -234,50 +234,43 @@ class JaxGPTLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation: decoded by the slot engine (greedy unless do_sample),
         cut before the first stop string (the end-of-text token's text is one)."""
+        from jaxgpt.decode.batch import run_requests
         from jaxgpt.decode.engine import Engine, Request
+        from jaxgpt.decode.text import TextStream, token_bytes
 
         jobs = [self._generation(ctx, kw, i) for i, (ctx, kw) in enumerate(r.args for r in requests)]
         if self._engine is None:
             self._engine = Engine(self.lm.model, slots=self._rows or MAX_SLOTS, max_len=self.max_length)
         engine = self._engine
         stop_ids = () if self.eot_token_id is None else (self.eot_token_id,)
+        as_bytes = token_bytes(self.tokenizer)
         results: list[str | None] = [None] * len(jobs)
         bar = tqdm(total=len(jobs), desc="jaxgpt generate_until", disable=disable_tqdm, file=sys.stderr)
+        streams = [TextStream(as_bytes, until) for _, _, until, _ in jobs]
+        rows = [Request(prompt, max_gen, stop=stop_ids, **settings) for prompt, max_gen, _, settings in jobs]
+        for req, stream in zip(rows, streams):
+            req.on_token = self._until(engine, req, stream, stop_ids)
 
-        def finish(i, req, until) -> None:
-            toks = req.tokens
-            if toks and toks[-1] in stop_ids:
-                toks = toks[:-1]
-            results[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
+        def done(i, req) -> None:
+            streams[i].finish()
+            results[i] = postprocess_generated_text(streams[i].text, jobs[i][2], None)
             bar.update(1)
 
-        def watch(i, req, until):  # a row ends as soon as its text holds a stop string
-            def on_token(_):
-                if any(s and s in self.tok_decode(req.tokens) for s in until):
-                    engine.release(req.slot, "stop")
-            return on_token
-
-        waiting = list(range(len(jobs)))[::-1]
-        live: dict[int, tuple] = {}
-        while waiting or engine.busy:
-            while waiting and engine.free_slots:
-                i = waiting.pop()
-                prompt, max_gen, until, settings = jobs[i]
-                req = Request(prompt, max_gen, stop=stop_ids, **settings)
-                req.on_token = watch(i, req, until)
-                engine.add(req)
-                live[i] = (req, until)
-            engine.step()
-            for i, (req, until) in list(live.items()):
-                if req.done:
-                    finish(i, req, until)
-                    del live[i]
-        for i, (req, until) in live.items():  # (rows that ended without a step after)
-            finish(i, req, until)
+        run_requests(engine, rows, done)
         bar.close()
         for (ctx, kw), text in zip((r.args for r in requests), results):
             self.cache_hook.add_partial("generate_until", (ctx, kw), text)
         return results
+
+    @staticmethod
+    def _until(engine, req, stream, stop_ids):
+        """A row's on_token: its text through `stream`; the row ends at its first stop string."""
+        def on_token(token: int) -> None:
+            if token not in stop_ids:
+                stream.push(token)
+                if stream.stopped:
+                    engine.release(req.slot, "stop")
+        return on_token
 
     # ---- chat templates (--apply_chat_template) ----------------------------------------------
     def chat_template(self, chat_template: bool | str = False) -> str | None:

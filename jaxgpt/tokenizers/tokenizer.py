@@ -41,6 +41,9 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
     def to_dict(self) -> dict:
         return {"type": "char", "chars": self.chars}
 

@@ -292,25 +292,30 @@ def rouge_l(candidate: str, reference: str) -> float:
     precision, recall = lcs / len(c), lcs / len(r)
     return 2 * precision * recall / (precision + recall)
 
-def generate_answers(model, tok, template: str, records: list, max_new: int, progress=None) -> list[dict]:
-    """Greedy answers for each record's prompt: [{"text", "ended"}] (ended: eot within budget)."""
-    from jaxgpt.decode.sample import generate
+def generate_answers(model, tok, template: str, records: list, max_new: int, progress=None,
+                     slots: int = 8) -> list[dict]:
+    """Greedy answers for each record's prompt, decoded by the one Engine `slots` rows at a time:
+    [{"text", "ended"}] (ended: the end-of-text token came within the budget)."""
+    from jaxgpt.decode.batch import run_requests
+    from jaxgpt.decode.engine import Engine, Request
 
-    L = model.config.block_size
-    out = []
+    L, eot = model.config.block_size, tok.eot_token
+    requests = []
     for rec in records:
         msgs = templates.to_messages(rec, "record")[:-1]
         ids = prompt_ids(tok, template, msgs)[-max(L - max_new, 1):]  # room for the answer
-        new = min(max_new, L - len(ids))
-        row = np.asarray(generate(model, np.asarray([ids], np.int32), new, temperature=0.0,
-                                  eot=tok.eot_token))[0, len(ids):].tolist()
-        ended = tok.eot_token in row
-        if ended:
-            row = row[:row.index(tok.eot_token)]
+        requests.append(Request(ids, min(max_new, L - len(ids)), temperature=0.0, stop=(eot,)))
+    if not requests:
+        return []
+    engine = Engine(model, slots=min(slots, len(requests)))
+    run_requests(engine, requests, on_done=(lambda i, r: progress.update(1)) if progress else None)
+    out = []
+    for r in requests:
+        ended = eot in r.tokens
+        row = r.tokens[:r.tokens.index(eot)] if ended else r.tokens
         out.append({"text": tok.decode(row), "ended": ended})
-        if progress is not None:
-            progress.update(1)
     return out
+
 
 def score(answers: list[dict], records: list) -> dict:
     refs = [templates.to_messages(r, "record")[-1]["content"] for r in records]
