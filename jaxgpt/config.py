@@ -177,6 +177,11 @@ class GPTConfig:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return getattr(cls, PRESETS[name])(**kw)
 
+    def for_run(self, run) -> "GPTConfig":
+        """This architecture with a run's compute settings (`run.compute_dtype`, `dropout`,
+        `remat`): the one place a training run's model is configured (pretrain, sft, ...)."""
+        return dataclasses.replace(self, dtype=run.compute_dtype, dropout=run.dropout, remat=run.remat)
+
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,28 +76,26 @@ def test_earliest_starting_stop_string_wins_within_one_piece():
 
 def test_run_requests_equals_each_request_alone():
     """More requests than slots, mixed lengths and settings: every row's tokens == its solo run."""
-    import jax
     from jaxgpt.config import GPTConfig
     from jaxgpt.decode.batch import run_requests
     from jaxgpt.decode.engine import Engine, Request
     from jaxgpt.model.gpt import GPT
     from flax import nnx
 
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=97),
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=97),
                 rngs=nnx.Rngs(0))
-    rng = np.random.RandomState(0)
 
     def make():
         r = np.random.RandomState(1)
-        return [Request(r.randint(0, 97, r.randint(1, 20)).tolist(), int(r.randint(0, 12)),
-                        temperature=float(r.choice([0.0, 0.8])), top_k=int(r.choice([0, 5])) or None,
-                        seed=i, stop=(3,)) for i in range(7)]
-    solo = make()
+        return [Request(r.randint(0, 97, r.randint(1, 12)).tolist(), [5, 0, 8, 3, 6][i],
+                        temperature=[0.0, 0.8][i % 2], top_k=[None, 5][i % 2], seed=i, stop=(3,))
+                for i in range(5)]
+    solo, one = make(), Engine(model, slots=1)
     for r in solo:
-        run_requests(Engine(model, slots=1), [r])
+        run_requests(one, [r])
     done = []
-    batched = run_requests(Engine(model, slots=3), make(), on_done=lambda i, r: done.append(i))
-    assert sorted(done) == list(range(7))
+    batched = run_requests(Engine(model, slots=2), make(), on_done=lambda i, r: done.append(i))
+    assert sorted(done) == list(range(5))
+    assert [r.finish_reason for r in batched][1] == "length" and batched[1].tokens == []
     for a, b in zip(solo, batched):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
-    del rng, jax

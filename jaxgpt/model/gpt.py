@@ -472,6 +472,14 @@ class GPT(nnx.Module):
         return self.wte.attend(x).astype(jnp.float32)  # [N, V] (or int8 table rows, Int8Embed)
 
 
+def rebuilt(model: GPT, config: GPTConfig) -> GPT:
+    """The same weights in modules built for `config` (same shapes; another compute dtype,
+    dropout or remat): nothing is copied or initialised."""
+    if config == model.config:
+        return model
+    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(config))), nnx.state(model))
+
+
 def param_bytes(model_or_state) -> int:
     """Bytes of all parameters (int8 weights count 1 byte each, float32 4); works on abstract shapes."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state

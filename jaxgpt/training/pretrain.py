@@ -62,8 +62,7 @@ def _init_from(cfg: TrainConfig):
         # own BPE (GGUF, tokenizer.json) tokenizes --data as it is, whatever --tokenizer says
         raise ConfigError(f"{cfg.init_from} uses the {lm.tokenizer.name} tokenizer; "
                           f"pass --tokenizer {lm.tokenizer.name}")
-    model_cfg = dataclasses.replace(base, block_size=block, dropout=cfg.dropout, dtype=cfg.compute_dtype,
-                                    remat=cfg.remat)
+    model_cfg = dataclasses.replace(base.for_run(cfg), block_size=block)
     params = nnx.state(lm.model, nnx.Param)
     if "wpe" in params:  # learned positions (rotary ones need no cropping)
         params["wpe"]["embedding"] = nnx.Param(params["wpe"]["embedding"][...][:block])

@@ -336,12 +336,9 @@ def load_base(cfg: SFTConfig):
         raise ConfigError("name the base model: python -m jaxgpt.sft CKPT --data FILE --out DIR")
     lm = load(cfg.ckpt)
     check_tokenizer(lm.tokenizer)
-    if lm.config.dtype != cfg.compute_dtype or lm.config.dropout != cfg.dropout or lm.config.remat != cfg.remat:
-        # same weights, modules rebuilt with the run's compute dtype / dropout / remat
-        from jaxgpt.model.gpt import GPT
+    from jaxgpt.model.gpt import rebuilt
 
-        new_cfg = dataclasses.replace(lm.config, dtype=cfg.compute_dtype, dropout=cfg.dropout, remat=cfg.remat)
-        lm.model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPT(new_cfg))), nnx.state(lm.model))
+    lm.model = rebuilt(lm.model, lm.config.for_run(cfg))  # the run's compute dtype / dropout / remat
     return lm
 
 
