@@ -420,17 +420,17 @@ def test_full_queue_answers_429_with_retry_after(srv):
     sched.max_queue = 1
     sched.pause()
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(9) as pool:
             futs = [pool.submit(httpx.post, srv.url + C, json={"prompt": f"q{i}", "max_tokens": 2}, timeout=60)
-                    for i in range(8)]  # the 8 slots' worth may wait (the thread is paused)
-            wait_for(lambda: metric(srv.url, "requests_waiting") == 8, what="8 waiting")
+                    for i in range(9)]  # the 8 slots' worth + 1 waiting (the thread is paused)
+            wait_for(lambda: metric(srv.url, "requests_waiting") == 9, what="9 waiting")
             r = httpx.post(srv.url + C, json={"prompt": "one too many", "max_tokens": 2}, timeout=30)
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
             with pytest.raises(openai.RateLimitError):
                 srv.client.completions.create(model="hf", prompt="x", max_tokens=1)
             sched.resume()
-            assert [f.result().status_code for f in futs] == [200] * 8
+            assert [f.result().status_code for f in futs] == [200] * 9
     finally:
         sched.max_queue = old
         sched.resume()
@@ -484,7 +484,7 @@ def test_int8_base(srv):
 
     service = build_service(str(srv.root / "hf"), int8=True, max_batch=2, warmup=False, log=lambda s: None)
     try:
-        client = TestClient(create_app(service))
+        client = TestClient(create_app(service), base_url="http://localhost")  # (an allowed Host)
         r = client.post(C, json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0})
         assert r.status_code == 200
         assert r.json()["choices"][0]["text"] == greedy(srv.lm.quantize(), PROMPT, 10)

@@ -4,12 +4,15 @@ page (jaxgpt.serve: FastAPI + uvicorn, continuous batching over one decode engin
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from pathlib import Path
 
 from jaxgpt.tokenizers import templates
 from jaxgpt.cli import run
 from jaxgpt.config import ConfigError
+from jaxgpt.serve.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions of each slot's KV cache, prompt + reply (default: the model's "
                         "context, at most 2048); smaller is less memory and faster steps")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a slot; more are answered 429 with Retry-After "
+                   help="requests that may wait for a slot beside those running (2 slots and "
+                        "--max-queue 2 take 4 at once); more are answered 429 with Retry-After "
                         "(default: %(default)s)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -44,7 +48,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"chat template for /v1/chat/completions, one of {', '.join(templates.TEMPLATES)} "
                         "(default: the one saved with the model, else alpaca)")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: CKPT's folder name)")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOSTS",
+                   help="also answer requests whose Host / Origin names one of these (comma-separated; "
+                        "'.example.com': that domain and its subdomains; '*': any host). By default only "
+                        "localhost, IP addresses and --host are (DNS-rebinding protection); others get 403")
+    lim = p.add_argument_group("per-request limits (over one: a 400 naming the field)")
+    d = Limits()
+    lim.add_argument("--max-choices", type=int, default=d.max_choices,
+                     help="choices per request: prompts x n (default: %(default)s)")
+    lim.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                     help="prompt tokens per request, summed over its prompts (default: %(default)s)")
+    lim.add_argument("--max-stops", type=int, default=d.max_stops,
+                     help="stop strings per request (default: %(default)s, as OpenAI)")
+    lim.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars,
+                     help="characters of one stop string (default: %(default)s)")
+    lim.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                     help="largest 'logprobs' / 'top_logprobs', 0..20 (default: %(default)s)")
+    lim.add_argument("--template-timeout", type=float, default=d.template_seconds,
+                     help="seconds one render of the model's own Jinja chat template may take; past it "
+                          "(or past --template-max-chars of output) the request is a 400 (default: %(default)s)")
+    lim.add_argument("--template-max-chars", type=int, default=d.template_chars,
+                     help="characters a render of the model's own chat template may write (default: %(default)s)")
     return p
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (before the model loads and warms up): ConfigError if
+    it is taken or cannot be bound. uvicorn serves on this socket."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "it is already in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why} (another server? pick --port)") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -66,6 +110,9 @@ def _main(argv) -> int:
     if args.template is not None:
         templates.check_template(args.template)
     adapters = parse_adapters(args.adapter)
+    limits = Limits(args.max_choices, args.max_prompt_tokens, args.max_stops, args.max_stop_chars,
+                    args.max_logprobs, args.template_timeout, args.template_max_chars)
+    allowed = [h.strip() for spec in args.allowed_hosts for h in spec.split(",") if h.strip()]
     from jaxgpt import runtime
 
     runtime.enable_compilation_cache()  # a second start skips compiling the warm-up's programs
@@ -79,16 +126,23 @@ def _main(argv) -> int:
             raise ConfigError(f"--api-key-file {args.api_key_file} is empty")
     import uvicorn
 
-    from jaxgpt.serve.app import build_service, create_app
+    from jaxgpt.serve.app import build_service, check_limits, create_app
 
-    service = build_service(args.ckpt, adapters, int8=args.int8, max_batch=args.max_batch,
-                            max_queue=args.max_queue, template=args.template, api_key=api_key,
-                            name=args.name, max_len=args.max_len)
+    check_limits(limits)
+    sock = bind_port(args.host, args.port)  # a busy port is an error now, not after the warm-up
+    try:
+        service = build_service(args.ckpt, adapters, int8=args.int8, max_batch=args.max_batch,
+                                max_queue=args.max_queue, template=args.template, api_key=api_key,
+                                name=args.name, max_len=args.max_len, limits=limits)
+    except BaseException:
+        sock.close()
+        raise
     url = f"http://{args.host}:{args.port}"
     print(f"serving {', '.join(service.ctx.models)} at {url}/v1 (chat page: {url}/)",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    app = create_app(service, allowed_hosts=[args.host, *allowed])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
     return 0
 
 

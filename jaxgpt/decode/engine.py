@@ -60,7 +60,8 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < p
+    first = jnp.arange(logits.shape[-1]) == 0  # (p below float32's smallest: still the top one)
+    keep_sorted = (mass_before < p) | first
     # the smallest kept logit is the threshold; everything below it goes
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits < threshold, NEG_INF, logits)
@@ -111,7 +112,7 @@ def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     lse = jax.nn.logsumexp(jnp.where(logits < kth, NEG_INF, logits), axis=-1, keepdims=True)
     top = jnp.where(top < kth, NEG_INF, top)
     probs = jnp.exp(top - lse)  # the top-k-filtered row's probabilities, of its K largest
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (jnp.arange(K) == 0)  # the top one always
     threshold = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.where(top_p[:, None] < 1.0, threshold, NEG_INF)
     fits = (top_k <= K) & ((top_p >= 1.0) | ~keep[:, -1] | (top[:, -1] == NEG_INF))
@@ -170,6 +171,7 @@ def _filter_rows_bisect(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     logits = jnp.where(key < kth, NEG_INF, logits)  # top-k filtered
     probs = blocks(jax.nn.softmax(logits, axis=-1))[:, None]  # [B, 1, V / bs, bs]
     threshold = _smallest_key(lambda t: above(t, probs) < top_p[:, None], B)
+    threshold = jnp.minimum(threshold, jnp.max(key, axis=-1, keepdims=True))  # the top one always
     threshold = jnp.where(top_p[:, None] < 1.0, threshold, 0)
     return jnp.where(key < threshold, NEG_INF, logits)
 
@@ -482,6 +484,9 @@ class Request:
     likely alternatives, appended to `token_logprobs` as (logprob, [(id, logprob)] * k) before
     `on_token` is called (see token_logprobs). `adapter` picks the engine's LoRA adapter for
     this row (0: the base model; k: the engine's adapters[k - 1]).
+
+    A failure that is this request's own (its prefill, its `on_token` callback) ends it alone:
+    finish_reason "error", the exception in `error`; the other rows go on.
     """
 
     prompt: Sequence[int]
@@ -498,6 +503,7 @@ class Request:
     token_logprobs: list = field(default_factory=list)
     slot: int | None = None
     finish_reason: str | None = None
+    error: BaseException | None = None  # what ended it, with finish_reason "error"
 
     @property
     def done(self) -> bool:
@@ -661,7 +667,7 @@ class Engine:
         if not free:
             raise RuntimeError(f"all {self.slots} slots are busy; release one or wait for step()")
         slot = free[0]
-        r.slot, r.tokens, r.token_logprobs, r.finish_reason = slot, [], [], None
+        r.slot, r.tokens, r.token_logprobs, r.finish_reason, r.error = slot, [], [], None, None
         if r.max_new_tokens == 0:
             r.finish_reason = "length"
             return slot
@@ -669,18 +675,30 @@ class Engine:
         if not 0 < n < self.max_len:
             raise ConfigError(f"the prompt has {n} tokens; it must have 1 to {self.max_len - 1} "
                               f"(the engine's cache holds {self.max_len} positions)")
+        settings = self._row_settings(r)  # (checked before the slot is taken)
         self.requests[slot] = r
         self._pending.append(slot)
-        key = r.seed if isinstance(r.seed, jax.Array) else jax.random.key(int(r.seed))
-        if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
-        self._key_data[slot] = np.asarray(jax.random.key_data(key))
-        self._temperature[slot] = r.temperature
-        self._top_k[slot] = r.top_k or 0
-        self._top_p[slot] = 1.0 if r.top_p is None else r.top_p
+        (self._key_data[slot], self._temperature[slot], self._top_k[slot], self._top_p[slot],
+         self._adapter[slot]) = settings
         self._want_lp[slot] = r.logprobs is not None
-        self._adapter[slot] = r.adapter
         return slot
+
+    def _row_settings(self, r: Request) -> tuple:
+        """A request's row of the settings arrays, as their dtypes hold it; ConfigError for a
+        value they cannot hold (a top_k past int32, a temperature past float32)."""
+        try:
+            key = r.seed if isinstance(r.seed, jax.Array) else jax.random.key(int(r.seed))
+            if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+                key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+            with np.errstate(over="raise"):
+                out = (np.asarray(jax.random.key_data(key)), np.float32(r.temperature),
+                       np.int32(r.top_k or 0), np.float32(1.0 if r.top_p is None else r.top_p),
+                       np.int32(r.adapter))
+        except (OverflowError, FloatingPointError, TypeError, ValueError) as e:
+            raise ConfigError(f"a request setting is out of the engine's range: {e}") from None
+        if not np.isfinite(out[1]):
+            raise ConfigError(f"temperature {r.temperature} is out of the engine's float32 range")
+        return out
 
     def release(self, slot: int, reason: str = "released") -> None:
         """Free `slot` now (its request, if any, ends with finish_reason `reason`)."""
@@ -699,6 +717,20 @@ class Engine:
     def _settings(self, rows):
         return (self._key_data[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows],
                 self._want_lp[rows], self._adapter[rows])
+
+    def _fail(self, slot: int, e: BaseException) -> None:
+        """End the request in `slot` alone: finish_reason "error", `e` kept in its `error`."""
+        r = self.requests[slot]
+        if r is not None:
+            r.error = e
+            self.release(slot, "error")
+
+    def _emit_row(self, slot: int, token: int, events: list, lp=None, i: int = 0) -> None:
+        """_emit, a failure of this row (its callback, its logprobs) ending this row alone."""
+        try:
+            self._emit(slot, token, events, lp, i)
+        except Exception as e:
+            self._fail(slot, e)
 
     def _emit(self, slot: int, token: int, events: list, lp=None, i: int = 0) -> None:
         r = self.requests[slot]
@@ -749,11 +781,7 @@ class Engine:
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
         if self._pending:
             slots, self._pending = self._pending, []
-            tok, lp = self._prefill(slots)
-            tok, lp = np.asarray(tok), _host(lp, self._want_lp[slots])
-            for i, s in enumerate(slots):
-                if self.requests[s] is not None:
-                    self._emit(s, int(tok[i]), events, lp, i)
+            self._prefill_rows(slots, events)
         if running:
             active = np.zeros(self.slots, bool)
             active[running] = True
@@ -762,8 +790,29 @@ class Engine:
             tok, lp = np.asarray(tok), _host(lp, self._want_lp)
             for s in running:
                 if self.requests[s] is not None:  # (an on_token callback may have released it)
-                    self._emit(s, int(tok[s]), events, lp, s)
+                    self._emit_row(s, int(tok[s]), events, lp, s)
         return events
+
+    def _prefill_rows(self, slots: list[int], events: list) -> None:
+        """Prefill `slots` together and emit their first tokens. If that fails, each is tried
+        alone (one compiled shape: groups of 1 are warmed up), so the request whose prefill
+        fails ends with its error and the others start as usual. (Cache untouched on failure:
+        _engine_prefill runs before the insertion.)"""
+        try:
+            tok, lp = self._prefill(slots)
+            tok, lp = np.asarray(tok), _host(lp, self._want_lp[slots])
+        except Exception as e:
+            if self.cache["index"].is_deleted():  # (failed inside the insertion: not one row's)
+                raise
+            if len(slots) == 1:
+                self._fail(slots[0], e)
+            else:
+                for s in slots:
+                    self._prefill_rows([s], events)
+            return
+        for i, s in enumerate(slots):
+            if self.requests[s] is not None:
+                self._emit_row(s, int(tok[i]), events, lp, i)
 
     def run(self) -> None:
         """Step until every request has finished."""

@@ -10,7 +10,11 @@ chat page, jaxgpt/serve/static/index.html), and vLLM's tokenizer routes POST /to
 for; like vLLM's, they need no API key). Every client mistake is a 4xx answer with
 OpenAI's error JSON (schemas.APIError); an unexpected failure is a 500 with the same shape and
 no traceback. The handlers validate, submit to the scheduler and relay its output; the model
-runs in the scheduler's thread, never on the event loop.
+runs in the scheduler's thread, never on the event loop, and neither does parsing: bodies are
+decoded, checked, templated and tokenized in a small pool of worker threads (a model's own
+chat template within its time and size bounds, schemas.Limits). Every request passes the
+Host / Origin allow-list first (hosts.py). GET /openapi.json describes the two generation
+routes' bodies (openapi.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import secrets
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -35,12 +40,15 @@ from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
 from jaxgpt.decode.engine import Engine, Request as EngineRequest
 from jaxgpt.evaluate.scoring import adds_bos
+from jaxgpt.serve.hosts import HostAllowList, HostFilter
 from jaxgpt.serve.metrics import Metrics
+from jaxgpt.serve.openapi import openapi_schema
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
-from jaxgpt.serve.schemas import (APIError, Context, GenRequest, parse_chat, parse_completion,
+from jaxgpt.serve.schemas import (APIError, Context, GenRequest, Limits, parse_chat, parse_completion,
                                   parse_detokenize, parse_json, parse_tokenize)
 
 MAX_BODY = 1 << 20  # bytes of a request body
+PARSE_THREADS = 4  # worker threads that decode, template and tokenize request bodies
 
 
 @dataclass
@@ -70,12 +78,14 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
                   max_queue: int = 64, template: str | None = None, api_key: str | None = None,
                   name: str | None = None, max_len: int | None = None, warmup: bool = True,
                   warmup_prompt: int | None = None, fast_decode: bool | None = None,
+                  limits: Limits | None = None,
                   log=lambda s: print(s, file=sys.stderr, flush=True)) -> Service:
     """Load CKPT (anything jaxgpt.load takes) and the adapters [(NAME, PATH)], build the engine
     with `max_batch` slots of `max_len` positions (default: the model's context, at most
     DEFAULT_MAX_LEN: warm-up compiles every cache capacity up to it), compile every
     shape it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given; the rest
-    compiles on first use), start the scheduler."""
+    compiles on first use), start the scheduler. `limits`: the per-request caps
+    (schemas.Limits; checked here, ConfigError naming the flag)."""
     from flax import nnx
 
     from jaxgpt.formats.load import load_for_inference  # (the heavy imports stay out of `import app`)
@@ -88,6 +98,8 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
         raise ConfigError(f"--max-queue must be >= 0, got {max_queue}")
     if template is not None:
         templates.check_template(template)
+    limits = limits or Limits()
+    check_limits(limits)
     lm = load_for_inference(ckpt)
     base_name = name or _name(ckpt)
     names = {base_name: 0}
@@ -129,11 +141,30 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     models = [{"id": n, "object": "model", "created": created, "owned_by": "jaxgpt",
                "root": base_name, "parent": None if i == 0 else base_name,
                "max_model_len": engine.max_len} for n, i in names.items()]
-    ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot)
+    ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot, limits)
     scorer = nnx.merge(engine.graphdef, engine.state)  # echoed prompts: the engine's weights, shared
     scheduler = Scheduler(engine, tok, max_queue=max_queue, eot=eot, scorer=scorer)
     scheduler.start()
     return Service(ctx, scheduler, models, api_key)
+
+
+LIMIT_FLAGS = {"max_choices": "--max-choices", "max_prompt_tokens": "--max-prompt-tokens",
+               "max_stops": "--max-stops", "max_stop_chars": "--max-stop-chars",
+               "max_logprobs": "--max-logprobs", "template_seconds": "--template-timeout",
+               "template_chars": "--template-max-chars"}
+
+
+def check_limits(limits: Limits) -> None:
+    """ConfigError (named as the flag) for a cap that admits no request."""
+    for name, flag in LIMIT_FLAGS.items():
+        v, lo = getattr(limits, name), 0 if name == "max_logprobs" else 1
+        if name == "template_seconds":
+            if not 0 < v < float("inf"):
+                raise ConfigError(f"{flag} must be > 0 seconds, got {v}")
+        elif not v >= lo:
+            raise ConfigError(f"{flag} must be >= {lo}, got {v}")
+    if limits.max_logprobs > 20:
+        raise ConfigError(f"--max-logprobs must be <= 20 (what the engine computes), got {limits.max_logprobs}")
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -261,16 +292,26 @@ def page_html() -> str:
     return (resources.files("jaxgpt.serve") / "static" / "index.html").read_text(encoding="utf-8")
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app serving `service` (its scheduler is stopped on shutdown)."""
+def create_app(service: Service, allowed_hosts=()) -> FastAPI:
+    """The FastAPI app serving `service` (its scheduler is stopped on shutdown). Requests must
+    name a local host, an IP address or one of `allowed_hosts` (hosts.py; "*": any)."""
+    pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="jaxgpt-parse")
+
     @asynccontextmanager
     async def lifespan(app):
         yield
         service.scheduler.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(HostFilter, allowed=HostAllowList(allowed_hosts))
     page = page_html()
     metrics = service.metrics
+
+    async def off_loop(fn, *args):
+        """fn(*args) in a parse worker thread (JSON decoding, chat templates, tokenization:
+        work that grows with the body must not stall the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -324,11 +365,16 @@ def create_app(service: Service) -> FastAPI:
             data += part
             if len(data) > limit:
                 raise too_big
-        return parse_json(bytes(data))
+        return bytes(data)
+
+    async def parsed(request: Request, parse):
+        """parse(the body as JSON, the context), off the event loop."""
+        raw = await read_body(request)
+        return await off_loop(lambda: parse(parse_json(raw), service.ctx))
 
     async def generate(request: Request, parse) -> Response:
         check_key(request)
-        req = parse(await read_body(request), service.ctx)
+        req = await parsed(request, parse)
         job = service.scheduler.submit(req, asyncio.get_running_loop())
         if req.stream:
             return StreamingResponse(_stream(service, job), media_type="text/event-stream",
@@ -373,13 +419,13 @@ def create_app(service: Service) -> FastAPI:
     # vLLM's tokenizer routes, as lm_eval's RemoteTokenizer calls them (no API key, as vLLM)
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        ids, _ = parse_tokenize(await read_body(request), service.ctx)
+        ids, _ = await parsed(request, parse_tokenize)
         return {"count": len(ids), "max_model_len": service.ctx.context, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        ids = parse_detokenize(await read_body(request), service.ctx)
-        return {"prompt": service.ctx.tokenizer.decode(ids)}
+        ids = await parsed(request, parse_detokenize)
+        return {"prompt": await off_loop(service.ctx.tokenizer.decode, ids)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -394,6 +440,12 @@ def create_app(service: Service) -> FastAPI:
                 "add_bos_token": adds_bos(tok),
                 "model_max_length": ctx.context, "vocab_size": ctx.vocab_size,
                 "chat_template": getattr(tok, "chat_template", None)}
+
+    schema = openapi_schema(service.ctx, service.max_body)
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return schema
 
     @app.get("/health")
     async def health():

@@ -43,6 +43,7 @@ from jaxgpt.decode.engine import TOP_LOGPROBS, Request
 from jaxgpt.evaluate.scoring import score_continuations
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.schemas import APIError, GenRequest
+from jaxgpt.serve.stops import StopScanner
 
 
 def seed_key(seed: int, index: int = 0) -> jax.Array:
@@ -91,7 +92,7 @@ class Choice:
         self.request = Request(prompt, max_tokens, temperature=r.temperature, top_k=r.top_k,
                                top_p=r.top_p, seed=key, stop=scheduler.stop_ids,
                                on_token=self._on_token, **extra)
-        self.stops = r.stop
+        self.stops = StopScanner(r.stop, r.stop_tables) if r.stop else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # released (sent) text
         self.pending = ""  # text held back: it may be the start of a stop string
@@ -127,22 +128,24 @@ class Choice:
             self._new_infos.append(info)
         if stop:
             return
-        self.pending += self.decoder.decode(data)
-        self._check_stop()
+        new = self.decoder.decode(data)
+        self.pending += new
+        self._check_stop(new)
         if len(self.tokens) == 1 and self.out and self.job.stream:
             s._send_now(self)  # the first token goes out before the step's decode phase runs
 
-    def _check_stop(self) -> None:
-        if self.stops:
-            hits = [i for i in (self.pending.find(st) for st in self.stops) if i >= 0]
-            if hits:
-                self._release(self.pending[:min(hits)])
+    def _check_stop(self, new: str) -> None:
+        """`new` was appended to the held text: end at a stop string, else release all but
+        what may start one (stops.StopScanner: linear in the text, whatever the stops' lengths)."""
+        if self.stops is not None:
+            hit = self.stops.feed(new)
+            if hit is not None:
+                self._release(self.pending[:len(self.pending) - len(new) + hit])
                 self.pending = ""
                 self.finish("stop", flush=False)
                 self.scheduler.engine.release(self.request.slot, "stop")
                 return
-            hold = max((j for st in self.stops for j in range(1, len(st))
-                        if self.pending.endswith(st[:j])), default=0)
+            hold = self.stops.hold
         else:
             hold = 0
         cut = len(self.pending) - hold
@@ -248,6 +251,7 @@ class Scheduler:
         self._parked = False
         self._thread: threading.Thread | None = None
         self._avg_seconds = 1.0  # a running mean of request durations, for Retry-After
+        self._free = engine.slots  # free slots not yet given to a waiting choice (lock held)
         self._bytes_cache: dict[int, bytes] = {}
         self.metrics.set("slots_total", engine.slots)
         self.metrics.set("slots_free", engine.slots)
@@ -273,8 +277,7 @@ class Scheduler:
                 job.choices.append(Choice(job, i, prompt, req.max_tokens_for(p), req.adapter,
                                           seed_key(seed, i), self))
         with self._cond:
-            free = len(self.engine.free_slots)  # (read racily: the thread may be admitting)
-            if len(self._queued_jobs) >= self.max_queue and len(self._waiting) + len(job.choices) > free:
+            if self._jobs_left_waiting(len(job.choices)) > self.max_queue:
                 self.metrics.inc("requests_rejected_total")
                 busy = len(self._waiting) / max(self.engine.slots, 1)
                 raise QueueFull(max(1, math.ceil(self._avg_seconds * max(busy, 1))), len(self._queued_jobs))
@@ -286,6 +289,17 @@ class Scheduler:
             self.metrics.set("requests_waiting", len(self._waiting))
             self._cond.notify()
         return job
+
+    def _jobs_left_waiting(self, new_choices: int) -> int:
+        """(lock held) How many jobs would wait for a slot with a new job of `new_choices`
+        choices queued last: the free slots (`_free`, as of the thread's last admission or step)
+        go to the queued choices in order; a job with a choice past them waits. So `max_queue`
+        counts the requests waiting beside those running: 2 slots and max_queue 2 take 4."""
+        room, waiting = self._free, 0
+        for k in [*self._queued_jobs.values(), new_choices]:
+            room -= k
+            waiting += room < 0
+        return waiting
 
     def cancel(self, job: Job) -> None:
         """Stop a job (its client went away): its rows leave their slots before the next step."""
@@ -354,6 +368,7 @@ class Scheduler:
                     else:
                         del self._queued_jobs[c.job]
                     admit.append(c)
+                self._free = free - len(admit)
                 self.metrics.set("requests_waiting", len(self._waiting))
             for job in to_score:
                 self._score_prompts(job)
@@ -361,19 +376,27 @@ class Scheduler:
                 for c in admit:
                     if c.finish_reason is not None:  # (its job failed before it got a slot)
                         continue
-                    engine.add(c.request)
+                    try:
+                        engine.add(c.request)
+                    except Exception as e:  # this request's own failure: it alone ends
+                        self._fail_job(c.job, e)
+                        continue
                     self._in_engine.add(c)
                     self.metrics.inc("prompt_tokens_total", len(c.prompt))
                     if c.request.done:  # (0 new tokens: cannot happen after validation)
                         c.finish(c.request.finish_reason)
                 if engine.busy:
                     t = time.perf_counter()
-                    engine.step()
+                    engine.step()  # (a row's own failure ends that row: finish_reason "error")
                     self.metrics.observe("engine_step_seconds", time.perf_counter() - t)
                     self.metrics.inc("engine_steps_total")
-            except Exception as e:  # a bug: fail what is running, keep serving
+                    for c in [c for c in self._in_engine if c.request.finish_reason == "error"]:
+                        self._fail_job(c.job, c.request.error)
+            except Exception as e:  # a failure of the whole step: fail what is running, keep serving
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(e)
+            with self._cond:
+                self._free = len(engine.free_slots)
             self._flush()
 
     def _score_prompts(self, job: Job) -> None:
@@ -432,6 +455,25 @@ class Scheduler:
             if c.finish_reason is None:
                 c.finish("cancelled")
         self.metrics.inc("requests_cancelled_total")
+
+    def _fail_job(self, job: Job, e: BaseException | None) -> None:
+        """End a job whose own request failed in the engine (its settings, its prefill, its
+        text): its rows leave their slots, its waiting choices are dropped, it answers a 500
+        (an SSE error event when streamed). The other jobs go on."""
+        print(f"jaxgpt.serve: request {job.id} failed in the engine: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        if job.error is None:
+            job.error = APIError(f"the engine failed on this request: {type(e).__name__}: {e}", None,
+                                 status=500, type="server_error")
+        with self._cond:
+            if self._queued_jobs.pop(job, 0):
+                self._waiting = deque(c for c in self._waiting if c.job is not job)
+        for c in job.choices:
+            r = c.request
+            if r.slot is not None and self.engine.requests[r.slot] is r:
+                self.engine.release(r.slot, "error")
+            if c.finish_reason is None:
+                c.finish("error")
 
     def _fail_all(self, e: Exception) -> None:
         for s, r in enumerate(self.engine.requests):

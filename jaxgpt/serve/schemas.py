@@ -22,10 +22,13 @@ from typing import Any
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
 from jaxgpt.evaluate.scoring import prepend_bos
+from jaxgpt.serve.limits import MAX_STOP, MAX_TOP_LOGPROBS, Limits  # noqa: F401 (re-exported)
+from jaxgpt.serve.stops import prefix_tables
 
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.decode.engine.TOP_LOGPROBS)
 MAX_N = 128
+INT32 = (-2 ** 31, 2 ** 31 - 1)  # what the engine's per-row int settings hold
+FLOAT32_MAX = 3.4028234663852886e38  # a larger float is inf in the engine's float32 settings
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as vLLM): logits / t would overflow
 ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 
 
@@ -55,6 +58,7 @@ class Context:
     tokenizer: Any
     templates: dict[str, str]  # model name -> chat template
     eot: int | None
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -77,20 +81,54 @@ class GenRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    stop_tables: list | None = None  # stops.prefix_tables(stop), made off the event loop
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.prompts) * self.n
 
     def max_tokens_for(self, i: int) -> int:
         return self.max_tokens[i] if isinstance(self.max_tokens, list) else self.max_tokens
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object, or APIError 400."""
+    """The body as a JSON object, or APIError 400: not JSON (NaN / Infinity are not), nested
+    deeper than the parser's recursion allows, or holding a string that is not valid UTF-8
+    text (a lone surrogate, "\\ud800": it could not be written back out)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError("the request body is nested too deeply", None, code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(f"the request body is not valid JSON ({e})", None, code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {_kind(body)}")
+    _check_text(body)
     return body
+
+
+def _check_text(body: dict) -> None:
+    """APIError 400 naming the top-level field of the first string (or key) that UTF-8 cannot
+    encode. Iterative: any depth json.loads returned."""
+    stack = [(k, k, v) for k, v in body.items()]
+    while stack:
+        top, key, v = stack.pop()
+        for s in (key, v):
+            if isinstance(s, str) and not s.isascii():
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    param = top if isinstance(top, str) and top.isascii() else None
+                    raise APIError("the request holds a string that is not valid UTF-8 text (a lone "
+                                   "surrogate such as \\ud800)", param, code="invalid_text") from None
+        if isinstance(v, dict):
+            stack.extend((top, k, x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((top, None, x) for x in v)
 
 
 def _kind(v) -> str:
@@ -106,6 +144,8 @@ def _int(body, name, default, lo=None, hi=None, what=""):
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise APIError(f"'{name}' must be an integer, got {_kind(v)}", name)
+    lo = INT32[0] if lo is None else lo  # (the engine holds int32)
+    hi = INT32[1] if hi is None else min(hi, INT32[1])
     if lo is not None and v < lo:
         raise APIError(f"'{name}' must be >= {lo}{what}, got {v}", name)
     if hi is not None and v > hi:
@@ -119,8 +159,8 @@ def _num(body, name, default):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise APIError(f"'{name}' must be a number, got {_kind(v)}", name)
-    if not math.isfinite(v):
-        raise APIError(f"'{name}' must be a finite number, got {v}", name)
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:  # (float32 in the engine)
+        raise APIError(f"'{name}' must be a finite number, got {v:g}", name)
     return float(v)
 
 
@@ -160,11 +200,16 @@ UNSUPPORTED_COMMON = [
 
 
 def _sampling(body, ctx: Context, req: GenRequest) -> None:
+    lim = ctx.limits
     req.n = _int(body, "n", 1, lo=1, hi=MAX_N)
+    if req.n_choices > lim.max_choices:
+        raise APIError(f"this request asks for {req.n_choices} choices ({len(req.prompts)} prompts x "
+                       f"n {req.n}); this server allows at most {lim.max_choices} per request",
+                       "n", code="too_many_choices")
     t = _num(body, "temperature", 1.0)
     if t < 0:
         raise APIError(f"'temperature' must be >= 0 (0 = greedy), got {t:g}", "temperature")
-    req.temperature = t
+    req.temperature = t if t >= GREEDY_BELOW else 0.0
     p = _num(body, "top_p", None)
     if p is not None and not 0 < p <= 1:
         raise APIError(f"'top_p' must be in (0, 1], got {p:g}", "top_p")
@@ -186,10 +231,13 @@ def _sampling(body, ctx: Context, req: GenRequest) -> None:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise APIError(f"'stop' must be a string or an array of strings, got {_kind(stop)}", "stop")
-    if len(stop) > MAX_STOP:
-        raise APIError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    if len(stop) > lim.max_stops:
+        raise APIError(f"'stop' may hold at most {lim.max_stops} strings, got {len(stop)}", "stop")
     if any(s == "" for s in stop):
         raise APIError("'stop' strings must not be empty", "stop")
+    if any(len(s) > lim.max_stop_chars for s in stop):
+        raise APIError(f"a 'stop' string may have at most {lim.max_stop_chars} characters, got "
+                       f"{max(map(len, stop))}", "stop")
     req.stop = list(dict.fromkeys(stop))
     req.stream = _bool(body, "stream")
     opts = body.get("stream_options")
@@ -259,6 +307,10 @@ def parse_completion(body: dict, ctx: Context) -> GenRequest:
         raise APIError("'prompt' is required", "prompt")
     p = body["prompt"]
     prompts, texts = [], []
+    lim = ctx.limits
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)) and len(p) > lim.max_choices:
+        raise APIError(f"'prompt' holds {len(p)} prompts; this server allows at most "
+                       f"{lim.max_choices} choices per request", "prompt", code="too_many_choices")
     if isinstance(p, str):
         prompts, texts = [_encode(ctx, p, "prompt")], [p]
     elif (ids := _token_list(p, ctx, "prompt")) is not None:
@@ -277,13 +329,26 @@ def parse_completion(body: dict, ctx: Context) -> GenRequest:
                        f"or an array of arrays of token ids; got {_kind(p)}"
                        + (" (empty)" if p == [] else ""), "prompt")
     req = GenRequest("completion", model, adapter, prompts, texts, 16)
+    _prompt_tokens(ctx, req, "prompt")
     _sampling(body, ctx, req)
     lp = body.get("logprobs")
     if lp is not None and lp is not False:
-        req.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+        req.logprobs = _int(body, "logprobs", None, lo=0, hi=_max_logprobs(ctx))
     req.echo = _bool(body, "echo")
     _max_tokens(body, ctx, req, ("max_tokens",), 16)
+    req.stop_tables = prefix_tables(req.stop)
     return req
+
+
+def _max_logprobs(ctx: Context) -> int:
+    return min(MAX_TOP_LOGPROBS, ctx.limits.max_logprobs)
+
+
+def _prompt_tokens(ctx: Context, req: GenRequest, param: str) -> None:
+    n, cap = sum(map(len, req.prompts)), ctx.limits.max_prompt_tokens
+    if n > cap:
+        raise APIError(f"the request's prompts hold {n} tokens; this server allows at most {cap} "
+                       "per request", param, code="too_many_prompt_tokens")
 
 
 def _content(m: dict, i: int) -> str:
@@ -331,7 +396,9 @@ def _chat_prompt(body: dict, ctx: Context):
                        "token ids", "messages")
     template = ctx.templates[model]
     try:  # the template "model" is the tokenizer's own Jinja source, which may refuse messages
-        text = templates.render_prompt(template, messages, getattr(ctx.tokenizer, "chat_template", None))
+        text = templates.render_prompt(template, messages, getattr(ctx.tokenizer, "chat_template", None),
+                                       seconds=ctx.limits.template_seconds,
+                                       max_chars=ctx.limits.template_chars)
     except ConfigError as e:
         raise APIError(str(e), "messages") from None
     # a model's own special tokens (SmolLM2's <|im_start|>) become their ids; GPT-2's are text
@@ -345,14 +412,16 @@ def parse_chat(body: dict, ctx: Context) -> GenRequest:
     _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tool_choice", lambda v: v == "none")])
     model, adapter, template, text, ids = _chat_prompt(body, ctx)
     req = GenRequest("chat", model, adapter, [ids], [text], None)
+    _prompt_tokens(ctx, req, "messages")
     _sampling(body, ctx, req)
     if _bool(body, "logprobs"):
-        req.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
+        req.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=_max_logprobs(ctx))
     elif body.get("top_logprobs") is not None:
         raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     _max_tokens(body, ctx, req, ("max_completion_tokens", "max_tokens"), None)
     if template == "chatml" and "<|im_end|>" not in req.stop:
         req.stop.append("<|im_end|>")  # the template's end of turn (beside <|endoftext|>)
+    req.stop_tables = prefix_tables(req.stop)
     return req
 
 

@@ -21,6 +21,9 @@ prompt becomes ids through `encode_prompt`: a model's own special tokens in it (
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from functools import lru_cache
 
 from jaxgpt.config import ConfigError
@@ -73,10 +76,20 @@ def render_none(messages: list[Message]) -> str:
     return "".join(parts)
 
 
+RENDER_SECONDS = 10.0  # bounds on one render of a model's own template (the server's are flags)
+RENDER_CHARS = 1 << 22
+
+
+class TemplateLimit(ConfigError):
+    """A model's chat template ran past its time or size bound."""
+
+
 @lru_cache(maxsize=8)
 def _jinja(source: str):
     """A compiled Jinja chat template, in the environment transformers renders them in (sandboxed,
-    trim_blocks + lstrip_blocks, raise_exception and strftime_now available)."""
+    trim_blocks + lstrip_blocks, raise_exception and strftime_now available), where `*`, `**`
+    and `+` refuse results past the render's size bound (one C-level operation a time bound
+    could not interrupt: "x" * 10**10)."""
     import datetime
 
     from jinja2 import TemplateError
@@ -85,7 +98,25 @@ def _jinja(source: str):
     def raise_exception(message):
         raise ConfigError(f"the model's chat template refused the messages: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            cap = getattr(_bound, "chars", RENDER_CHARS)
+            size = lambda v: len(v) if isinstance(v, (str, list, tuple)) else None
+            if operator == "*":
+                for a, b in ((left, right), (right, left)):
+                    if size(a) is not None and isinstance(b, int) and size(a) * b > cap:
+                        raise TemplateLimit(f"the model's chat template built a value of over {cap} items")
+            elif operator == "+" and size(left) is not None and size(right) is not None:
+                if size(left) + size(right) > cap:
+                    raise TemplateLimit(f"the model's chat template built a value of over {cap} items")
+            elif (operator == "**" and isinstance(left, int) and isinstance(right, int)
+                  and abs(left) > 1 and right > 4096):
+                raise TemplateLimit(f"the model's chat template computed {left} ** {right}")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     try:
@@ -94,15 +125,60 @@ def _jinja(source: str):
         raise ConfigError(f"the model's chat template is not valid Jinja: {e}") from None
 
 
-def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None) -> str:
+_bound = threading.local()  # the render in progress on this thread: its size bound
+
+
+def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None,
+                 *, seconds: float = RENDER_SECONDS, max_chars: int = RENDER_CHARS) -> str:
     """The model's own Jinja template over `messages`, with the generation prompt (the assistant
-    header) at the end. `special`: bos_token / eos_token strings the template may use."""
+    header) at the end. `special`: bos_token / eos_token strings the template may use.
+
+    A model's template is code from its file, so one render is bounded: `seconds` (checked at
+    every line the template runs and every call it makes: a trace function on this thread, so
+    nested loops stop too) and `max_chars` of output (and of any one string or list it builds
+    with * or +); past either, TemplateLimit. Any other failure of the template is a
+    ConfigError naming it."""
     if not chat_template:
         raise ConfigError("template 'model': this model ships no chat template; "
                           "choose alpaca, chatml or none")
     msgs = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
             for m in messages]
-    return _jinja(chat_template).render(messages=msgs, add_generation_prompt=True, **(special or {}))
+    tmpl = _jinja(chat_template)
+    try:
+        return _bounded_render(tmpl, seconds, max_chars, messages=msgs, add_generation_prompt=True,
+                               **(special or {}))
+    except ConfigError:
+        raise
+    except Exception as e:  # the template's own error (jinja's, or a TypeError in it)
+        raise ConfigError(f"the model's chat template failed on these messages: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def _bounded_render(tmpl, seconds: float, max_chars: int, **context) -> str:
+    deadline = time.monotonic() + seconds
+    fired = []
+
+    def trace(frame, event, arg):  # 'call' of every frame; 'line' in the template's own code
+        if not fired and time.monotonic() > deadline:
+            fired.append(1)
+            raise TemplateLimit(f"the model's chat template ran past {seconds:g} s")
+        return trace if frame.f_code.co_filename == "<template>" else None
+
+    parts, size = [], 0
+    old, _bound.chars = sys.gettrace(), max_chars
+    sys.settrace(trace)
+    try:
+        for chunk in tmpl.generate(**context):
+            size += len(chunk)
+            if size > max_chars:
+                raise TemplateLimit(f"the model's chat template wrote over {max_chars} characters")
+            parts.append(chunk)
+    finally:
+        sys.settrace(old)
+        del _bound.chars
+    if fired:  # (the limit fired where something swallowed it)
+        raise TemplateLimit(f"the model's chat template ran past {seconds:g} s")
+    return "".join(parts)
 
 
 TEMPLATES = {"alpaca": render_alpaca, "chatml": render_chatml, "none": render_none, "model": None}
@@ -121,11 +197,13 @@ def default_template(lm) -> str:
     return lm.meta.get("template") or ("model" if getattr(lm.tokenizer, "chat_template", None) else DEFAULT)
 
 
-def render_prompt(name: str, messages: list[Message], chat_template: str | None = None) -> str:
+def render_prompt(name: str, messages: list[Message], chat_template: str | None = None,
+                  **bounds) -> str:
     """The prompt text for `messages` (which must not include the reply to be generated);
-    `chat_template`: the model's Jinja source, for the template "model"."""
+    `chat_template`: the model's Jinja source, for the template "model" (rendered within
+    `bounds`: render_model's seconds / max_chars)."""
     if check_template(name) == "model":
-        return render_model(messages, chat_template)
+        return render_model(messages, chat_template, **bounds)
     return TEMPLATES[name](messages)
 
 
