@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -18,6 +19,13 @@ class ConfigError(ValueError):
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "gelu",
                "gelu_python", "gelu_fast", "gelu_10", "quick_gelu", "relu", "relu2", "relu6",
                "silu", "swish", "mish", "tanh", "sigmoid", "linear")
+
+
+# Upper bounds on a model's dimensions, far beyond every released model (Llama 3.1 405B: 126
+# layers, 16,384 wide, MLP 53,248; vocabularies up to ~256K; contexts up to ~10M), so that a
+# corrupt or hostile config is refused in microseconds instead of hanging in building its shape.
+SHAPE_LIMITS = {"vocab_size": 1 << 24, "block_size": 1 << 24, "n_layer": 4096, "n_head": 1 << 14,
+                "n_embd": 1 << 17, "n_inner": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,18 @@ class GPTConfig:
     bias: bool = True  # biases on the Linear layers (Llama has none)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name, limit in SHAPE_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "n_inner":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"{name}={value} is beyond any real model's (at most {limit})")
+        for name in ("layer_norm_epsilon", "rope_theta", "rope_factor"):
+            if (isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real)
+                    or not 0 <= getattr(self, name) < float("inf")):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -83,10 +100,9 @@ class GPTConfig:
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"activation_function={self.activation_function!r} is not supported; "
                               f"choose one of: {', '.join(ACTIVATIONS)}")
-        if self.n_inner is not None and (isinstance(self.n_inner, bool)
-                                         or not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ConfigError(f"n_inner must be null or a positive integer, got {self.n_inner!r}")
-        if self.n_kv_head is not None and (int(self.n_kv_head) < 1 or self.n_head % self.n_kv_head):
+        if self.n_kv_head is not None and (isinstance(self.n_kv_head, bool)
+                                           or not isinstance(self.n_kv_head, numbers.Integral)
+                                           or self.n_kv_head < 1 or self.n_head % self.n_kv_head):
             raise ConfigError(f"n_kv_head ({self.n_kv_head}) must be >= 1 and divide n_head ({self.n_head})")
         choices = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"),
                    "rope_scaling": (None, "linear", "llama3")}

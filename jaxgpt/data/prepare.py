@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxgpt.config import ConfigError
+from jaxgpt.formats.files import WriteError, writing
 from jaxgpt.data.corpus import PIECE_CHARS, check_source, iter_units, resolve_sources
 from jaxgpt.data.shards import (GPT2_INFO, MAGIC, MANIFEST, MAX_SHARD_TOKENS, STATE, TOKEN_DTYPE,
                            VERSION, atomic_write_bytes, atomic_write_json, load_manifest,
@@ -401,11 +402,14 @@ def prepare(sources, out, tokenizer: str = "gpt2", workers: int = 1,
             info = (dict(GPT2_INFO) if tokenizer == "gpt2"
                     else char_info(srcs, text_field, piece_chars))
             state = {"config": config, "tokenizer": info, "shards": []}
-        os.makedirs(out, exist_ok=True)
+        with writing(out):
+            os.makedirs(out, exist_ok=True)
         _remove_tmp(out)
         atomic_write_json(os.path.join(out, STATE), state)
         return _run(srcs, specs, out, state, config, info, workers, backend, progress,
                     on_shard, log)
+    except WriteError:  # a full disk: the finished shards stay, and a rerun resumes after them
+        raise
     except ConfigError:
         _cleanup(out, created)
         raise

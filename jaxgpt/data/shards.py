@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
+from jaxgpt.formats.files import writing
 
 MAGIC = 20240520  # llm.c's GPT-2 token shards
 VERSION = 1  # version 1 = uint16 tokens
@@ -67,12 +68,13 @@ def atomic_write_bytes(path, chunks) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:  # a full disk: WriteError naming `path`
             for c in chunks:
                 f.write(c)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

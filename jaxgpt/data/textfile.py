@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
+from jaxgpt.data.shards import atomic_write_bytes
 from jaxgpt.tokenizers.tokenizer import get_tokenizer, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # tokenize in ~1 MB pieces so long corpora show progress
@@ -39,13 +40,9 @@ def _sha256(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so readers see the old content or the whole new one, never a part."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a file so readers see the old content or the whole new one, never a part (a failed
+    write leaves no temporary file and is a one-line WriteError: jaxgpt.data.shards.atomic_write_bytes)."""
+    atomic_write_bytes(path, [data])
 
 
 def _chunks(text: str):

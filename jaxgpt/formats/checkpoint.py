@@ -26,7 +26,9 @@ from flax import nnx
 
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model.gpt import GPT
+from jaxgpt.formats.shapes import check_tensors
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
+from jaxgpt.formats.files import write_error, writing
 
 CKPT_SUBDIR = "checkpoints"
 
@@ -45,6 +47,7 @@ def manager(out: str | Path, keep: int = 2, read_only: bool = False,
     for the last write before it returns)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=async_save, read_only=read_only)
+    _silence_closed_loop_callbacks()  # a failed write (a full disk) leaves the same callbacks
     return ocp.CheckpointManager(checkpoint_dir(out), options=options)
 
 
@@ -132,9 +135,11 @@ def _silence_closed_loop_callbacks() -> None:
             previous_thread(args)
 
     def unraisable_hook(args):
-        code = getattr(args.object, "cr_code", None)  # an orbax read coroutine of a damaged file,
-        leftover = (code is not None and "orbax" in code.co_filename  # collected after the error
-                    and str(args.exc_value).startswith("Encountered error while reading"))  # raised
+        code = getattr(args.object, "cr_code", None)  # an orbax coroutine of a damaged file read
+        text = str(args.exc_value)  # or a failed write, collected after the error was raised
+        leftover = (code is not None and "orbax" in code.co_filename
+                    and (text.startswith("Encountered error while reading") or "shutting down" in text
+                         or write_error("", args.exc_value) is not None))
         if not (leftover or _closed_loop_callback(args.exc_type, args.exc_value, args.exc_traceback)):
             previous_unraisable(args)
 
@@ -176,8 +181,9 @@ def read_meta(out: str | Path, step: int | None = None) -> tuple[int, dict]:
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         finally:
             mngr.close()
-        if not isinstance(meta, dict) or "model_config" not in meta:
-            raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(s)} has no model config")
+        if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+            raise ConfigError(f"checkpoint {checkpoint_dir(out) / str(s)} has no model config "
+                              "(model_config is missing or not a JSON object)")
         return s, meta
 
     return _newest_first(out, step, read)
@@ -210,12 +216,67 @@ def restore(out: str | Path, abstract_params, abstract_opt_state=None, step: int
     return _newest_first(out, step, read, warn)
 
 
+def model_config(meta: dict, where) -> GPTConfig:
+    """The GPTConfig of a checkpoint's metadata; a one-line ConfigError naming `where` if it is
+    not one (a hand-edited or corrupt config)."""
+    d = meta.get("model_config")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: model_config is not a JSON object")
+    try:
+        return GPTConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad model_config ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """Dotted parameter path -> shape of every array of the orbax tree saved at `path` (read from
+    its metadata, no array data), or None when the metadata does not read (restoring it then
+    reports the damage)."""
+    try:
+        tree = ocp.StandardCheckpointer().metadata(Path(path).resolve()).item_metadata.tree
+    except Exception:
+        return None
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*prefix, str(k)))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, (*prefix, str(i)))
+        elif hasattr(node, "shape"):  # an nnx Variable is saved as {"value": array}
+            out[".".join(prefix[:-1] if prefix[-1:] == ("value",) else prefix)] = tuple(node.shape)
+
+    walk(tree, ())
+    return out
+
+
+def state_shapes(state) -> dict[str, tuple[int, ...]]:
+    """Dotted parameter path -> shape of an nnx State (abstract or not), as `saved_shapes` names them."""
+    return {".".join(map(str, path)): tuple(var.get_value().shape)
+            for path, var in nnx.to_flat_state(state)}
+
+
 def load_model(out: str | Path, step: int | None = None, warn=None):
     """(model, tokenizer, meta) from a jaxgpt run directory (by default its newest intact
-    checkpoint; `warn(msg)` hears of a damaged newer one skipped)."""
-    _, meta = read_meta(out, step)  # every checkpoint of a run has the same model config
-    config = GPTConfig.from_dict(meta["model_config"])
-    abstract = nnx.eval_shape(lambda: GPT(config))
+    checkpoint; `warn(msg)` hears of a damaged newer one skipped). The saved arrays' shapes are
+    compared with the model config (jaxgpt.shapes) before the model's shape is built."""
+    s, meta = read_meta(out, step)  # every checkpoint of a run has the same model config
+    where = checkpoint_dir(out) / str(s)
+    config = model_config(meta, where)
+    built = {}
+
+    def expected():
+        built["abstract"] = nnx.eval_shape(lambda: GPT(config))
+        return state_shapes(nnx.state(built["abstract"]))
+
+    saved = saved_shapes(where / "params")
+    if saved is not None:
+        check_tensors(config.n_layer, saved, expected, str(where), "its model_config")
+    abstract = built.get("abstract") or nnx.eval_shape(lambda: GPT(config))
     graphdef, abstract_params = nnx.split(abstract)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
@@ -235,18 +296,20 @@ def atomic_dir(out: str | Path, force: bool = False):
     """
     out = Path(out)
     check_writable(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with writing(out):  # a full disk, no permission: one line naming `out` (jaxgpt.writes)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
-        if out.exists() and (out.is_file() or any(out.iterdir())):
-            # swap: move the old output aside, move the new one in, then delete the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "x"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old.parent)
-        else:
-            os.replace(tmp, out)  # replaces an empty directory atomically
+        with writing(out):
+            yield tmp
+            if out.exists() and (out.is_file() or any(out.iterdir())):
+                # swap: move the old output aside, move the new one in, then delete the old one
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "x"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old.parent)
+            else:
+                os.replace(tmp, out)  # replaces an empty directory atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

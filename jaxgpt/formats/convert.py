@@ -32,6 +32,7 @@ from flax import nnx
 from jaxgpt.formats.checkpoint import atomic_dir, check_writable
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model.gpt import GPT
+from jaxgpt.formats.shapes import check_tensors
 
 GPT2_VOCAB = 50257  # vocabularies at least this big are GPT-2 BPE (nanoGPT pads to 50304)
 # GPT2Config fields that change the math, read into (and written back from) GPTConfig as they are:
@@ -120,11 +121,35 @@ def llama_rename_table(cfg: GPTConfig) -> list[LlamaEntry]:
     return table
 
 
-def model_from_llama_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: str) -> GPT:
-    """A Llama-family GPT from HF LlamaForCausalLM-named tensors; every tensor accounted for."""
+def llama_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """HF LlamaForCausalLM name -> shape ([out, in] for nn.Linear weights) of every tensor `cfg` has."""
+    C, V, M, D = cfg.n_embd, cfg.vocab_size, cfg.mlp_dim, cfg.head_dim
+    q, kv = cfg.n_head * D, cfg.kv_heads * D
+    layer = {"input_layernorm": (C,), "self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C),
+             "self_attn.v_proj": (kv, C), "self_attn.o_proj": (C, q),
+             "post_attention_layernorm": (C,), "mlp.gate_proj": (M, C), "mlp.up_proj": (M, C),
+             "mlp.down_proj": (C, M)}
+    out = {"model.embed_tokens.weight": (V, C)}
+    for i in range(cfg.n_layer):
+        out.update({f"model.layers.{i}.{k}.weight": shape for k, shape in layer.items()})
+    out["model.norm.weight"] = (C,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, C)
+    return out
+
+
+def _llama_named(cfg: GPTConfig, tensors: dict) -> dict:
+    """The tensors a Llama-family model is built from: buffers and a tied lm_head dropped."""
     named = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer
     if cfg.tie_word_embeddings:
         named.pop("lm_head.weight", None)
+    return named
+
+
+def model_from_llama_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: str) -> GPT:
+    """A Llama-family GPT from HF LlamaForCausalLM-named tensors; every tensor accounted for."""
+    named = _llama_named(cfg, tensors)
+    check_tensors(cfg.n_layer, {k: np.shape(v) for k, v in named.items()}, lambda: llama_shapes(cfg), source)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
     shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(state)}
     params = {}
@@ -168,6 +193,9 @@ def config_from_hf_llama(hf: dict, source: str) -> GPTConfig:
         if hf.get(key):
             raise ConfigError(f"{source}: {key}=true is not supported (jaxgpt's Llama blocks have no biases)")
     H, C = hf.get("num_attention_heads", 32), hf.get("hidden_size", 4096)
+    if not all(_positive_int(x) for x in (H, C)):
+        raise ConfigError(f"{source}: num_attention_heads ({H!r}) and hidden_size ({C!r}) must be "
+                          f"positive integers")
     if hf.get("head_dim") not in (None, C // H):
         raise ConfigError(f"{source}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads "
                           f"({C // H}) is not supported")
@@ -195,6 +223,10 @@ def config_from_hf_llama(hf: dict, source: str) -> GPTConfig:
         raise ConfigError(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: bad config.json value: {e}") from None
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 def hf_llama_config(cfg: GPTConfig, tokenizer: dict | None = None) -> dict:
@@ -236,6 +268,15 @@ def _gguf_hf_name(name: str) -> str | None:
     return None
 
 
+def _hf_gguf_name(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (_gguf_hf_name's inverse)."""
+    ours = {hf: g for g, hf in GGUF_NAMES.items()}
+    parts = name.split(".")
+    if name.startswith("model.layers."):
+        return f"blk.{parts[2]}.{ours['.'.join(parts[3:-1])]}.{parts[-1]}"
+    return f"{ours['.'.join(parts[:-1])]}.{parts[-1]}"
+
+
 def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order (per head, the rotary pairs interleaved: Meta's layout)
     back to HF's (per head, the first halves then the second halves): w [heads*D, in]."""
@@ -269,8 +310,9 @@ def config_from_gguf(meta: dict, tensor_names, source: str) -> GPTConfig:
             tie_word_embeddings="output.weight" not in tensor_names, **scaling)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: bad or missing {arch}.* metadata ({e})") from None
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. a head count of 0
+        raise ConfigError(f"{source}: bad or missing {arch}.* metadata "
+                          f"({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def read_gguf_file(path: str | Path) -> tuple[GPT, dict | None, dict]:
@@ -281,11 +323,18 @@ def read_gguf_file(path: str | Path) -> tuple[GPT, dict | None, dict]:
 
     f = read_gguf(path)
     cfg = config_from_gguf(f.metadata, f.tensors, str(path))
-    tensors = {}
-    for name, info in f.tensors.items():
-        hf = _gguf_hf_name(name)
-        if hf is None:
+    hf_names = {}
+    for name in f.tensors:
+        hf_names[name] = _gguf_hf_name(name)
+        if hf_names[name] is None:
             raise ConfigError(f"{path}: unexpected tensor {name}")
+    gguf_names = {hf: name for name, hf in hf_names.items()}  # (errors name the file's tensors)
+    check_tensors(cfg.n_layer, {n: info.shape for n, info in f.tensors.items()},
+                  lambda: {gguf_names.get(hf, _hf_gguf_name(hf)): shape for hf, shape in llama_shapes(cfg).items()},
+                  str(path), "its metadata")  # before dequantizing
+    tensors = {}
+    for name in f.tensors:
+        hf = hf_names[name]
         w = f.tensor(name)
         if name.endswith("attn_q.weight"):
             w = _unpermute_rotary(w, cfg.n_head)
@@ -313,6 +362,9 @@ def model_from_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], source: s
     for name in [n for n in named if _is_buffer(n)]:
         del named[name]  # the causal mask is rebuilt by the model, not loaded
     head = named.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    check_tensors(cfg.n_layer, {k: np.shape(v) for k, v in named.items()},
+                  lambda: {e.hf: e.shape[::-1] if nanogpt and e.matrix else e.shape
+                           for e in rename_table(cfg)}, source)
     params = {}
     for e in rename_table(cfg):
         if e.hf not in named:
@@ -393,8 +445,11 @@ def read_hf_tensors(folder: Path) -> tuple[dict[str, np.ndarray], str]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise ConfigError(f"{index}: not a valid safetensors index ({e})") from None
+            if not all(isinstance(x, str) for x in shards):
+                raise TypeError("weight_map values must be file names")
+        except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+            raise ConfigError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                              f"{str(e)[:160]})") from None
         tensors = {}
         for shard in shards:
             tensors.update(_read_safetensors(folder / shard))
@@ -455,7 +510,7 @@ def read_hf_folder(folder: str | Path) -> tuple[GPT, dict | None, dict]:
         raise ConfigError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
         hf = json.loads(cfg_path.read_text())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object")

@@ -37,6 +37,8 @@ from jaxgpt.config import ConfigError
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: deeper than any real file, shallow enough for the stack
 
 # ---------------------------------------------------------------------------------------------
 # metadata value types: id -> struct / numpy format of a scalar (8 = string, 9 = array)
@@ -190,7 +192,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ConfigError(f"{self.path}: {what} is not valid UTF-8") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         """One metadata value of type id `vtype`: a scalar, a str, or a (nested) list."""
         if vtype in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[vtype], what)
@@ -198,7 +200,11 @@ class _Cursor:
             return self.string(what)
         if vtype != _ARRAY:
             raise ConfigError(f"{self.path}: metadata {what!r} has unknown value type {vtype}")
+        if depth >= MAX_NESTING:
+            raise ConfigError(f"{self.path}: metadata {what!r} nests arrays deeper than {MAX_NESTING}")
         item_type, count = self.scalar("<I", what), self.scalar("<Q", what)
+        # every item takes at least a few bytes: an absurd count is a truncated file, said at once
+        self.need(count * {_STRING: 8, _ARRAY: 12}.get(item_type, 1), what)
         if item_type in _SCALAR_FORMATS:                           # numbers: one numpy read
             dtype = np.dtype(_SCALAR_FORMATS[item_type])
             self.need(count * dtype.itemsize, what)
@@ -207,7 +213,7 @@ class _Cursor:
             return items
         if item_type == _STRING:
             return [self.string(what) for _ in range(count)]
-        return [self.value(item_type, what) for _ in range(count)]
+        return [self.value(item_type, what, depth + 1) for _ in range(count)]
 
 
 def _check_version(version: int, path: str) -> None:
@@ -263,6 +269,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     version = cur.scalar("<I", "version")
     _check_version(version, path)
     n_tensors, n_kv = cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
+    cur.need(n_kv * 13 + n_tensors * 24, "the metadata and tensor table")  # their smallest sizes
 
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
@@ -277,6 +284,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     for _ in range(n_tensors):
         name = cur.string("tensor name")
         n_dims = cur.scalar("<I", f"tensor {name!r}")
+        if n_dims > MAX_DIMS:
+            raise ConfigError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows {MAX_DIMS})")
         ne = [cur.scalar("<Q", f"tensor {name!r}") for _ in range(n_dims)]
         entries.append((name, ne, cur.scalar("<I", f"tensor {name!r}"),
                         cur.scalar("<Q", f"tensor {name!r}")))

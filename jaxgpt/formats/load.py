@@ -190,6 +190,9 @@ def _warn(msg: str) -> None:
 def _load_adapter(p: Path) -> LoadedModel:
     """A LoRA adapter folder (jaxgpt.sft --lora-rank): its base with the adapter merged in."""
     meta = lora.read_adapter_meta(p)
+    if Path(meta["base"]).expanduser().is_dir() and lora.is_adapter(Path(meta["base"]).expanduser()):
+        raise ConfigError(f"{p}/{lora.ADAPTER_META}: its base {meta['base']} is another LoRA adapter; "
+                          "an adapter's base must be a model")
     base = load(meta["base"])
     lora.load_adapter(p, base.model)
     extra = {k: meta[k] for k in ("template", "sft") if k in meta}
@@ -228,7 +231,7 @@ def _is_hf_config(path: Path) -> bool:
     """An HF config.json has model_type; a jaxgpt run's config.json (no checkpoints yet) does not."""
     try:
         d = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         return True  # let the HF reader report the broken JSON
     return not (isinstance(d, dict) and "model_config" in d)
 

@@ -24,6 +24,8 @@ from flax import nnx
 from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError
 from jaxgpt.data.textfile import atomic_write
+from jaxgpt.formats.shapes import check_tensors, layer_indices
+from jaxgpt.formats.files import writing
 
 ADAPTER_META = "adapter.json"
 ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -127,13 +129,18 @@ def write_adapter(folder: str | Path, model, meta: dict) -> Path:
     `folder` (which may hold other files, e.g. an SFT run's checkpoints): the arrays under a
     temporary name renamed into place, then adapter.json, which marks a complete adapter."""
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".lora.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp, nnx.state(model, nnx.LoRAParam))
-    shutil.rmtree(folder / "lora", ignore_errors=True)
-    os.replace(tmp, folder / "lora")
+    with writing(folder / "lora"):  # a full disk: one line (jaxgpt.writes), the old arrays kept
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(tmp, nnx.state(model, nnx.LoRAParam))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(folder / "lora", ignore_errors=True)
+        os.replace(tmp, folder / "lora")
     atomic_write(folder / ADAPTER_META, json.dumps(meta, indent=2).encode())
     return folder
 
@@ -150,14 +157,38 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_META).is_file()
 
 
+SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")  # the base shape an adapter fits
+# adapter.json's keys: what each must be (a check on the value, and the words for the error)
+_META_KEYS = {
+    "base": (lambda v: isinstance(v, str) and v != "", "a model path or name"),
+    "rank": (lambda v: _int(v) and v >= 1, "a positive integer"),
+    "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf"),
+              "a finite number"),
+    "targets": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                "a list of layer names"),
+    "model_config": (lambda v: isinstance(v, dict) and all(_int(v.get(k)) for k in SHAPE_KEYS),
+                     f"an object with integer {', '.join(SHAPE_KEYS)}"),
+}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_adapter_meta(path: str | Path) -> dict:
+    """adapter.json, every key checked for presence and type (one-line ConfigError)."""
     try:
         meta = json.loads((Path(path) / ADAPTER_META).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable LoRA adapter ({e})") from None
-    for k in ("base", "rank", "alpha", "targets", "model_config"):
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: not a readable LoRA adapter ({type(e).__name__}: "
+                          f"{str(e)[:160]})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}/{ADAPTER_META}: expected a JSON object")
+    for k, (ok, what) in _META_KEYS.items():
         if k not in meta:
             raise ConfigError(f"{path}/{ADAPTER_META}: missing {k!r}")
+        if not ok(meta[k]):
+            raise ConfigError(f"{path}/{ADAPTER_META}: {k} must be {what}, got {json.dumps(meta[k])[:80]}")
     return meta
 
 
@@ -167,14 +198,18 @@ def load_adapter(path: str | Path, base_model) -> None:
     ConfigError if the base has another shape than the one the adapter was trained on."""
     meta = read_adapter_meta(path)
     want, have = meta["model_config"], base_model.config.to_dict()
-    keys = ("vocab_size", "n_layer", "n_head", "n_embd")
-    if any(want[k] != have[k] for k in keys):
-        shape = lambda d: " ".join(f"{k}={d[k]}" for k in keys)
+    if any(want[k] != have[k] for k in SHAPE_KEYS):
+        shape = lambda d: " ".join(f"{k}={d[k]}" for k in SHAPE_KEYS)
         raise ConfigError(f"adapter {path} was trained on a base with {shape(want)}, "
                           f"but this base has {shape(have)}")
     apply_lora(base_model, meta["rank"], meta["alpha"], meta["targets"])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            nnx.state(base_model, nnx.LoRAParam))
+    state = nnx.state(base_model, nnx.LoRAParam)
+    saved = checkpoint.saved_shapes(Path(path) / "lora")
+    if saved is not None:  # (unreadable metadata: the restore below names the damage)
+        expected = checkpoint.state_shapes(state)
+        check_tensors(len(layer_indices(expected)), saved, expected, f"adapter {path}",
+                      f"{ADAPTER_META} (rank {meta['rank']}, targets {meta['targets']})")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(Path(path).resolve() / "lora", abstract)

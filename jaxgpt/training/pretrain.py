@@ -25,6 +25,7 @@ from jaxgpt.model.gpt import GPT, count_params
 from jaxgpt.decode.sample import generate
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 from jaxgpt.training.trainer import Trainer, read_rows, resume_point, setup_devices
+from jaxgpt.formats.files import writing
 
 EVAL_SEED_OFFSET = 10_000_019  # eval batches come from their own fixed RNG stream
 KIND = "pretrain"  # saved in every checkpoint: `jaxgpt.sft --resume` refuses such a run
@@ -223,7 +224,8 @@ def train(cfg: TrainConfig, log=None) -> dict:
     if cfg.resume:  # the newest intact checkpoint (a damaged newer one is skipped, with a warning)
         resume_step = trainer.restore(out, warn=trainer.log)
     if trainer.main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", json.dumps(meta, indent=2).encode())
 
     # 3. the hooks: batches as f(seed, step), fixed val batches, samples

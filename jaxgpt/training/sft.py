@@ -44,6 +44,7 @@ from jaxgpt.data.textfile import atomic_write
 from jaxgpt.losses import masked_sum
 from jaxgpt.decode.sample import bucket, generate  # padded lengths: powers of two, so few shapes compile
 from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
+from jaxgpt.formats.files import writing
 
 IGNORE = 0  # mask value of positions that do not count in the loss
 KIND = "sft"  # saved in every checkpoint: `jaxgpt.train --resume` refuses such a run
@@ -424,7 +425,8 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
         t0 = time.time()
         before_answers = generate_answers(lm.model, tok, template, test_recs, cfg.gen_tokens, gen_bar)
         if trainer.main:
-            out.mkdir(parents=True, exist_ok=True)
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
             atomic_write(before_path, json.dumps(before_answers).encode())
         trainer.timers["sample"] += time.time() - t0
     gen_bar.update(len(test_recs) - gen_bar.n)

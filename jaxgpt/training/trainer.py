@@ -36,6 +36,7 @@ from jaxgpt.data.textfile import atomic_write
 from jaxgpt.losses import lm_loss
 from jaxgpt.model.gpt import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
+from jaxgpt.formats.files import writing
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
 # loss_fn(model, batch, key) -> (summed loss, counted targets); batch: dict of [B, T] arrays
@@ -182,6 +183,7 @@ class Trainer:
         self.eval_rows = parallel.local_rows(parallel.batch_sharding(mesh, 3, 1), (1, B, 1), 1)
         self.timers = {"steps": 0.0, "eval": 0.0, "sample": 0.0, "save": 0.0}
         self._mngr = None
+        self._saving = None  # the step of the asynchronous checkpoint write in flight
 
     # ---- model views and state ------------------------------------------------------------------
     @property
@@ -230,22 +232,40 @@ class Trainer:
         return float(parallel.to_host(total)) / max(float(parallel.to_host(count)), 1.0)
 
     def save(self, step: int) -> None:
+        """Start writing checkpoint `step` (asynchronously). A failed write (this one's start,
+        or the previous one's end, which orbax reports here) is a WriteError naming it; the
+        checkpoints finished before it stay as they are."""
         t0 = time.perf_counter()
-        if self._mngr is None:
-            self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints, async_save=True)
-        if step in self._mngr.all_steps():  # a damaged checkpoint that resuming skipped: replaced
-            self._mngr.delete(step)
-        checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
-                        {**self.meta, "step": step}, wait=False)
+        ckpts = checkpoint.checkpoint_dir(self.run.out)
+        if self._mngr is not None:
+            with writing(ckpts / str(self._saving)):  # the previous write's failure, as its own
+                self._mngr.wait_until_finished()
+        with writing(ckpts / str(step)):
+            if self._mngr is None:
+                self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints, async_save=True)
+            if step in self._mngr.all_steps():  # a damaged checkpoint that resuming skipped: replaced
+                self._mngr.delete(step)
+            self._saving = step
+            checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
+                            {**self.meta, "step": step}, wait=False)
         self.timers["save"] += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Wait for the last (asynchronous) checkpoint write to finish."""
-        if self._mngr is not None:
-            t0 = time.perf_counter()
-            self._mngr.wait_until_finished()
-            self._mngr.close()
-            self._mngr = None
+        """Wait for the last (asynchronous) checkpoint write to finish (a WriteError if it
+        failed); the manager is closed either way."""
+        if self._mngr is None:
+            return
+        t0 = time.perf_counter()
+        mngr, self._mngr = self._mngr, None
+        try:
+            with writing(checkpoint.checkpoint_dir(self.run.out) / str(self._saving)):
+                mngr.wait_until_finished()
+        finally:
+            try:
+                mngr.close()
+            except Exception:  # noqa: BLE001 (the same failure, already raised above)
+                pass
+            self._saving = None
             self.timers["save"] += time.perf_counter() - t0
 
     def _call(self, batch: dict, n: int) -> dict:
@@ -273,7 +293,8 @@ class Trainer:
         metrics_path = out / "metrics.jsonl"
         rows = list(rows or [])
         if self.main:
-            out.mkdir(parents=True, exist_ok=True)
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
             atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
         sinks = metric_sinks(run, self.meta) if self.main else []
@@ -281,7 +302,7 @@ class Trainer:
         def write_row(row):
             rows.append(row)
             if self.main:
-                with open(metrics_path, "a") as f:
+                with writing(metrics_path), open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 for sink in sinks:
                     sink(row)
@@ -461,12 +482,27 @@ def metric_sinks(run: RunConfig, meta: dict) -> list:
     return sinks
 
 
-def read_rows(out, upto: int) -> list[dict]:
-    """The metrics rows a resumed run keeps: those logged up to its checkpoint's step."""
+def read_rows(out, upto: int, warn=log_stderr) -> list[dict]:
+    """The metrics rows a resumed run keeps: those logged up to its checkpoint's step. A torn
+    last line (the run was killed, or the disk filled, while appending it) is dropped with a
+    warning; a damaged line before it is a ConfigError naming it."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [(i, l) for i, l in enumerate(path.read_text(errors="replace").splitlines(), 1) if l.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except (ValueError, RecursionError) as e:
+            if k == len(lines) - 1:
+                warn(f"warning: {path}: dropped its torn last line {i} ({len(line)} characters)")
+                break
+            raise ConfigError(f"{path}: line {i} is not a metrics row ({type(e).__name__}); "
+                              "fix or remove the line, then resume") from None
+        rows.append(row)
     return [r for r in rows if r["step"] <= upto]
 
 
