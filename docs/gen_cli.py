@@ -13,11 +13,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sft", "prepare", "sample", "chat", "serve", "eval", "harness", "convert", "quantize"]
+COMMANDS = ["train", "sft", "prepare", "tokenizer", "sample", "chat", "serve", "eval", "harness", "convert",
+            "quantize"]
+SUBCOMMANDS = {"tokenizer": ["train", "encode", "decode"]}
 WHAT = {
     "train": "pretrain (or fine-tune with `--init-from`) on a text file",
     "sft": "supervised fine-tuning on instruction records: full or LoRA; `--merge`, `--eval-only`",
     "prepare": "tokenize corpora into llm.c-format token shards + manifest.json",
+    "tokenizer": "train your own byte-level BPE tokenizer (a tokenizer.json folder); encode / decode",
     "sample": "sample text from a model",
     "chat": "chat with a model in the terminal",
     "serve": "an OpenAI-compatible HTTP server (continuous batching, LoRA adapters) and a web chat page",
@@ -28,9 +31,10 @@ WHAT = {
 }
 
 
-def help_text(name: str) -> str:
+def help_text(name: str, sub: str | None = None) -> str:
     env = {**os.environ, "COLUMNS": "100", "JAXGPT_MALLOC_TUNING": "0"}
-    out = subprocess.run([sys.executable, "-m", f"jaxgpt.{name}", "--help"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", f"jaxgpt.{name}", *([sub] if sub else []), "--help"],
+                         cwd=REPO, env=env,
                          capture_output=True, text=True, check=True).stdout
     import jaxgpt
 
@@ -48,6 +52,8 @@ def main() -> None:
     parts += [f"- [`{n}`](#{n}): {WHAT[n]}" for n in COMMANDS]
     for name in COMMANDS:
         parts += ["", f"## {name}", "", "```text", help_text(name).rstrip(), "```"]
+        for sub in SUBCOMMANDS.get(name, []):
+            parts += ["", f"### {name} {sub}", "", "```text", help_text(name, sub).rstrip(), "```"]
     (REPO / "docs" / "cli.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -343,7 +344,7 @@ class TrainConfig(OptimConfig, RunConfig):
 
     # data
     data: str = field(default_factory=default_data_path)  # a text file, or token shards (a folder/glob)
-    tokenizer: str = "char"  # "char" or "gpt2" (text files; shards say their own)
+    tokenizer: str = "char"  # "char", "gpt2" or a tokenizer folder (text files; shards say their own)
     val_tokens: int = 10_485_760  # shards: the val prefix evaluated (llm.c's default)
     # model (None = take it from the preset)
     preset: str = "baby"
@@ -372,8 +373,10 @@ class TrainConfig(OptimConfig, RunConfig):
             raise ConfigError(f"--val-tokens must be >= 1, got {self.val_tokens}")
         if self.eval_iters < 1:
             raise ConfigError(f"--eval-iters must be >= 1, got {self.eval_iters}")
-        if self.tokenizer not in ("char", "gpt2"):
-            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose char or gpt2")
+        if self.tokenizer not in ("char", "gpt2") and not os.path.isdir(self.tokenizer):
+            raise ConfigError(f"unknown tokenizer {self.tokenizer!r}; choose char, gpt2 or a "
+                              "tokenizer folder (tokenizer.json, e.g. from python -m "
+                              "jaxgpt.tokenizer train)")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
 

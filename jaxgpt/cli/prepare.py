@@ -45,14 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                         ".jsonl/.json/.parquet file (one document per record), .gz/.zst "
                         "compressed, or hf:NAME[:CONFIG][:SPLIT] (streamed; split default train)")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "char"],
-                   help="gpt2 (tiktoken's GPT-2 BPE, offline) or char (the corpus's characters "
-                        "+ <|endoftext|>)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|char|DIR",
+                   help="gpt2 (tiktoken's GPT-2 BPE, offline), char (the corpus's characters "
+                        "+ <|endoftext|>), or a tokenizer folder DIR (tokenizer.json + "
+                        "tokenizer_config.json, e.g. from python -m jaxgpt.tokenizer train: its "
+                        "eos_token starts every document; uint32 shards past 65,536 tokens)")
     p.add_argument("--workers", type=int, default=_default_workers(),
                    help="parallel tokenizers (default: the CPUs available); the output is the "
                         "same for any number")
-    p.add_argument("--backend", default="threads", choices=["threads", "processes"],
-                   help="how workers run: threads (tiktoken releases the GIL) or processes")
+    p.add_argument("--backend", default="auto", choices=["auto", "threads", "processes"],
+                   help="how workers run: threads (tiktoken releases the GIL) or processes; "
+                        "auto (default): processes for a tokenizer folder (a Python BPE), "
+                        "else threads")
     p.add_argument("--shard-tokens", type=count, default=DEFAULT_SHARD_TOKENS,
                    help="tokens per train shard (default 100M, as llm.c); accepts 100M, 2^20")
     p.add_argument("--val-tokens", type=count, default=None,

@@ -15,8 +15,9 @@ HELP = {
     "data": "what to train on: a UTF-8 text file (tokenized into OUT/data, 90%% train / 10%% val), "
             "or token shards: a folder written by python -m jaxgpt.prepare, or a folder / glob of "
             "llm.c .bin shards (GPT-2 BPE); default: Tiny Shakespeare shipped with jaxgpt",
-    "tokenizer": "for a text file: char (vocabulary built from the corpus) or gpt2 (GPT-2 BPE, "
-                 "50257 tokens); shards carry their own",
+    "tokenizer": "for a text file: char (vocabulary built from the corpus), gpt2 (GPT-2 BPE, "
+                 "50257 tokens) or a tokenizer folder (tokenizer.json, e.g. from python -m "
+                 "jaxgpt.tokenizer train; the vocabulary size comes from it); shards carry their own",
     "val_tokens": "shards: evaluate the first N tokens of the val shard (as llm.c; at most one "
                   "val batch per training step between evaluations)",
     "preset": "model shape: baby (4L/4H/128, ctx 64), gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl; "

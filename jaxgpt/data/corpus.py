@@ -9,8 +9,9 @@ a parquet row, a dataset row) is one document, its text in `text_field`.
 Documents are yielded as *units* `(text, doc_start, progress)`: a long document is cut into
 pieces of about `piece_chars` characters, so one huge file is still tokenized in parallel and
 in bounded memory. Cuts are made only where GPT-2's pre-tokenizer regex (tiktoken's `gpt2`
-pattern) always ends a token — just before a space or newline that follows a non-space
-character — so the pieces' tokens, concatenated, are exactly the document's tokens. The cuts
+pattern) and Llama 3's always end a token — just before a space that follows a non-space
+character, or a newline that follows a letter or digit (Llama 3 keeps newlines with the
+punctuation before them) — so the pieces' tokens, concatenated, are exactly the document's tokens. The cuts
 depend only on the text, never on read sizes or worker counts.
 """
 
@@ -138,15 +139,19 @@ def check_source(src: Source) -> None:
 
 
 def _last_cut(s: str, lo: int, hi: int) -> int:
-    """Largest i in [lo, hi] (lo >= 1) where a token always ends: s[i] is ' ' or '\\n' and
-    s[i-1] is not whitespace; -1 if none. Newlines first, then spaces."""
+    """Largest i in [lo, hi] (lo >= 1) where a token always ends: s[i] is ' ' and s[i-1] is not
+    whitespace, or s[i] is '\\n' and s[i-1] a letter or digit; -1 if none. Newlines first."""
     for sep in ("\n", " "):
         j = s.rfind(sep, lo, hi + 1)
-        while j >= lo and s[j - 1].isspace():
+        while j >= lo and _no_cut(s, j):
             j = s.rfind(sep, lo, j)
         if j >= lo:
             return j
     return -1
+
+
+def _no_cut(s: str, j: int) -> bool:
+    return not s[j - 1].isalnum() if s[j] == "\n" else s[j - 1].isspace()
 
 
 def _first_cut(s: str, lo: int) -> int:
@@ -154,7 +159,7 @@ def _first_cut(s: str, lo: int) -> int:
     best = -1
     for sep in ("\n", " "):
         j = s.find(sep, lo)
-        while j != -1 and s[j - 1].isspace():
+        while j != -1 and _no_cut(s, j):
             j = s.find(sep, j + 1)
         if j != -1 and (best == -1 or j < best):
             best = j

@@ -25,6 +25,13 @@ run wrote; a DIR holding a different preparation is refused.
 
 The char tokenizer's vocabulary is the corpus's distinct characters (sorted, a first pass over
 the sources) plus `<|endoftext|>` as the last id (vocab_size = characters + 1).
+
+`tokenizer` may also be a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json,
+e.g. one `python -m jaxgpt.tokenizer train` wrote): its byte-level BPE encodes (jaxgpt's
+BPETokenizer, the ids of `AutoTokenizer`), its `eos_token` goes before every document, and the
+manifest carries the whole tokenizer, so the shards train and sample without the folder. A
+vocabulary over 65,536 tokens gets uint32 shards (llm.c's Llama 3 format), else uint16. Pure-
+Python BPE holds the GIL: use `backend="processes"` for parallel speed with such a tokenizer.
 """
 
 from __future__ import annotations
@@ -42,9 +49,9 @@ import numpy as np
 from jaxgpt.config import ConfigError
 from jaxgpt.formats.files import WriteError, writing
 from jaxgpt.data.corpus import PIECE_CHARS, check_source, iter_units, resolve_sources
-from jaxgpt.data.shards import (GPT2_INFO, MAGIC, MANIFEST, MAX_SHARD_TOKENS, STATE, TOKEN_DTYPE,
-                           VERSION, atomic_write_bytes, atomic_write_json, load_manifest,
-                           make_header, read_header, sha256_file)
+from jaxgpt.data.shards import (GPT2_INFO, MANIFEST, MAX_SHARD_TOKENS, STATE, atomic_write_bytes,
+                           atomic_write_json, load_manifest, make_header, read_header,
+                           sha256_file, shard_format)
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's fineweb.py shard size
 CHUNK_CHARS = 1 << 20  # text per worker task
@@ -66,10 +73,14 @@ class Encoder:
     def __init__(self, info: dict):
         self.info = info
         self.eot = np.array([info["eot_token"]], dtype=np.uint32)
+        self.dtype = shard_format(info["vocab_size"])[2]
         if info["type"] == "gpt2":
             from jaxgpt.tokenizers.tokenizer import GPT2Tokenizer
             self.enc = GPT2Tokenizer().enc
             self._np = hasattr(self.enc, "encode_to_numpy")
+        elif info["type"] == "bpe":
+            from jaxgpt.tokenizers.tokenizer import BPETokenizer
+            self.bpe = BPETokenizer.from_dict(info)
         else:
             self.cps = np.array([ord(c) for c in info["chars"]], dtype=np.uint32)
 
@@ -88,6 +99,8 @@ class Encoder:
                 return np.asarray(self.enc.encode_ordinary(text), dtype=np.uint32)
             except UnicodeEncodeError:
                 return self.encode(_fix_surrogates(text))
+        if self.info["type"] == "bpe":
+            return np.asarray(self.bpe.encode_ordinary(_fix_surrogates(text)), dtype=np.uint32)
         try:
             cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         except UnicodeEncodeError:
@@ -103,7 +116,7 @@ class Encoder:
                 parts.append(self.eot)
             parts.append(a)
             lens[i] = len(a) + bool(s)
-        toks = np.concatenate(parts).astype(TOKEN_DTYPE) if parts else np.zeros(0, TOKEN_DTYPE)
+        toks = np.concatenate(parts).astype(self.dtype) if parts else np.zeros(0, self.dtype)
         return toks, lens
 
 
@@ -132,6 +145,31 @@ def char_info(sources, text_field: str, piece_chars: int = PIECE_CHARS) -> dict:
                           "must fit uint16 shards (65,535 characters + <|endoftext|>)")
     return {"type": "char", "name": "char", "chars": s, "vocab_size": len(s) + 1,
             "eot_token": len(s)}
+
+
+def bpe_info(folder) -> dict:
+    """The tokenizer description of a Hugging Face tokenizer folder: its whole BPE (to_dict),
+    named by the folder, with its eos token as the end-of-text token."""
+    from jaxgpt.tokenizers.tokenizer import load_tokenizer_dir
+
+    tok = load_tokenizer_dir(folder)
+    if tok.eot_token is None:
+        raise ConfigError(f"{folder}: tokenizer_config.json declares no eos_token; prepare puts "
+                          "it before every document")
+    return {**tok.to_dict(), "name": os.path.basename(os.path.normpath(str(folder))),
+            "vocab_size": int(tok.vocab_size), "eot_token": int(tok.eot_token)}
+
+
+def _tokenizer_key(tokenizer: str):
+    """What --tokenizer is in the resume config: the name, or a folder's tokenizer by content."""
+    if tokenizer in ("gpt2", "char"):
+        return tokenizer
+    if not os.path.isdir(str(tokenizer)):
+        raise ConfigError(f"unknown tokenizer {tokenizer!r}; choose gpt2, char or a tokenizer "
+                          "folder (tokenizer.json)")
+    info = bpe_info(tokenizer)
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+    return {"bpe": digest}, info
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -220,7 +258,8 @@ class _Writer:
         self.out, self.state = out, state
         self.shard_tokens, self.val_tokens = shard_tokens, val_tokens
         self.on_shard = on_shard
-        self.buf = np.empty(max(shard_tokens, val_tokens), dtype=TOKEN_DTYPE)
+        self.dtype = shard_format(state["tokenizer"]["vocab_size"])[2]
+        self.buf = np.empty(max(shard_tokens, val_tokens), dtype=self.dtype)
         self.fill = 0
         self.drop = 0  # tokens of the first unit already in the last kept shard (resume)
 
@@ -255,7 +294,7 @@ class _Writer:
         _, split = self._cap_split()
         name = f"{split}_{self.index:06d}.bin"
         toks = self.buf[:self.fill]
-        header = make_header(self.fill).tobytes()
+        header = make_header(self.fill, self.dtype).tobytes()
         h = hashlib.sha256(header)
         body = memoryview(toks).cast("B")
         h.update(body)
@@ -327,7 +366,7 @@ def _cleanup(out: str, created: bool) -> None:
 
 def prepare(sources, out, tokenizer: str = "gpt2", workers: int = 1,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, val_tokens: int | None = None,
-            text_field: str = "text", backend: str = "threads", progress: bool = False,
+            text_field: str = "text", backend: str = "auto", progress: bool = False,
             on_shard=None, piece_chars: int = PIECE_CHARS, log=None) -> dict:
     """Tokenize `sources` into llm.c shards under `out`; returns the manifest (a dict).
 
@@ -335,12 +374,14 @@ def prepare(sources, out, tokenizer: str = "gpt2", workers: int = 1,
     `on_shard(entry)` is called after each shard is written and recorded. A second call with
     the same arguments returns the existing manifest; after a kill it resumes (module doc).
     """
-    if tokenizer not in ("gpt2", "char"):
-        raise ConfigError(f"unknown tokenizer {tokenizer!r}; choose gpt2 or char")
+    key = _tokenizer_key(str(tokenizer))
+    key, bpe = key if isinstance(key, tuple) else (key, None)
     if int(workers) < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    if backend not in ("threads", "processes"):
-        raise ConfigError(f"unknown backend {backend!r}; choose threads or processes")
+    if backend not in ("auto", "threads", "processes"):
+        raise ConfigError(f"unknown backend {backend!r}; choose auto, threads or processes")
+    if backend == "auto":  # a folder's BPE is Python (holds the GIL); tiktoken releases it
+        backend = "processes" if bpe is not None and int(workers) > 1 else "threads"
     if not 1 <= int(shard_tokens) <= MAX_SHARD_TOKENS:
         raise ConfigError(f"--shard-tokens must be in 1..{MAX_SHARD_TOKENS}, got {shard_tokens}")
     val_tokens = int(shard_tokens) if val_tokens is None else int(val_tokens)
@@ -357,7 +398,7 @@ def prepare(sources, out, tokenizer: str = "gpt2", workers: int = 1,
     for s in srcs:
         check_source(s)
     config = {"format": STATE_FORMAT, "inputs": [s.fingerprint() for s in srcs],
-              "tokenizer": tokenizer, "shard_tokens": shard_tokens, "val_tokens": val_tokens,
+              "tokenizer": key, "shard_tokens": shard_tokens, "val_tokens": val_tokens,
               "text_field": text_field, "piece_chars": int(piece_chars)}
 
     # what is already in `out`?
@@ -399,7 +440,7 @@ def prepare(sources, out, tokenizer: str = "gpt2", workers: int = 1,
             info = state["tokenizer"]
             log(f"resuming {out}: {len(kept)} finished shards kept")
         else:
-            info = (dict(GPT2_INFO) if tokenizer == "gpt2"
+            info = (bpe if bpe is not None else dict(GPT2_INFO) if tokenizer == "gpt2"
                     else char_info(srcs, text_field, piece_chars))
             state = {"config": config, "tokenizer": info, "shards": []}
         with writing(out):
@@ -458,10 +499,11 @@ def _run(srcs, specs, out, state, config, info, workers, backend, progress, on_s
                           f"shard (--val-tokens {val_tokens}); pass a smaller --val-tokens")
     writer.finish(n_units)
     shards = [{k: s[k] for k in ("file", "split", "tokens", "sha256")} for s in state["shards"]]
+    magic, version, dtype = shard_format(info["vocab_size"])
     manifest = {
         "format": "llm.c token shards: 256 x int32 header (magic, version, token count), "
-                  "then uint16 tokens",
-        "magic": MAGIC, "version": VERSION,
+                  f"then {dtype.name} tokens",
+        "magic": magic, "version": version,
         "sources": specs,
         "tokenizer": info,
         "documents": int(documents),

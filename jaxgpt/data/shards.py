@@ -2,7 +2,9 @@
 
 A shard is a 1024-byte header of 256 little-endian int32s (`[0]` = 20240520, the magic; `[1]` =
 1, the version; `[2]` = the token count; the rest zero) followed by the tokens as uint16, the
-files llm.c's `dev/data/*.py` and modded-nanogpt's `fineweb.py` write and publish. A folder that
+files llm.c's `dev/data/*.py` and modded-nanogpt's `fineweb.py` write and publish. A vocabulary
+over 65,536 tokens uses llm.c's Llama 3 variant: magic 20240801, version 7, uint32 tokens
+(`shard_format(vocab_size)` picks; readers accept both). A folder that
 `python -m jaxgpt.prepare` wrote also holds `manifest.json` (sources, tokenizer, document count
 and the shards in stream order with their split, token count and sha256).
 
@@ -52,6 +54,10 @@ VERSION = 1  # version 1 = uint16 tokens
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
+MAGIC32, VERSION32 = 20240801, 7  # llm.c's Llama 3 shards (dev/data/data_common.py): uint32 tokens
+TOKEN_DTYPE32 = np.dtype("<u4")
+# (magic, version) -> token dtype
+FORMATS = {(MAGIC, VERSION): TOKEN_DTYPE, (MAGIC32, VERSION32): TOKEN_DTYPE32}
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's count is an int32
 MANIFEST = "manifest.json"
 STATE = ".prepare-state.json"  # an unfinished preparation (jaxgpt.prepare resumes it)
@@ -92,23 +98,34 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def make_header(n_tokens: int) -> np.ndarray:
+def shard_format(vocab_size: int) -> tuple[int, int, np.dtype]:
+    """(magic, version, token dtype) of shards for a vocabulary: uint16 while it fits, else uint32."""
+    if int(vocab_size) <= 65536:
+        return MAGIC, VERSION, TOKEN_DTYPE
+    return MAGIC32, VERSION32, TOKEN_DTYPE32
+
+
+def make_header(n_tokens: int, dtype=TOKEN_DTYPE) -> np.ndarray:
     if not 0 <= n_tokens <= MAX_SHARD_TOKENS:
         raise ConfigError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, got {n_tokens}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = MAGIC, VERSION, n_tokens
+    magic, version = next(k for k, v in FORMATS.items() if v == np.dtype(dtype))
+    header[0], header[1], header[2] = magic, version, n_tokens
     return header
 
 
-def write_shard(path, tokens) -> str:
-    """Write `tokens` (ints < 65536) as an llm.c shard, atomically; returns the file's sha256."""
-    tokens = np.asarray(tokens)
-    if tokens.dtype != TOKEN_DTYPE:
-        if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-            raise ConfigError("llm.c shards hold uint16 tokens; a token id is outside 0..65535")
-        tokens = tokens.astype(TOKEN_DTYPE)
+def write_shard(path, tokens, dtype=TOKEN_DTYPE) -> str:
+    """Write `tokens` as an llm.c shard of `dtype` (uint16, or uint32: the Llama 3 format),
+    atomically; returns the file's sha256."""
+    tokens, dtype = np.asarray(tokens), np.dtype(dtype)
+    if tokens.dtype != dtype:
+        top = np.iinfo(dtype).max
+        if tokens.size and (tokens.min() < 0 or tokens.max() > top):
+            raise ConfigError(f"these llm.c shards hold {dtype.name} tokens; a token id is outside "
+                              f"0..{top}")
+        tokens = tokens.astype(dtype)
     tokens = np.ascontiguousarray(tokens)
-    header = make_header(int(tokens.size)).tobytes()
+    header = make_header(int(tokens.size), dtype).tobytes()
     body = memoryview(tokens).cast("B")
     h = hashlib.sha256(header)
     h.update(body)
@@ -118,6 +135,10 @@ def write_shard(path, tokens) -> str:
 
 def read_header(path) -> int:
     """The token count of shard `path`, after checking its magic, version and size."""
+    return _read_header(path)[0]
+
+
+def _read_header(path) -> tuple[int, np.dtype]:
     path = str(path)
     try:
         size = os.path.getsize(path)
@@ -128,25 +149,29 @@ def read_header(path) -> int:
     if len(raw) < HEADER_BYTES:
         raise ConfigError(f"shard {path} is {size} bytes, shorter than llm.c's 1024-byte header")
     header = np.frombuffer(raw, dtype="<i4")
-    if int(header[0]) != MAGIC:
-        raise ConfigError(f"shard {path} has magic {int(header[0])}, not llm.c's {MAGIC}")
-    if int(header[1]) != VERSION:
-        raise ConfigError(f"shard {path} has version {int(header[1])}; only version {VERSION} "
-                          "(uint16 GPT-2 tokens) is supported")
+    magic, version = int(header[0]), int(header[1])
+    if magic not in (MAGIC, MAGIC32):
+        raise ConfigError(f"shard {path} has magic {magic}, not llm.c's {MAGIC} (uint16) or "
+                          f"{MAGIC32} (uint32)")
+    dtype = FORMATS.get((magic, version))
+    if dtype is None:
+        raise ConfigError(f"shard {path} has version {version}; with magic {magic} only version "
+                          f"{VERSION if magic == MAGIC else VERSION32} "
+                          f"({'uint16' if magic == MAGIC else 'uint32'} tokens) is supported")
     n = int(header[2])
-    expect = HEADER_BYTES + 2 * n
+    expect = HEADER_BYTES + dtype.itemsize * n
     if n < 0 or size != expect:
         raise ConfigError(f"shard {path}: header says {n} tokens ({expect} bytes) but the file is "
                           f"{size} bytes (truncated or corrupt)")
-    return n
+    return n, dtype
 
 
 def read_shard(path) -> np.ndarray:
-    """All tokens of shard `path` as a read-only uint16 memmap (header validated)."""
-    n = read_header(path)
+    """All tokens of shard `path` as a read-only uint16 (or uint32) memmap (header validated)."""
+    n, dtype = _read_header(path)
     if n == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 def split_of(filename: str) -> str:

@@ -46,15 +46,11 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _chunks(text: str):
-    """Split text into ~CHUNK_CHARS pieces at newlines (BPE never merges across a newline+char)."""
-    start = 0
-    while start < len(text):
-        end = min(len(text), start + CHUNK_CHARS)
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        yield text[start:end]
-        start = end
+    """Split text into ~CHUNK_CHARS pieces where every supported BPE split pattern (GPT-2's,
+    Llama 3's) ends a token anyway (jaxgpt.corpus's cut rule), so the pieces' ids are the text's."""
+    from jaxgpt.data.corpus import split_text
+
+    yield from split_text(text, CHUNK_CHARS)
 
 
 def tokenize(text: str, tok, progress: bool = False) -> np.ndarray:
@@ -88,6 +84,8 @@ def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_
     """
     src = Path(data_path)
     text = read_text(src)  # validates existence / emptiness / encoding
+    if tok is None and tokenizer not in ("char", "gpt2"):  # a tokenizer folder
+        tok = get_tokenizer(tokenizer)
     cache = Path(cache_dir)
     meta_path = cache / "meta.json"
     digest = _sha256(src)

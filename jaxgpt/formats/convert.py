@@ -583,7 +583,8 @@ def hf_config(cfg: GPTConfig) -> dict:
 
 
 def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, force: bool = False) -> Path:
-    """Write `out/` with config.json + model.safetensors (+ GPT-2 tokenizer files), atomically:
+    """Write `out/` with config.json + model.safetensors (+ the tokenizer's files: GPT-2's
+    vocab.json/merges.txt, or a BPE's tokenizer.json/tokenizer_config.json), atomically:
     a GPT2LMHeadModel folder, or a LlamaForCausalLM one for a Llama-family model."""
     from safetensors.numpy import save_file
 
@@ -593,6 +594,11 @@ def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, for
         raise ConfigError("this model mixes GPT-2 and Llama blocks; Hugging Face has no class for it")
     tensors = tensors_from_model(model) if family == "gpt2" else llama_tensors_from_model(model)
     config = hf_config(model.config) if family == "gpt2" else hf_llama_config(model.config, tokenizer_dict)
+    if family == "gpt2" and tokenizer_dict and tokenizer_dict.get("type") == "bpe":
+        for key in ("bos", "eos"):  # the tokenizer's own ids, not GPT-2's 50256
+            config.pop(f"{key}_token_id", None)
+            if tokenizer_dict.get(key) is not None:
+                config[f"{key}_token_id"] = tokenizer_dict[key]
     with atomic_dir(out, force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -601,4 +607,12 @@ def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, for
             assets = resources.files("jaxgpt") / "assets" / "gpt2"
             (tmp / "vocab.json").write_bytes((assets / "encoder.json").read_bytes())
             (tmp / "merges.txt").write_bytes((assets / "vocab.bpe").read_bytes())
+        elif tokenizer_dict and tokenizer_dict.get("type") == "bpe":
+            # a byte-level BPE (trained with python -m jaxgpt.tokenizer, from a GGUF or HF
+            # folder): tokenizer.json + tokenizer_config.json, so AutoTokenizer gives our ids
+            from jaxgpt.tokenizers.tokenizer import BPETokenizer
+            from jaxgpt.tokenizers.train import hf_tokenizer_files
+
+            for name, data in hf_tokenizer_files(BPETokenizer.from_dict(tokenizer_dict)).items():
+                (tmp / name).write_bytes(data)
     return Path(out)

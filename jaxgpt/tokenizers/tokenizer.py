@@ -1,5 +1,7 @@
 """Tokenizers: character-level (vocabulary from the corpus), GPT-2's BPE (offline via tiktoken), and
-Hugging Face byte-level BPE for other models, built from a GGUF file or a tokenizer.json."""
+Hugging Face byte-level BPE for other models, built from a GGUF file or a tokenizer.json folder
+(including one `python -m jaxgpt.tokenizer train` wrote: jaxgpt/tokenizers/train.py; that CLI is
+jaxgpt/cli/tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -88,14 +90,31 @@ def _gpt2_encoding():
 
 
 def get_tokenizer(name: str, text: str | None = None):
-    """`get_tokenizer("gpt2")`, or `get_tokenizer("char", text=corpus)`."""
+    """`get_tokenizer("gpt2")`, `get_tokenizer("char", text=corpus)`, or
+    `get_tokenizer("path/to/folder")` (a Hugging Face tokenizer.json folder)."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "char":
         if text is None:
             raise ConfigError("the char tokenizer needs the corpus text to build its vocabulary")
         return CharTokenizer.from_text(text)
-    raise ConfigError(f"unknown tokenizer {name!r}; choose char or gpt2")
+    if is_tokenizer_dir(name):
+        return load_tokenizer_dir(name)
+    raise ConfigError(f"unknown tokenizer {name!r}; choose char, gpt2 or a tokenizer folder "
+                      "(tokenizer.json)")
+
+
+def is_tokenizer_dir(name) -> bool:
+    """Whether `name` names a folder (one that should hold a tokenizer.json), not char / gpt2."""
+    import os
+
+    return str(name) not in ("char", "gpt2") and os.path.isdir(str(name))
+
+
+def load_tokenizer_dir(folder) -> "BPETokenizer":
+    """The byte-level BPE of a Hugging Face tokenizer folder (tokenizer.json +
+    tokenizer_config.json), e.g. one `python -m jaxgpt.tokenizer train` wrote."""
+    return BPETokenizer.from_hf_folder(folder)
 
 
 def tokenizer_from_dict(d: dict):
