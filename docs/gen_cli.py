@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sft", "prepare", "sample", "chat", "serve", "eval", "harness", "convert", "quantize"]
+COMMANDS = ["train", "sft", "dpo", "grpo", "prepare", "sample", "chat", "serve", "eval", "harness", "convert", "quantize"]
 WHAT = {
     "train": "pretrain (or fine-tune with `--init-from`) on a text file",
     "sft": "supervised fine-tuning on instruction records: full or LoRA; `--merge`, `--eval-only`",
+    "dpo": "preference tuning (DPO) on {prompt, chosen, rejected} records: full or LoRA; TRL's losses and metrics",
+    "grpo": "RL with verifiable rewards (GRPO): sampled groups, TRL-style reward functions, clipped ratio loss",
     "prepare": "tokenize corpora into llm.c-format token shards + manifest.json",
     "sample": "sample text from a model",
     "chat": "chat with a model in the terminal",
