@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "sft", "prepare", "tokenizer", "sample", "chat", "serve", "eval", "harness", "convert",
-            "quantize"]
+COMMANDS = ["train", "sft", "dpo", "grpo", "prepare", "tokenizer", "sample", "chat", "serve", "eval",
+            "harness", "convert", "quantize"]
 SUBCOMMANDS = {"tokenizer": ["train", "encode", "decode"]}
 WHAT = {
     "train": "pretrain (or fine-tune with `--init-from`) on a text file",
     "sft": "supervised fine-tuning on instruction records: full or LoRA; `--merge`, `--eval-only`",
+    "dpo": "preference tuning (DPO) on {prompt, chosen, rejected} records: full or LoRA; TRL's losses and metrics",
+    "grpo": "RL with verifiable rewards (GRPO): sampled groups, TRL-style reward functions, clipped ratio loss",
     "prepare": "tokenize corpora into llm.c-format token shards + manifest.json",
     "tokenizer": "train your own byte-level BPE tokenizer (a tokenizer.json folder); encode / decode",
     "sample": "sample text from a model",

@@ -238,12 +238,14 @@ class OptimConfig:
     grad_clip: float = 1.0
     seed: int = 1337
 
+    MIN_ITERS = 1  # DPO allows 0: --max-iters 0 only evaluates
+
     def __post_init__(self):
         for name in ("batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_iters is not None and self.max_iters < 1:
-            raise ConfigError(f"--max-iters must be >= 1, got {self.max_iters}")
+        if self.max_iters is not None and self.max_iters < self.MIN_ITERS:
+            raise ConfigError(f"--max-iters must be >= {self.MIN_ITERS}, got {self.max_iters}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"--batch-size ({self.batch_size}) must be divisible by --grad-accum ({self.grad_accum})"

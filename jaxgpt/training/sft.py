@@ -119,20 +119,30 @@ class SFTConfig(OptimConfig, RunConfig):
 
 # ---- records ---------------------------------------------------------------------------------
 def read_records(path: str | Path) -> list[dict]:
-    """A JSON list of records, or JSONL (one record per line). ConfigError names the bad line."""
+    """A JSON list of records, or JSONL (one record per line), each checked as an instruction
+    record. ConfigError names the bad line or record."""
+    records = load_json_records(path)
+    # validate every record now, so a bad one is reported before any training
+    for i, r in enumerate(records):
+        templates.to_messages(r, f"{Path(path).name} record {i}")
+    return records
+
+def load_json_records(path: str | Path, flag: str = "--data") -> list:
+    """The records of a JSON list or JSONL file, unchecked (SFT, DPO and GRPO check their own
+    fields). ConfigError names the bad line."""
     if not path:
-        raise ConfigError("--data FILE is required")
+        raise ConfigError(f"{flag} FILE is required")
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--data {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     text = p.read_text(encoding="utf-8")
     if not text.strip():
-        raise ConfigError(f"--data {path}: the file is empty")
+        raise ConfigError(f"{flag} {path}: the file is empty")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--data {path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+            raise ConfigError(f"{flag} {path}: malformed JSON at line {e.lineno}: {e.msg}") from None
     else:
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -140,12 +150,9 @@ def read_records(path: str | Path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"--data {path}: malformed JSONL at line {n}: {e.msg}") from None
+                    raise ConfigError(f"{flag} {path}: malformed JSONL at line {n}: {e.msg}") from None
     if not isinstance(records, list) or not records:
-        raise ConfigError(f"--data {path}: no records (expected a JSON list or JSON lines)")
-    # validate every record now, so a bad one is reported before any training
-    for i, r in enumerate(records):
-        templates.to_messages(r, f"{p.name} record {i}")
+        raise ConfigError(f"{flag} {path}: no records (expected a JSON list or JSON lines)")
     return records
 
 def split(records: list, val_frac: float, test_frac: float, seed: int) -> dict[str, list]:

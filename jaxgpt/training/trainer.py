@@ -39,8 +39,15 @@ from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.formats.files import writing
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
-# loss_fn(model, batch, key) -> (summed loss, counted targets); batch: dict of [B, T] arrays
-LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+# loss_fn(model, batch, key) -> (summed loss, counted targets) or (summed loss, counted targets,
+# extras): batch is a dict of [B, ...] arrays; extras {name: (sum, count)} are further metrics a loss
+# reports (DPO's rewards, GRPO's KL), each summed and counted like the loss and logged as sum / count
+LossFn = Callable[..., tuple]
+
+
+def _parts(out) -> tuple:
+    """A loss_fn's result as (total, count, extras)."""
+    return (out[0], out[1], out[2] if len(out) > 2 else {})
 
 
 def make_step(graphdef, tx: optax.GradientTransformation, schedule, *, loss_fn: LossFn = lm_loss,
@@ -57,8 +64,8 @@ def make_step(graphdef, tx: optax.GradientTransformation, schedule, *, loss_fn: 
 
     def loss_sum(params, frozen, batch, key):
         model = nnx.merge(graphdef, params, frozen)
-        total, count = loss_fn(model, batch, key if dropout else None)
-        return total, count
+        total, count, extras = _parts(loss_fn(model, batch, key if dropout else None))
+        return total, (count, extras)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -66,23 +73,26 @@ def make_step(graphdef, tx: optax.GradientTransformation, schedule, *, loss_fn: 
         A = jax.tree.leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(base_key, state["step"]), A)
 
-        def micro(acc, inputs):  # accumulate (loss sum, count, gradient sums) over micro-batches
+        def micro(acc, inputs):  # accumulate (loss sum, count, extras, gradient sums) over micro-batches
             mb, key = inputs
-            (total, count), grads = grad_fn(state["params"], frozen, mb, key)
-            return jax.tree.map(jnp.add, acc, (total, count, grads)), None
+            (total, (count, extras)), grads = grad_fn(state["params"], frozen, mb, key)
+            return jax.tree.map(jnp.add, acc, (total, count, extras, grads)), None
 
+        first = jax.tree.map(lambda a: a[0], batch)
         if A == 1:
-            (total, count), grads = grad_fn(state["params"], frozen,
-                                            jax.tree.map(lambda a: a[0], batch), keys[0])
+            (total, (count, extras)), grads = grad_fn(state["params"], frozen, first, keys[0])
         else:
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-            (total, count, grads), _ = jax.lax.scan(micro, zeros, (batch, keys))
+            shapes = jax.eval_shape(grad_fn, state["params"], frozen, first, keys[0])[0][1][1]
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                     jax.tree.map(jnp.zeros_like, state["params"]))
+            (total, count, extras, grads), _ = jax.lax.scan(micro, zeros, (batch, keys))
         n = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": total / n, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": count}
+                   "lr": schedule(state["step"]), "tokens": count,
+                   **{"x/" + k: s / jnp.maximum(c, 1e-30) for k, (s, c) in extras.items()}}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def step(state, frozen, batch):
@@ -94,13 +104,15 @@ def make_step(graphdef, tx: optax.GradientTransformation, schedule, *, loss_fn: 
 
 def make_eval(graphdef, loss_fn: LossFn = lm_loss):
     """`evaluate(params, frozen, batches) -> (loss sum, count)` over stacked batches [N, B, ...]
-    in one call (a `lax.map` over N, so one compiled program whatever N)."""
+    in one call (a `lax.map` over N, so one compiled program whatever N); a loss with extras
+    gives (loss sum, count, {name: (sum, count)})."""
 
     @jax.jit
     def evaluate(params, frozen, batches):
         model = nnx.merge(graphdef, params, frozen)
-        sums, counts = jax.lax.map(lambda b: loss_fn(model, b), batches)
-        return sums.sum(), counts.sum()
+        sums, counts, extras = jax.lax.map(lambda b: _parts(loss_fn(model, b)), batches)
+        total = jax.tree.map(jnp.sum, extras)
+        return (sums.sum(), counts.sum(), total) if total else (sums.sum(), counts.sum())
 
     return evaluate
 
@@ -223,13 +235,19 @@ class Trainer:
         through the model together (g dividing N, g * B * T <= tokens_per_forward), so a small
         training batch does not make evaluation a long series of small forwards. The mean is
         sum / count over every row, so the grouping does not change it."""
+        return self.evaluate_metrics(batches, tokens_per_forward)["loss"]
+
+    def evaluate_metrics(self, batches: dict, tokens_per_forward: int = EVAL_TOKENS) -> dict:
+        """{"loss": the mean of `evaluate`, and each extra of the loss (its sum / count)}."""
         v0 = next(iter(batches.values()))
         N, B, T = v0.shape[0], self.optim.batch_size, int(np.prod(v0.shape[2:]))
         g = max([d for d in range(1, N + 1) if N % d == 0 and d * B * T <= tokens_per_forward] or [1])
         arrays = {k: parallel.shard_batch(self.mesh, v.reshape(N // g, g * v.shape[1], *v.shape[2:]), 1,
                                           (N // g, g * B, *v.shape[2:])) for k, v in batches.items()}
-        total, count = self.eval_fn(self.state["params"], self.frozen, arrays)
-        return float(parallel.to_host(total)) / max(float(parallel.to_host(count)), 1.0)
+        total, count, extras = _parts(self.eval_fn(self.state["params"], self.frozen, arrays))
+        mean = lambda s, c: float(parallel.to_host(s)) / max(float(parallel.to_host(c)), 1e-30)
+        return {"loss": float(parallel.to_host(total)) / max(float(parallel.to_host(count)), 1.0),
+                **{k: mean(s, c) for k, (s, c) in extras.items()}}
 
     def save(self, step: int) -> None:
         """Start writing checkpoint `step` (asynchronously). A failed write (this one's start,
@@ -280,14 +298,16 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, batch_fn, *, evaluate=None, sample=None, rows: list[dict] | None = None,
-            eval_every: tuple[int, ...] = ()) -> dict:
+            eval_every: tuple[int, ...] = (), row_extras=None) -> dict:
         """Train from the current step to total_steps.
 
         batch_fn(steps: range) -> {name: [len(steps), len(local_rows), ...]} host arrays: the
         batches of those steps, this process's rows. evaluate(step) -> {metric: value} (called
         at step 0, every eval_interval, every interval of `eval_every` and at the end);
         sample() -> str (logged after each evaluation past the start). `rows`: metrics already
-        logged (a resumed run's, up to its checkpoint). Returns the run summary.
+        logged (a resumed run's, up to its checkpoint). Each training row also carries the loss's
+        extras (see LossFn) and row_extras(step) -> {metric: value} (e.g. GRPO's rewards of the
+        step's rollouts). Returns the run summary.
         """
         run, out = self.run, Path(self.run.out)
         metrics_path = out / "metrics.jsonl"
@@ -376,6 +396,9 @@ class Trainer:
                                "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)}
                         if self.peak:  # model FLOPs/s over the devices' peak
                             row["mfu"] = round(tps * self.flops_per_token / self.peak, 4)
+                        row.update({k[2:]: float(v[-1]) for k, v in m.items() if k.startswith("x/")})
+                        if row_extras is not None:
+                            row.update(row_extras(step))
                         write_row(row)
                         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False,
                                         **({"mfu": f"{row['mfu']:.0%}"} if self.peak else {}))
@@ -436,7 +459,8 @@ def resume_point(cfg, kind: str, config_key: str) -> tuple[int, dict]:
         raise ConfigError(f"{cfg.out} holds weights only (a converted model), not a training run "
                           f"to resume; start a new run with --init-from {cfg.out}")
     if saved_kind != kind:
-        cli = {"pretrain": "python -m jaxgpt.train", "sft": "python -m jaxgpt.sft"}[saved_kind]
+        cli = {"pretrain": "python -m jaxgpt.train", "sft": "python -m jaxgpt.sft",
+               "dpo": "python -m jaxgpt.dpo", "grpo": "python -m jaxgpt.grpo"}.get(saved_kind, "its own command")
         raise ConfigError(f"{cfg.out} is a {saved_kind} run, not a {kind} run: resume it with {cli} --resume")
     diff = cfg.resume_diff(meta[config_key])
     if diff:

@@ -1,0 +1,84 @@
+"""`python -m jaxgpt.grpo`: flags -> GRPOConfig -> jaxgpt.training.grpo.run_grpo -> a closing line. Bad input
+(records, reward functions) is one line and exit status 2 (jaxgpt.cli.run)."""
+
+import argparse
+import signal
+import sys
+
+from jaxgpt.cli import run
+from jaxgpt.cli.sft import HELP as SFT_HELP
+from jaxgpt.config import add_dataclass_flags
+from jaxgpt.training.grpo import LOSS_TYPES, GRPOConfig, run_grpo
+
+HELP = {**SFT_HELP,
+        "ckpt": "the policy's starting point: jaxgpt run dir, HF folder, hub or packaged name "
+                "(gpt2, smollm2, ...); also the reference of --beta",
+        "prompts": "training prompts, a JSON list or JSONL of {prompt, ...}: prompt is text or chat "
+                   "messages (rendered with --template); every other field is passed to the reward "
+                   "functions by name, one value per completion (TRL's convention)",
+        "reward": "reward functions MODULE:FUNCTION (a module on the path or a file.py), "
+                  "comma-separated; each f(prompts, completions, completion_ids, **columns) -> "
+                  "list of floats (None: not applicable)",
+        "reward_weights": "comma-separated weights of the reward functions (default: all 1)",
+        "eval_prompts": "held-out prompts: greedy completions scored at step 0, every "
+                        "--eval-interval and at the end (eval_reward rows; eval_completions.jsonl)",
+        "group_size": "completions sampled per prompt (G); advantages are relative to the group",
+        "max_new_tokens": "longest completion in tokens",
+        "temperature": "sampling temperature of the rollouts (the log-probs use logits / temperature)",
+        "top_p": "nucleus sampling of the rollouts (default: off)",
+        "top_k": "top-k sampling of the rollouts (default: off)",
+        "epsilon": "clip range of the policy ratio: [1 - epsilon, 1 + epsilon-high]",
+        "epsilon_high": "upper clip (default: --epsilon)",
+        "beta": "weight of the KL to the reference (TRL's k3 estimator); 0 loads no reference",
+        "loss_type": f"aggregation of the token losses, TRL's names: {', '.join(LOSS_TYPES)}",
+        "scale_rewards": "group: divide advantages by the group's std (+1e-4); none: do not",
+        "batch_size": "prompts per optimizer step (each sampled --group-size times)",
+        "max_iters": "optimizer steps",
+        "lr": "peak learning rate (default: 1e-6 full, 1e-5 LoRA)",
+        "seed": "seed of the prompt order, the rollouts (one stream per row) and the LoRA init",
+        "template": "chat template for chat prompts (default: the model's own, else alpaca)",
+        "out": "output folder: checkpoints/ (the trained model of a full run), the LoRA adapter, "
+               "metrics.jsonl (TRL's metric names), loss.png, eval_completions.jsonl, summary.json",
+        "resume": "continue the GRPO run in --out from its newest intact checkpoint (same flags)",
+        "force": "replace a non-empty --out",
+        "log_interval": "write a training metrics row every N steps",
+        "eval_interval": "score --eval-prompts every N steps",
+        "steps_per_call": "must be 1: every step samples with the weights the last step left"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import jaxgpt.training.grpo
+
+    p = argparse.ArgumentParser(prog="python -m jaxgpt.grpo", description=jaxgpt.training.grpo.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_flags(p, GRPOConfig, HELP, positional=("ckpt",))
+    return p
+
+
+def _main(argv) -> int:
+    from jaxgpt import parallel, runtime
+
+    cfg = GRPOConfig(**vars(build_parser().parse_args(argv)))
+    if cfg.deterministic:
+        parallel.deterministic_gpu_ops()
+    runtime.enable_compilation_cache()
+    s = run_grpo(cfg)
+    if s["stopped_by"]:
+        return 128 + signal.Signals[s["stopped_by"]].value
+    if not parallel.is_main():
+        return 0
+    if s["before"] is not None:
+        print(f"held-out reward {s['before']['eval_reward']:.4f} -> {s['after']['eval_reward']:.4f}",
+              file=sys.stderr)
+    tps = s["rollout_tokens"] / max(s["rollout_seconds"], 1e-9)
+    print(f"done: {s['steps']} steps; rollouts {s['rollout_tokens']} tokens at {tps:.1f} tokens/s; "
+          f"metrics in {cfg.out}/metrics.jsonl", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
