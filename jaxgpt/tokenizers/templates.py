@@ -94,15 +94,20 @@ def _jinja(source: str):
         raise ConfigError(f"the model's chat template is not valid Jinja: {e}") from None
 
 
-def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None) -> str:
+def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None,
+                 tools: list | None = None) -> str:
     """The model's own Jinja template over `messages`, with the generation prompt (the assistant
-    header) at the end. `special`: bos_token / eos_token strings the template may use."""
+    header) at the end. `special`: bos_token / eos_token strings the template may use; `tools`:
+    OpenAI tool definitions, for a template that renders them (messages may then carry
+    tool_calls / tool_call_id, passed on as transformers' apply_chat_template passes them)."""
     if not chat_template:
         raise ConfigError("template 'model': this model ships no chat template; "
                           "choose alpaca, chatml or none")
-    msgs = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
+    msgs = [{**{k: v for k, v in m.items() if k != "input"},
+             "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
             for m in messages]
-    return _jinja(chat_template).render(messages=msgs, add_generation_prompt=True, **(special or {}))
+    extra = {"tools": tools} if tools else {}
+    return _jinja(chat_template).render(messages=msgs, add_generation_prompt=True, **extra, **(special or {}))
 
 
 TEMPLATES = {"alpaca": render_alpaca, "chatml": render_chatml, "none": render_none, "model": None}
