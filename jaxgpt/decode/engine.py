@@ -435,12 +435,33 @@ def decode_step(model, tok: jax.Array, cache):
     return model(tok, cache=cache, logits_at=0, hidden=True)
 
 
+def adjust_logits(logits: jax.Array, mask: jax.Array | None, bias: jax.Array | None) -> jax.Array:
+    """logits [B, V] (float32) + bias [B, V] (logit_bias, presence / frequency penalties), then
+    the tokens a grammar forbids set to -inf: mask int32 [B, ceil(V / 32)] holds one bit per id
+    (bit i % 32 of word i // 32: xgrammar's token bitmask layout; all ones = no constraint).
+    Every sampler (greedy, temperature, top-k, top-p) then picks among what is left."""
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        V = logits.shape[-1]
+        bits = jnp.right_shift(mask[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+        allowed = bits.reshape(mask.shape[0], -1)[:, :V] != 0
+        logits = jnp.where(allowed, logits, NEG_INF)
+    return logits
+
+
 def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None,
-                screen: GreedyScreen | None = None) -> jax.Array:
+                screen: GreedyScreen | None = None, mask=None, bias=None) -> jax.Array:
     """Token ids [B] from final hidden states x [B, C] (settings as in `sample_rows`; keys [B]
     are the rows' keys for this position). With a `screen`, greedy rows pick through
     screened_argmax (the same ids as the full head, reading mostly int8); with per-row settings
-    that happens when every row is greedy, otherwise the full head decides."""
+    that happens when every row is greedy, otherwise the full head decides. `mask` / `bias`
+    (adjust_logits) change the logits before any sampler; with either the full head decides
+    (a separate compiled program: calls without them are unchanged)."""
+    if mask is not None or bias is not None:
+        logits = adjust_logits(model.head(x, rows=True), mask, bias)
+        return sample_rows(logits, keys, temperature, top_k, top_p)
     full = lambda: sample_rows(model.head(x, rows=True), keys, temperature, top_k, top_p)
     if screen is None:
         return full()
@@ -487,6 +508,13 @@ class Request:
 
     A failure that is this request's own (its prefill, its `on_token` callback) ends it alone:
     finish_reason "error", the exception in `error`; the other rows go on.
+    `grammar` (a jaxgpt.decode.grammar.Grammar: JSON Schema, JSON, regex, a choice list) constrains
+    every token to those that keep the output a prefix of a sentence of the grammar; the row
+    ends ("stop") when the grammar is complete and the model picks a stop token, or when the
+    grammar admits nothing more. `logit_bias` {id: bias} is added to the row's logits (OpenAI's
+    -100..100), and each id already generated k times loses k * frequency_penalty +
+    presence_penalty (OpenAI's definition; the prompt does not count). These change the logits
+    before every sampler (greedy included); rows without them are decoded as before.
     """
 
     prompt: Sequence[int]
@@ -499,6 +527,10 @@ class Request:
     on_token: Callable[[int], None] | None = None
     logprobs: int | None = None
     adapter: int = 0
+    grammar: object | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list = field(default_factory=list)
     slot: int | None = None
@@ -525,7 +557,7 @@ def _slot_cache(config, slots: int, max_len: int, place):
 
 @partial(jax.jit, static_argnames="graphdef")
 def _engine_prefill(graphdef, state, ids, lens, key_data, temperature, top_k, top_p, want_lp,
-                    adapter, screen):
+                    adapter, screen, mask=None, bias=None):
     """Prefill G prompts ids [G, Tb] (real lengths lens [G]) and pick their first tokens:
     ((ids [G], token_logprobs), their cache of Tb positions, index lens). adapter [G]: each
     row's LoRA adapter (0: none). Compiled per (G, Tb) only: _engine_insert puts the rows in."""
@@ -533,7 +565,7 @@ def _engine_prefill(graphdef, state, ids, lens, key_data, temperature, top_k, to
     lora.set_adapter_rows(model, jnp.repeat(adapter, ids.shape[1]))  # one id per row of [G*Tb, C]
     x, new = prefill(model, ids, lens)  # x [G, C]
     keys = position_keys(jax.random.wrap_key_data(key_data), lens)  # the first new token is at n
-    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
+    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen, mask, bias)
     return (tok, token_logprobs(model, x, tok, want_lp)), new
 
 
@@ -554,16 +586,17 @@ _grow_slots = jax.jit(grow_cache, static_argnames="max_len")
 
 @partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
 def _engine_step(graphdef, state, cache, tokens, active, key_data, temperature, top_k, top_p,
-                 want_lp, adapter, screen):
+                 want_lp, adapter, screen, mask=None, bias=None):
     """Every slot's last token tokens [N] -> (its next token [N], token_logprobs) and the cache;
-    rows not `active` keep their position (what they compute is ignored)."""
+    rows not `active` keep their position (what they compute is ignored). mask / bias: see
+    adjust_logits (None: compiled without them)."""
     model = nnx.merge(graphdef, state)
     lora.set_adapter_rows(model, adapter)
     index = cache["index"]  # [N], one position per slot
     x, new = decode_step(model, tokens[:, None], cache)  # x [N, C]
     new = {**new, "index": jnp.where(active, new["index"], index)}
     keys = position_keys(jax.random.wrap_key_data(key_data), index + 1)
-    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen)
+    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen, mask, bias)
     return (tok, token_logprobs(model, x, tok, want_lp)), new
 
 
@@ -618,6 +651,13 @@ class Engine:
         self._top_p = np.ones(N, np.float32)
         self._want_lp = np.zeros(N, bool)
         self._adapter = np.zeros(N, np.int32)
+        # logit adjustments (adjust_logits), made when a row first needs them: a grammar's
+        # token bitmask per slot (all ones: free), an additive bias per slot
+        self._matchers: list = [None] * N
+        self._mask: np.ndarray | None = None  # int32 [N, ceil(V / 32)]
+        self._bias: np.ndarray | None = None  # float32 [N, V]
+        self._biased = np.zeros(N, bool)
+        self._seen: list[set | None] = [None] * N  # tokens a penalised row has generated
 
     # -- the cache's length --
     def _empty(self, max_len: int, rows: int | None = None):
@@ -681,6 +721,7 @@ class Engine:
         (self._key_data[slot], self._temperature[slot], self._top_k[slot], self._top_p[slot],
          self._adapter[slot]) = settings
         self._want_lp[slot] = r.logprobs is not None
+        self._set_adjustments(slot, r)
         return slot
 
     def _row_settings(self, r: Request) -> tuple:
@@ -700,6 +741,46 @@ class Engine:
             raise ConfigError(f"temperature {r.temperature} is out of the engine's float32 range")
         return out
 
+    def _set_adjustments(self, slot: int, r: Request) -> None:
+        """The row's grammar matcher and logit bias (jaxgpt.grammar; adjust_logits)."""
+        V = self.config.vocab_size
+        if r.grammar is not None:
+            if self._mask is None:
+                self._mask = np.full((self.slots, -(-V // 32)), -1, np.int32)
+            self._matchers[slot] = r.grammar.matcher(list(r.stop))
+        if r.logit_bias or r.presence_penalty or r.frequency_penalty:
+            if self._bias is None:
+                self._bias = np.zeros((self.slots, V), np.float32)
+            for t, b in (r.logit_bias or {}).items():
+                if 0 <= int(t) < V:
+                    self._bias[slot, int(t)] = b
+            self._biased[slot] = True
+            self._seen[slot] = set()
+
+    def _clear_adjustments(self, slot: int) -> None:
+        if self._matchers[slot] is not None:
+            self._matchers[slot] = None
+            self._mask[slot] = -1
+        if self._biased[slot]:
+            self._biased[slot] = False
+            self._bias[slot] = 0.0
+            self._seen[slot] = None
+
+    def _adjustments(self, slots, rows) -> tuple:
+        """(mask, bias) rows `rows` (an index array or slice) of the next call, which picks
+        tokens for `slots`: their grammars' bitmasks filled now; each None when none of `slots`
+        needs it (the call then compiles and runs without it)."""
+        slots = [int(s) for s in dict.fromkeys(np.asarray(slots).tolist())]
+        mask = bias = None
+        with_grammar = [s for s in slots if self._matchers[s] is not None]
+        if with_grammar:
+            for s in with_grammar:
+                self._matchers[s].fill(self._mask, s)
+            mask = self._mask[rows]
+        if self._biased[slots].any():
+            bias = self._bias[rows]
+        return mask, bias
+
     def release(self, slot: int, reason: str = "released") -> None:
         """Free `slot` now (its request, if any, ends with finish_reason `reason`)."""
         r = self.requests[slot]
@@ -710,6 +791,7 @@ class Engine:
         # it does not keep the batch on the sampling / sorting / logprobs paths
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
         self._want_lp[slot] = False
+        self._clear_adjustments(slot)
         if slot in self._pending:
             self._pending.remove(slot)
 
@@ -735,6 +817,13 @@ class Engine:
     def _emit(self, slot: int, token: int, events: list, lp=None, i: int = 0) -> None:
         r = self.requests[slot]
         r.tokens.append(token)
+        matcher = self._matchers[slot]
+        if matcher is not None and not matcher.accept(token):
+            raise RuntimeError(f"the grammar rejected token {token} that its own mask allowed")
+        if self._biased[slot] and (r.presence_penalty or r.frequency_penalty):
+            self._bias[slot, token] -= r.frequency_penalty + (
+                r.presence_penalty if token not in self._seen[slot] else 0.0)
+            self._seen[slot].add(token)
         if r.logprobs is not None:  # lp: the step's token_logprobs, this row at index i
             top = zip(lp[1][i, :r.logprobs].tolist(), lp[2][i, :r.logprobs].tolist())
             r.token_logprobs.append((float(lp[0][i]), list(top)))
@@ -743,7 +832,9 @@ class Engine:
         if r.on_token is not None:
             r.on_token(token)
         limit = min(r.max_new_tokens, self.max_len - len(r.prompt))
-        if token in r.stop:
+        if self.requests[slot] is not r:  # (on_token released it)
+            return
+        if token in r.stop or (matcher is not None and matcher.done):
             self.release(slot, "stop")
         elif len(r.tokens) >= limit:
             self.release(slot, "length")
@@ -763,7 +854,8 @@ class Engine:
             lens[i] = len(p)
         rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
         settings = self._settings(np.minimum(rows, self.slots - 1))
-        out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen)
+        out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen,
+                                   *self._adjustments(slots, np.minimum(rows, self.slots - 1)))
         # (committed like the cache, whether or not the weights are: one compiled insertion)
         self.cache = _engine_insert(self.cache, jax.device_put(new, self._place), rows)
         return out
@@ -786,7 +878,8 @@ class Engine:
             active = np.zeros(self.slots, bool)
             active[running] = True
             (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                                 active, *self._settings(slice(None)), self.screen)
+                                                 active, *self._settings(slice(None)), self.screen,
+                                                 *self._adjustments(running, slice(None)))
             tok, lp = np.asarray(tok), _host(lp, self._want_lp)
             for s in running:
                 if self.requests[s] is not None:  # (an on_token callback may have released it)

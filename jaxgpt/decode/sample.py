@@ -23,13 +23,14 @@ from jaxgpt.tokenizers.templates import render_prompt
 def text_samples(lm, prompt: str = "", max_new_tokens: int = 100, *, num_samples: int = 1,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, stop: bool = True, use_cache: bool = True,
-                 fast_decode: bool | None = None, raw: bool = False,
+                 fast_decode: bool | None = None, raw: bool = False, grammar=None,
                  log=lambda s: print(s, file=sys.stderr)) -> list[dict]:
     """Samples as [{"text", "tokens"}] (tokens = prompt + generated ids) from a `jaxgpt.load`
     result, decoded as one batch of `num_samples`. The empty prompt is <|endoftext|> (or a
     newline for models without it); an instruction-tuned checkpoint's saved template wraps the
     prompt unless `raw`; a prompt longer than the context keeps its last block_size tokens.
-    `stop`: cut each sample at <|endoftext|>. ConfigError for bad settings."""
+    `stop`: cut each sample at <|endoftext|>. `grammar` (jaxgpt.decode.grammar.Grammar): every
+    continuation follows it (lm.generate's constrained path). ConfigError for bad settings."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
@@ -50,9 +51,13 @@ def text_samples(lm, prompt: str = "", max_new_tokens: int = 100, *, num_samples
         ids = ids[-L:]
     stop = eot if stop else None
     batch = np.tile(np.asarray(ids, np.int32), (num_samples, 1))  # [N, T0]
-    out = np.asarray(generate(lm.model, batch, max_new_tokens, key=jax.random.key(seed),
-                              temperature=temperature, top_k=top_k, top_p=top_p, eot=stop,
-                              use_cache=use_cache, fast_decode=fast_decode))
+    if grammar is not None:
+        out = lm.generate(batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop_at_eot=stop is not None, fast_decode=fast_decode, grammar=grammar)
+    else:
+        out = np.asarray(generate(lm.model, batch, max_new_tokens, key=jax.random.key(seed),
+                                  temperature=temperature, top_k=top_k, top_p=top_p, eot=stop,
+                                  use_cache=use_cache, fast_decode=fast_decode))
     samples = []
     for row in out:
         new = row[len(ids):].tolist()

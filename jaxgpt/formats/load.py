@@ -8,6 +8,7 @@ hub names, GGUF files, models installed as Python packages, nanoGPT.
     lm = jaxgpt.load("hf_folder")         # config.json + model.safetensors / pytorch_model.bin
     lm = jaxgpt.load("lora_out")          # a LoRA adapter (jaxgpt.sft): its base, adapter merged
     lm.generate("Hello, I'm", 20, temperature=0)   -> prompt + continuation
+    lm.generate("A user as JSON:", 64, json_schema={"type": "object", ...})   -> valid JSON after it
     lm.logits([[15496, 11]])              -> float32 [1, 2, vocab]
     lm.save("out2"); lm.to_hf("hf_out")
     lm.quantize().save("out_int8")        # int8 weights (inference only); load it back with
@@ -97,23 +98,60 @@ class LoadedModel:
 
     def generate(self, prompt_or_ids, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_at_eot: bool = True, use_cache: bool = True, fast_decode: bool | None = None):
+                 stop_at_eot: bool = True, use_cache: bool = True, fast_decode: bool | None = None,
+                 json_schema=None, json_object: bool = False, regex: str | None = None,
+                 choice=None, grammar=None):
         """Continue a prompt. A string gives back a string (prompt + continuation, cut at
         `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
         prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot).
-        `fast_decode`: see jaxgpt.decode.engine.generate (default: the decode copy on a CPU)."""
+        `fast_decode`: see jaxgpt.decode.engine.generate (default: the decode copy on a CPU).
+
+        Structured output: `json_schema` (a dict or JSON text), `json_object`, `regex`, `choice`
+        (a list of strings) or `grammar` (a jaxgpt.decode.grammar.Grammar) constrains every row's
+        continuation to that grammar (jaxgpt.grammar; decoded by jaxgpt.decode.engine.Engine, a row
+        per slot); the row ends when the grammar is complete (or after max_new_tokens)."""
         as_text = isinstance(prompt_or_ids, str)
         ids = np.asarray(self.encode(prompt_or_ids) if as_text else prompt_or_ids, np.int32)
         eot = getattr(self.tokenizer, "eot_token", None) if stop_at_eot else None
-        out = np.asarray(generate(self.model, ids, max_new_tokens, key=jax.random.key(seed),
-                                  temperature=temperature, top_k=top_k, top_p=top_p, eot=eot,
-                                  use_cache=use_cache, fast_decode=fast_decode))
+        if grammar is None and (json_schema is not None or json_object or regex is not None or choice is not None):
+            from jaxgpt.decode.grammar import compile_grammar
+            if self.tokenizer is None:
+                raise ConfigError("constrained decoding needs the model's tokenizer")
+            grammar = compile_grammar(self.tokenizer, self.config.vocab_size, json_schema=json_schema,
+                                      json_object=json_object, regex=regex, choice=choice)
+        if grammar is not None:
+            out = self._generate_constrained(ids, max_new_tokens, grammar, eot, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, seed=seed, fast_decode=fast_decode)
+        else:
+            out = np.asarray(generate(self.model, ids, max_new_tokens, key=jax.random.key(seed),
+                                      temperature=temperature, top_k=top_k, top_p=top_p, eot=eot,
+                                      use_cache=use_cache, fast_decode=fast_decode))
         if not as_text:
             return out[0] if ids.ndim == 1 else out
         new = out[0, ids.shape[-1]:].tolist()
         if eot is not None and eot in new:
             new = new[:new.index(eot)]
         return self.tokenizer.decode(ids.tolist() + new)
+
+    def _generate_constrained(self, ids, max_new_tokens, grammar, eot, *, temperature, top_k,
+                              top_p, seed, fast_decode):
+        """`generate` with a grammar: each row a request of one Engine (row b's random stream:
+        fold_in(key(seed), b)); rows that end early are padded with eot (or 0)."""
+        from jaxgpt.decode.engine import Engine, Request, check_sampling
+
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        rows = ids[None] if ids.ndim == 1 else ids
+        engine = Engine(self.model, slots=len(rows), fast_decode=fast_decode)
+        key = jax.random.key(seed)
+        reqs = [Request(list(map(int, r)), max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=jax.random.fold_in(key, b), grammar=grammar,
+                        stop=() if eot is None else (eot,)) for b, r in enumerate(rows)]
+        for r in reqs:
+            engine.add(r)
+        engine.run()
+        pad = 0 if eot is None else eot
+        return np.asarray([list(r) + q.tokens + [pad] * (max_new_tokens - len(q.tokens))
+                           for r, q in zip(rows.tolist(), reqs)], np.int32)
 
     @property
     def is_int8(self) -> bool:

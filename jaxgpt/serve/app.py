@@ -43,6 +43,7 @@ from jaxgpt.evaluate.scoring import adds_bos
 from jaxgpt.serve.hosts import HostAllowList, HostFilter
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.openapi import openapi_schema
+from jaxgpt.serve import tools as T
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
 from jaxgpt.serve.schemas import (APIError, Context, GenRequest, Limits, parse_chat, parse_completion,
                                   parse_detokenize, parse_json, parse_tokenize)
@@ -210,9 +211,15 @@ def _full_response(service: Service, job: Job) -> dict:
     choices = []
     for c in job.choices:
         if req.kind == "chat":
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            if req.parse_tools:  # the model's <tool_call> blocks -> OpenAI tool_calls
+                message["content"], calls = T.split_calls(c.text)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": c.index, "message": message,
                             "logprobs": _chat_logprobs(c.infos) if req.logprobs is not None else None,
-                            "finish_reason": c.finish_reason})
+                            "finish_reason": finish})
         else:
             echo = _prompt_text(service, req, c.index) if req.echo else ""
             lp = None
@@ -253,7 +260,27 @@ async def _stream(service: Service, job: Job):
             c = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         return _sse({**head, "choices": [c], **usage})
 
-    offsets = {}
+    def tool_chunks(index, text, infos, finish):
+        """(tools) the choice's text through its ToolCallParser: content and tool_calls deltas."""
+        parser = parsers.setdefault(index, T.ToolCallParser())
+        out = []
+        for kind, v in parser.feed(text) + (parser.finish() if finish else []):
+            if kind == "content":
+                out.append(chunk(index, v, infos, None))
+                infos = []
+            else:
+                call = {"index": parser.calls.index(v), **v}
+                out.append(_sse({**head, "choices": [{"index": index, "delta": {"tool_calls": [call]},
+                                                      "logprobs": None, "finish_reason": None}], **usage}))
+        if infos:
+            out.append(chunk(index, "", infos, None))
+        if finish:
+            reason = "tool_calls" if parser.calls and finish == "stop" else finish
+            out.append(_sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                                  "finish_reason": reason}], **usage}))
+        return out
+
+    offsets, parsers = {}, {}
     try:
         if job.scores_prompts:  # the echo chunk carries the prompt's logprobs
             await job.scored.wait()
@@ -274,7 +301,10 @@ async def _stream(service: Service, job: Job):
                 yield _sse(job.error.body())
                 break
             for index, text, infos, finish in events:
-                if text or infos or finish:
+                if chat and req.parse_tools:
+                    for c in tool_chunks(index, text, infos, finish):
+                        yield c
+                elif text or infos or finish:
                     yield chunk(index, text, infos, finish)
                 if finish:
                     left -= 1

@@ -89,6 +89,9 @@ class Choice:
         extra = {"logprobs": r.logprobs} if r.logprobs is not None else {}
         if adapter:
             extra["adapter"] = adapter
+        if r.grammar is not None or r.logit_bias or r.presence_penalty or r.frequency_penalty:
+            extra.update(grammar=r.grammar, logit_bias=r.logit_bias, presence_penalty=r.presence_penalty,
+                         frequency_penalty=r.frequency_penalty)
         self.request = Request(prompt, max_tokens, temperature=r.temperature, top_k=r.top_k,
                                top_p=r.top_p, seed=key, stop=scheduler.stop_ids,
                                on_token=self._on_token, **extra)

@@ -29,7 +29,7 @@ MAX_N = 128
 INT32 = (-2 ** 31, 2 ** 31 - 1)  # what the engine's per-row int settings hold
 FLOAT32_MAX = 3.4028234663852886e38  # a larger float is inf in the engine's float32 settings
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as vLLM): logits / t would overflow
-ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+ROLES = ("system", "user", "assistant", "developer", "tool")  # developer: OpenAI's newer name for system
 
 
 class APIError(Exception):
@@ -86,6 +86,12 @@ class GenRequest:
     @property
     def n_choices(self) -> int:
         return len(self.prompts) * self.n
+    # structured outputs and tools (jaxgpt.grammar, jaxgpt.serve.tools)
+    grammar: Any = None  # a compiled jaxgpt.decode.grammar.Grammar every choice is constrained to
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None  # {token id: bias}
+    parse_tools: bool = False  # split the answer into content and tool_calls
 
     def max_tokens_for(self, i: int) -> int:
         return self.max_tokens[i] if isinstance(self.max_tokens, list) else self.max_tokens
@@ -192,11 +198,85 @@ def _refuse_unsupported(body, names_defaults):
 
 
 UNSUPPORTED_COMMON = [
-    ("frequency_penalty", lambda v: v == 0), ("presence_penalty", lambda v: v == 0),
-    ("logit_bias", lambda v: v == {}), ("best_of", lambda v: v == 1), ("suffix", lambda v: v == ""),
-    ("tools", lambda v: v == []), ("functions", lambda v: v == []),
-    ("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text"),
+    ("best_of", lambda v: v == 1), ("suffix", lambda v: v == ""), ("functions", lambda v: v == []),
 ]
+
+
+def _penalties(body, ctx: Context, req: GenRequest) -> None:
+    """presence_penalty, frequency_penalty (OpenAI: -2..2) and logit_bias ({id: -100..100})."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _num(body, name, 0.0)
+        if not -2.0 <= v <= 2.0:
+            raise APIError(f"'{name}' must be in [-2, 2], got {v:g}", name)
+        setattr(req, name, v)
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return
+    if not isinstance(bias, dict):
+        raise APIError(f"'logit_bias' must be an object {{token id: bias}}, got {_kind(bias)}", "logit_bias")
+    out = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise APIError(f"'logit_bias' keys must be token ids, got {json.dumps(k)}", "logit_bias") from None
+        if not 0 <= t < ctx.vocab_size:
+            raise APIError(f"'logit_bias' holds token id {t}, outside the vocabulary "
+                           f"(0..{ctx.vocab_size - 1})", "logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise APIError(f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(v)} "
+                           f"for {k}", "logit_bias")
+        out[t] = float(v)
+    req.logit_bias = out
+
+
+def _compile(ctx: Context, param: str, **grammar):
+    """A jaxgpt.decode.grammar.Grammar for the served tokenizer, or APIError naming `param`."""
+    from jaxgpt.decode import grammar as G
+
+    if ctx.tokenizer is None:
+        raise APIError("this model has no tokenizer, so its output cannot follow a grammar", param)
+    try:
+        return G.compile_grammar(ctx.tokenizer, ctx.vocab_size, **grammar)
+    except ConfigError as e:
+        raise APIError(str(e), param) from None
+
+
+def _response_format(body, ctx: Context):
+    """The grammar of `response_format` (json_object; json_schema, strict or not: always
+    enforced) or of vLLM's guided_json / guided_regex / guided_choice / guided_grammar; None."""
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise APIError("'response_format' must be an object with a 'type'", "response_format")
+        kind = rf["type"]
+        if kind == "text":
+            pass
+        elif kind == "json_object":
+            return _compile(ctx, "response_format", json_object=True)
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+                raise APIError("'response_format.json_schema' must be an object with a 'schema' object",
+                               "response_format")
+            return _compile(ctx, "response_format", json_schema=js.get("schema") or {"type": "object"})
+        else:
+            raise APIError(f"'response_format.type' must be text, json_object or json_schema, got "
+                           f"{json.dumps(kind)}", "response_format")
+    guided = [(n, body.get(n)) for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+              if body.get(n) is not None]
+    if len(guided) > 1:
+        raise APIError(f"give one of {', '.join(n for n, _ in guided)}", guided[1][0])
+    if guided:
+        name, v = guided[0]
+        ok = {"guided_json": isinstance(v, (dict, str)), "guided_choice": isinstance(v, list),
+              "guided_regex": isinstance(v, str), "guided_grammar": isinstance(v, str)}[name]
+        if not ok:
+            raise APIError(f"'{name}' has the wrong type: {_kind(v)}", name)
+        key = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+               "guided_grammar": "ebnf"}[name]
+        return _compile(ctx, name, **{key: v})
+    return None
 
 
 def _sampling(body, ctx: Context, req: GenRequest) -> None:
@@ -301,7 +381,7 @@ def _encode(ctx: Context, text: str, param: str) -> list[int]:
 
 def parse_completion(body: dict, ctx: Context) -> GenRequest:
     """The body of POST /v1/completions."""
-    _refuse_unsupported(body, UNSUPPORTED_COMMON)
+    _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tools", lambda v: v == [])])
     model, adapter = _model(body, ctx)
     if "prompt" not in body or body["prompt"] is None:
         raise APIError("'prompt' is required", "prompt")
@@ -331,6 +411,8 @@ def parse_completion(body: dict, ctx: Context) -> GenRequest:
     req = GenRequest("completion", model, adapter, prompts, texts, 16)
     _prompt_tokens(ctx, req, "prompt")
     _sampling(body, ctx, req)
+    _penalties(body, ctx, req)
+    req.grammar = _response_format(body, ctx)
     lp = body.get("logprobs")
     if lp is not None and lp is not False:
         req.logprobs = _int(body, "logprobs", None, lo=0, hi=_max_logprobs(ctx))
@@ -371,9 +453,71 @@ def _content(m: dict, i: int) -> str:
     raise APIError(f"'{param}' must be a string or an array of text parts, got {_kind(c)}", param)
 
 
-def _chat_prompt(body: dict, ctx: Context):
+def _tool_calls(m: dict, i: int) -> list[dict] | None:
+    """An assistant message's `tool_calls` (OpenAI's shape), checked."""
+    calls = m.get("tool_calls")
+    if calls is None or calls == []:
+        return None
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(f"'{param}' must be an array, got {_kind(calls)}", param)
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                not isinstance(f.get("arguments", "{}"), (str, dict)):
+            raise APIError(f"'{param}[{j}]' must be {{\"type\": \"function\", \"function\": "
+                           "{\"name\": ..., \"arguments\": ...}}", param)
+        out.append({"id": c.get("id"), "type": "function",
+                    "function": {"name": f["name"], "arguments": f.get("arguments", "{}")}})
+    return out
+
+
+def _tools(body) -> tuple[list[dict] | None, object, bool]:
+    """(the `tools` as OpenAI function tools or None, tool_choice: "auto" | "none" |
+    "required" | a function name, parallel_tool_calls)."""
+    from jaxgpt.serve.tools import valid_name
+
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = _bool(body, "parallel_tool_calls", True)
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise APIError("'tool_choice' needs 'tools'", "tool_choice")
+        return None, "none", parallel
+    if not isinstance(tools, list):
+        raise APIError(f"'tools' must be an array, got {_kind(tools)}", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict):
+            raise APIError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{...}}}} "
+                           "(this server calls functions only)", "tools")
+        if not valid_name(f.get("name")):
+            raise APIError(f"'tools[{i}].function.name' must be 1-64 letters, digits, _ . or -", "tools")
+        params = f.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise APIError(f"'tools[{i}].function.parameters' must be a JSON Schema object", "tools")
+        out.append({"type": "function", "function": {k: v for k, v in f.items() if v is not None}})
+    names = [t["function"]["name"] for t in out]
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise APIError(f"'tool_choice' names the function {json.dumps(name)}, which is not in "
+                           f"'tools' ({', '.join(names)})", "tool_choice")
+        choice = name
+    elif choice not in ("auto", "none", "required"):
+        raise APIError("'tool_choice' must be auto, none, required or {\"type\": \"function\", "
+                       "\"function\": {\"name\": ...}}", "tool_choice")
+    return out, choice, parallel
+
+
+def _chat_prompt(body: dict, ctx: Context, tools: list[dict] | None = None):
     """(model, adapter, template, prompt text, ids) of a body's `messages`: rendered with the
-    served template (the checkpoint's, or --template) and tokenized."""
+    served template (the checkpoint's, or --template) and tokenized. `tools` (OpenAI function
+    tools) go into the prompt as jaxgpt.serve.tools renders them."""
     model, adapter = _model(body, ctx)
     msgs = body.get("messages")
     if msgs is None:
@@ -390,15 +534,27 @@ def _chat_prompt(body: dict, ctx: Context):
         if not isinstance(role, str) or role not in ROLES:
             raise APIError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got "
                            f"{json.dumps(role)}", f"messages[{i}].role")
-        messages.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+        msg = {"role": "system" if role == "developer" else role}
+        if role == "assistant" and (calls := _tool_calls(m, i)):
+            msg["tool_calls"] = calls
+            msg["content"] = _content(m, i) if m.get("content") is not None else ""
+        else:
+            msg["content"] = _content(m, i)
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        messages.append(msg)
     if ctx.tokenizer is None:
         raise APIError("this model has no tokenizer, so it cannot chat; use /v1/completions with "
                        "token ids", "messages")
     template = ctx.templates[model]
     try:  # the template "model" is the tokenizer's own Jinja source, which may refuse messages
-        text = templates.render_prompt(template, messages, getattr(ctx.tokenizer, "chat_template", None),
-                                       seconds=ctx.limits.template_seconds,
-                                       max_chars=ctx.limits.template_chars)
+        chat_template = getattr(ctx.tokenizer, "chat_template", None)
+        bounds = {"seconds": ctx.limits.template_seconds, "max_chars": ctx.limits.template_chars}
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            from jaxgpt.serve import tools as T
+            text = T.render(template, messages, tools, chat_template, **bounds)
+        else:
+            text = templates.render_prompt(template, messages, chat_template, **bounds)
     except ConfigError as e:
         raise APIError(str(e), "messages") from None
     # a model's own special tokens (SmolLM2's <|im_start|>) become their ids; GPT-2's are text
@@ -409,11 +565,25 @@ def _chat_prompt(body: dict, ctx: Context):
 
 def parse_chat(body: dict, ctx: Context) -> GenRequest:
     """The body of POST /v1/chat/completions."""
-    _refuse_unsupported(body, UNSUPPORTED_COMMON + [("tool_choice", lambda v: v == "none")])
-    model, adapter, template, text, ids = _chat_prompt(body, ctx)
+    _refuse_unsupported(body, UNSUPPORTED_COMMON)
+    tools, choice, parallel = _tools(body)
+    model, adapter, template, text, ids = _chat_prompt(body, ctx, tools if choice != "none" else None)
     req = GenRequest("chat", model, adapter, [ids], [text], None)
     _prompt_tokens(ctx, req, "messages")
     _sampling(body, ctx, req)
+    _penalties(body, ctx, req)
+    req.grammar = _response_format(body, ctx)
+    if choice != "none":
+        req.parse_tools = True
+        if choice != "auto":  # required / a named function: the output is certain to be calls
+            from jaxgpt.decode import grammar as G
+            fns = [(t["function"]["name"], t["function"].get("parameters")) for t in tools
+                   if choice == "required" or t["function"]["name"] == choice]
+            try:
+                req.grammar = G.compile_tool_calls(ctx.tokenizer, ctx.vocab_size, fns,
+                                                   max_calls=3 if parallel and choice == "required" else 1)
+            except ConfigError as e:
+                raise APIError(str(e), "tools") from None
     if _bool(body, "logprobs"):
         req.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=_max_logprobs(ctx))
     elif body.get("top_logprobs") is not None:

@@ -129,9 +129,12 @@ _bound = threading.local()  # the render in progress on this thread: its size bo
 
 
 def render_model(messages: list[Message], chat_template: str | None, special: dict | None = None,
-                 *, seconds: float = RENDER_SECONDS, max_chars: int = RENDER_CHARS) -> str:
+                 tools: list | None = None, *, seconds: float = RENDER_SECONDS,
+                 max_chars: int = RENDER_CHARS) -> str:
     """The model's own Jinja template over `messages`, with the generation prompt (the assistant
-    header) at the end. `special`: bos_token / eos_token strings the template may use.
+    header) at the end. `special`: bos_token / eos_token strings the template may use; `tools`:
+    OpenAI tool definitions, for a template that renders them (messages may then carry
+    tool_calls / tool_call_id, passed on as transformers' apply_chat_template passes them).
 
     A model's template is code from its file, so one render is bounded: `seconds` (checked at
     every line the template runs and every call it makes: a trace function on this thread, so
@@ -141,12 +144,13 @@ def render_model(messages: list[Message], chat_template: str | None, special: di
     if not chat_template:
         raise ConfigError("template 'model': this model ships no chat template; "
                           "choose alpaca, chatml or none")
-    msgs = [{"role": m["role"], "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
+    msgs = [{**{k: v for k, v in m.items() if k != "input"},
+             "content": m["content"] + ("\n\n" + m["input"] if m.get("input") else "")}
             for m in messages]
     tmpl = _jinja(chat_template)
     try:
         return _bounded_render(tmpl, seconds, max_chars, messages=msgs, add_generation_prompt=True,
-                               **(special or {}))
+                               **({"tools": tools} if tools else {}), **(special or {}))
     except ConfigError:
         raise
     except Exception as e:  # the template's own error (jinja's, or a TypeError in it)

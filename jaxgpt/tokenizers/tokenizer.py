@@ -46,6 +46,10 @@ class CharTokenizer:
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8")
 
+    def vocab_bytes(self) -> list[bytes]:
+        """Each id's text as UTF-8 bytes (what a grammar matches tokens by: jaxgpt.grammar)."""
+        return [c.encode("utf-8") for c in self.chars]
+
     def to_dict(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
@@ -73,6 +77,12 @@ class GPT2Tokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         return self.enc.decode_bytes([int(i) for i in ids])
+
+    def vocab_bytes(self) -> list[bytes]:
+        """Each id's bytes (jaxgpt.grammar matches tokens by them); <|endoftext|> is b"": a
+        special token spells no text."""
+        return [b"" if i == self.eot_token else self.enc.decode_single_token_bytes(i)
+                for i in range(self.vocab_size)]
 
     def to_dict(self) -> dict:
         return {"type": "gpt2"}
@@ -618,6 +628,12 @@ class BPETokenizer:
     def decode_bytes(self, ids) -> bytes:
         table, n = self._id_bytes, self.vocab_size
         return b"".join([table[i] for i in map(int, ids) if 0 <= i < n])
+
+    def vocab_bytes(self) -> list[bytes]:
+        """Each id's bytes (jaxgpt.grammar matches tokens by them); special tokens (and ids
+        without a token) are b"": they spell no text."""
+        special = set(self.special_tokens.values())
+        return [b"" if i in special else b for i, b in enumerate(self._id_bytes)]
 
     def decode(self, ids) -> str:
         """The text of `ids` (special tokens as their text), invalid UTF-8 replaced by U+FFFD."""
