@@ -13,6 +13,7 @@ from jaxgpt.tokenizers import templates
 from jaxgpt.cli import run
 from jaxgpt.config import ConfigError
 from jaxgpt.serve.limits import Limits
+from jaxgpt.serve import defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine slots: sequences decoded together (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,
                    help="positions of each slot's KV cache, prompt + reply (default: the model's "
-                        "context, at most 2048); smaller is less memory and faster steps")
+                        "whole context); smaller is less memory")
+    d = defaults.BUILTIN
+    p.add_argument("--temperature", type=float, default=None,
+                   help="for requests that leave 'temperature' out (default: the model's "
+                        "generation_config.json / GGUF general.sampling / measured setting, else "
+                        f"{d['temperature']}; 0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"for requests that leave 'top_p' out (default: the model's, else {d['top_p']}; 1 = off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="for requests that leave 'top_k' out (default: the model's, else off; 0 = off)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="reply length for chat requests that leave 'max_tokens' out, and for completions "
+                        f"in place of OpenAI's 16 (default: the model's, else {d['max_tokens']} for chat; "
+                        "0 = as many as the context holds). /props and /v1/models show what is in effect")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot beside those running (2 slots and "
                         "--max-queue 2 take 4 at once); more are answered 429 with Retry-After "
@@ -133,7 +147,9 @@ def _main(argv) -> int:
     try:
         service = build_service(args.ckpt, adapters, int8=args.int8, max_batch=args.max_batch,
                                 max_queue=args.max_queue, template=args.template, api_key=api_key,
-                                name=args.name, max_len=args.max_len, limits=limits)
+                                name=args.name, max_len=args.max_len, limits=limits,
+                                sampling={"temperature": args.temperature, "top_p": args.top_p,
+                                          "top_k": args.top_k, "max_tokens": args.max_tokens})
     except BaseException:
         sock.close()
         raise

@@ -25,7 +25,10 @@ request draws the same tokens whatever slot or batch it runs in.
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, NamedTuple, Sequence
@@ -37,7 +40,7 @@ from flax import nnx
 
 from jaxgpt.model import lora
 from jaxgpt.config import ConfigError
-from jaxgpt.model.gpt import RowLinear, init_cache
+from jaxgpt.model.gpt import BLOCKWISE_FROM, RowLinear, init_cache
 from jaxgpt.model.quant import LINEARS, dequantize_rows, quantize_rows
 
 NEG_INF = -jnp.inf
@@ -627,12 +630,13 @@ class Engine:
     """
 
     def __init__(self, model, slots: int = 1, *, max_len: int | None = None,
-                 fast_decode: bool | None = None, adapters: Sequence[dict] = ()):
+                 fast_decode: bool | None = None, adapters: Sequence[dict] = (), grow: bool = False):
         if slots < 1:
             raise ConfigError(f"an engine needs at least one slot, got {slots}")
         self.config = model.config
         self.slots = int(slots)
         self.max_len = min(int(max_len or self.config.block_size), self.config.block_size)
+        self.grow = grow
         model, self.screen = decode_model(model, fast_decode, screen_rows=self.slots == 1)
         self.n_adapters = len(adapters)
         if adapters:  # (on a twin: the caller's model is left as it is)
@@ -658,6 +662,8 @@ class Engine:
         self._bias: np.ndarray | None = None  # float32 [N, V]
         self._biased = np.zeros(N, bool)
         self._seen: list[set | None] = [None] * N  # tokens a penalised row has generated
+        self.compiled: set[tuple] = set()  # the shapes' keys compiled so far (see `shapes`)
+        self._background: deque | None = None  # keys still to compile in the background
 
     # -- the cache's length --
     def _empty(self, max_len: int, rows: int | None = None):
@@ -666,7 +672,12 @@ class Engine:
 
     @property
     def capacities(self) -> list[int]:
-        """The cache lengths the engine runs at: powers of two from ENGINE_MIN_CACHE, and max_len."""
+        """The cache lengths the engine runs at: powers of two from ENGINE_MIN_CACHE, and max_len;
+        from BLOCKWISE_FROM positions on, max_len only: such a cache is attended in blocks as far
+        as its rows are filled (jaxgpt.model.gpt.attend_blocks), so one length serves every row and
+        one compiled step every request (experiments/bench_serve_start.py)."""
+        if self.max_len >= BLOCKWISE_FROM and not self.grow:
+            return [self.max_len]
         return doublings(ENGINE_MIN_CACHE, self.max_len)
 
     def _fit_cache(self, running: list[int], prompt_len: int) -> None:
@@ -842,11 +853,29 @@ class Engine:
     def _prompt_bucket(self, slots: list[int]) -> int:
         return bucket(max([len(self.requests[s].prompt) for s in slots], default=1), cap=self.max_len)
 
-    def _prefill(self, slots: list[int]) -> tuple:
-        """Run _engine_prefill for `slots` (pending), padded to the buckets, into the cache."""
-        G = bucket(max(len(slots), 1), cap=self.slots, lo=1)
-        prompts = [self.requests[s].prompt for s in slots]
+    def _ready(self, G: int, Tb: int, S: int) -> bool:
+        return ("prefill", G, Tb) in self.compiled and ("insert", S, G, Tb) in self.compiled
+
+    def _prefill_shape(self, slots: list[int], S: int) -> tuple[int, int, int]:
+        """(how many of the pending `slots` to prefill now, G, Tb): all of them at their own
+        buckets when that program is compiled; else, while shapes still compile in the
+        background, the most of them a compiled program takes (a prompt padded up to 4x
+        further), the rest at a later step; (0, ..) when none fits (its program is wanted now)."""
         Tb = self._prompt_bucket(slots)
+        G = bucket(len(slots), cap=self.slots, lo=1)
+        if not self._background or self._ready(G, Tb, S):
+            return len(slots), G, Tb
+        for t in (t for t in self.prompt_lengths if Tb <= t <= 4 * Tb and t <= S):
+            for g in sorted({bucket(i, cap=self.slots, lo=1) for i in range(1, len(slots) + 1)}, reverse=True):
+                if self._ready(g, t, S):
+                    return min(g, len(slots)), g, t
+        for key in (("prefill", 1, Tb), ("insert", S, 1, Tb)):  # the least that serves: next
+            self._want(key, urgent=True)
+        return 0, G, Tb
+
+    def _prefill(self, slots: list[int], G: int, Tb: int) -> tuple:
+        """Run _engine_prefill for `slots` (pending) as G prompts of Tb, into the cache."""
+        prompts = [self.requests[s].prompt for s in slots]
         ids = np.zeros((G, Tb), np.int32)
         lens = np.ones(G, np.int32)
         for i, p in enumerate(prompts):
@@ -858,6 +887,7 @@ class Engine:
                                    *self._adjustments(slots, np.minimum(rows, self.slots - 1)))
         # (committed like the cache, whether or not the weights are: one compiled insertion)
         self.cache = _engine_insert(self.cache, jax.device_put(new, self._place), rows)
+        self.compiled |= {("prefill", G, Tb), ("insert", self.cache["k"][0].shape[1], G, Tb)}
         return out
 
     def step(self) -> list[tuple[int, int]]:
@@ -871,9 +901,13 @@ class Engine:
         events: list[tuple[int, int]] = []
         running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
-        if self._pending:
-            slots, self._pending = self._pending, []
-            self._prefill_rows(slots, events)
+        n, G, Tb = self._prefill_shape(self._pending, self.cache["k"][0].shape[1]) if self._pending else (0, 0, 0)
+        if self._pending and not n and not running:  # nothing else to do: compile it here
+            n, G, Tb = len(self._pending), bucket(len(self._pending), cap=self.slots, lo=1), \
+                self._prompt_bucket(self._pending)
+        if n:
+            slots, self._pending = self._pending[:n], self._pending[n:]
+            self._prefill_rows(slots, events, G, Tb)
         if running:
             active = np.zeros(self.slots, bool)
             active[running] = True
@@ -886,13 +920,13 @@ class Engine:
                     self._emit_row(s, int(tok[s]), events, lp, s)
         return events
 
-    def _prefill_rows(self, slots: list[int], events: list) -> None:
-        """Prefill `slots` together and emit their first tokens. If that fails, each is tried
+    def _prefill_rows(self, slots: list[int], events: list, G: int, Tb: int) -> None:
+        """Prefill `slots` together (as G prompts of Tb) and emit their first tokens. If that fails, each is tried
         alone (one compiled shape: groups of 1 are warmed up), so the request whose prefill
         fails ends with its error and the others start as usual. (Cache untouched on failure:
         _engine_prefill runs before the insertion.)"""
         try:
-            tok, lp = self._prefill(slots)
+            tok, lp = self._prefill(slots, G, Tb)
             tok, lp = np.asarray(tok), _host(lp, self._want_lp[slots])
         except Exception as e:
             if self.cache["index"].is_deleted():  # (failed inside the insertion: not one row's)
@@ -901,7 +935,7 @@ class Engine:
                 self._fail(slots[0], e)
             else:
                 for s in slots:
-                    self._prefill_rows([s], events)
+                    self._prefill_rows([s], events, 1, self._prompt_bucket([s]))
             return
         for i, s in enumerate(slots):
             if self.requests[s] is not None:
@@ -912,34 +946,91 @@ class Engine:
         while self.busy:
             self.step()
 
-    def warmup(self, max_prompt: int | None = None) -> None:
-        """Compile every shape this engine can meet (idle engines only): the prefill for each
-        bucket of prompt length and of prompts per call, its insertion into each cache
-        capacity, the step at each capacity and the growth between them. Touches no slot.
-        `max_prompt` stops at the bucket of that prompt length (longer prompts compile later)."""
-        if self.busy:
-            raise RuntimeError("warm up an idle engine")
+    # -- compiling ahead --
+    @property
+    def prompt_lengths(self) -> list[int]:
+        """The padded prompt lengths prefills compile for (bucket: powers of two from 16, max_len)."""
+        return doublings(ENGINE_MIN_CACHE, self.max_len)
+
+    def shapes(self, max_prompt: int | None = None, first: int | None = None) -> list[tuple]:
+        """The compiled programs this engine can meet, as keys ("step", S), ("grow", S, S2),
+        ("prefill", G, Tb), ("insert", S, G, Tb) (G prompts padded to Tb, a cache of S), in the
+        order worth having them: every step and growth, then one prompt at a time from the
+        `first` padded length up and down, then G prompts at once. `max_prompt`: prompts up to
+        that many tokens only."""
         top = bucket(max_prompt, cap=self.max_len) if max_prompt else self.max_len
-        groups = sorted({bucket(g, cap=self.slots, lo=1) for g in range(1, self.slots + 1)})
-        lengths = [c for c in self.capacities if c <= top] or [self.capacities[0]]
-        for G in groups:  # the model's prefill: per (prompts, padded length)
+        lengths = [t for t in self.prompt_lengths if t <= top] or [self.prompt_lengths[0]]
+        start = bucket(first or 1, cap=self.max_len)
+        lengths = [t for t in lengths if t >= start] + [t for t in lengths if t < start][::-1]
+        caps = self.capacities
+        out = [("step", S) for S in caps] + [("grow", a, b) for a in caps for b in caps if b > a]
+        for G in sorted({bucket(g, cap=self.slots, lo=1) for g in range(1, self.slots + 1)}):
             for Tb in lengths:
-                (tok, _), _ = _engine_prefill(self.graphdef, self.state, np.zeros((G, Tb), np.int32),
-                                              np.ones(G, np.int32), *self._settings(np.zeros(G, np.int32)),
-                                              self.screen)
-        for S in self.capacities:
-            self.cache = self._empty(S)
-            for G in groups:  # inserting G prefilled rows of Tb: all dropped, no slot is written
-                dropped = np.full(G, self.slots, np.int32)
-                for Tb in (t for t in lengths if t <= S):
-                    self.cache = _engine_insert(self.cache, self._empty(Tb, G), dropped)
-            (tok, _), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                                np.zeros(self.slots, bool), *self._settings(slice(None)),
-                                                self.screen)
-            for bigger in (c for c in self.capacities if c > S):
-                _grow_slots(self.cache, bigger)["index"].block_until_ready()
-        self.cache = self._empty(self.capacities[0])
-        tok.block_until_ready()
+                out += [("prefill", G, Tb)] + [("insert", S, G, Tb) for S in caps if S >= Tb]
+        return out
+
+    def compile(self, key: tuple) -> None:
+        """Compile the program of `key` (see `shapes`) ahead of time, from shapes only: nothing
+        runs, no slot or cache is touched (safe beside a running engine, from another thread)."""
+        if key in self.compiled:
+            return
+        spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(self._place))
+        cache = lambda S, rows=None: jax.tree.map(spec, jax.eval_shape(
+            lambda: {**init_cache(self.config, rows or self.slots, S),
+                     "index": jnp.zeros((rows or self.slots,), jnp.int32)}))
+        kind, *shape = key
+        if kind == "step":
+            _engine_step.lower(self.graphdef, self.state, cache(shape[0]), self._tokens,
+                               np.zeros(self.slots, bool), *self._settings(slice(None)), self.screen).compile()
+        elif kind == "grow":
+            _grow_slots.lower(cache(shape[0]), shape[1]).compile()
+        elif kind == "prefill":
+            G, Tb = shape
+            _engine_prefill.lower(self.graphdef, self.state, np.zeros((G, Tb), np.int32), np.ones(G, np.int32),
+                                  *self._settings(np.zeros(G, np.int32)), self.screen).compile()
+        else:
+            S, G, Tb = shape
+            _engine_insert.lower(cache(S), cache(Tb, G), np.zeros(G, np.int32)).compile()
+        self.compiled.add(key)
+
+    def warmup(self, max_prompt: int | None = None, shapes: Sequence[tuple] | None = None) -> None:
+        """Compile every shape this engine can meet (`shapes`: those keys only; `max_prompt`:
+        prompts up to that many tokens only, longer ones compile on first use). Touches no slot."""
+        for key in self.shapes(max_prompt) if shapes is None else shapes:
+            self.compile(key)
+
+    def warmup_in_background(self, shapes: Sequence[tuple], log=None) -> threading.Thread:
+        """Compile `shapes` in a thread while the engine serves. Meanwhile a prefill whose program
+        is not ready yet uses a compiled one that fits (more padding, fewer prompts per call) or
+        waits for its own, which then compiles next (the step never waits: its programs are
+        compiled before). `log(done, total, seconds)` after each."""
+        self._background = deque(k for k in shapes if k not in self.compiled)
+        total, t0 = len(self._background), time.perf_counter()
+
+        def work():
+            done = 0
+            while self._background:
+                try:
+                    key = self._background.popleft()
+                except IndexError:
+                    break
+                self.compile(key)
+                done += 1
+                if log is not None:
+                    log(done, total, time.perf_counter() - t0)
+
+        thread = threading.Thread(target=work, name="jaxgpt-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _want(self, key: tuple, urgent: bool = False) -> None:
+        """Put `key` first in the background compilation queue."""
+        if self._background is not None and key not in self.compiled:
+            try:
+                self._background.remove(key)
+            except ValueError:
+                pass
+            self._background.appendleft(key)
 
 
 def _host(lp, want) -> tuple | None:

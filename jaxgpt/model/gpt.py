@@ -234,6 +234,45 @@ def _cache_write(cache: jax.Array, new: jax.Array, index, H: int) -> jax.Array:
     return jax.vmap(write)(cache, new, jnp.repeat(index, H))
 
 
+BLOCKWISE_FROM = 1024  # caches of this many positions or more are attended in blocks (attend_blocks)
+ATTN_BLOCK = 256
+
+
+def attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, last: jax.Array, scale: float,
+                  sdtype, block: int = ATTN_BLOCK) -> jax.Array:
+    """softmax(q k^T * scale, keys at positions <= last) v over a long cache, ATTN_BLOCK
+    positions at a time, only as far as the furthest query sees (a loop with a traced trip
+    count, the running maximum and sum of an online softmax): a step costs what the filled
+    positions cost, not the cache's length, so one compiled program serves a cache of a whole
+    context from its first token on (jaxgpt.engine's slots). q [N, Q, D], k and v [N, S, D],
+    last int [Q] or [N, Q] (the last key position each query sees; position 0 always is)."""
+    N, Q, D = q.shape
+    S = k.shape[1]
+    block = min(block, S)
+    neg = jnp.finfo(jnp.float32).min
+    last = jnp.broadcast_to(last, (N, Q))
+
+    def body(j, carry):
+        m, total, acc = carry  # [N, Q] running max, [N, Q] sum, [N, Q, D] weighted values
+        lo = j * block
+        start = jnp.minimum(lo, S - block)  # (a last block that would run past S: shifted back,
+        pos = start + jnp.arange(block)  # the positions before lo masked)
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=1).astype(sdtype)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=1)
+        s = (jnp.einsum("nqd,nsd->nqs", q, kb) * scale).astype(jnp.float32)
+        s = jnp.where((pos >= lo) & (pos <= last[..., None]), s, neg)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        fix = jnp.exp(m - m_new)
+        acc = acc * fix[..., None] + jnp.einsum("nqs,nsd->nqd", p.astype(v.dtype), vb).astype(jnp.float32)
+        return m_new, total * fix + jnp.sum(p, axis=-1), acc
+
+    n = jnp.minimum(jnp.max(last) // block + 1, -(-S // block))
+    init = (jnp.full((N, Q), neg, jnp.float32), jnp.zeros((N, Q), jnp.float32), jnp.zeros((N, Q, D), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, n, body, init)
+    return (acc / total[..., None]).astype(v.dtype)
+
+
 class CausalSelfAttention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection (`c_attn`) and a causal mask.
 
@@ -316,12 +355,17 @@ class CausalSelfAttention(nnx.Module):
                 mask = jnp.arange(S)[None, None, :] <= last[:, :, None]
             if G > 1:  # the G query heads of a group stacked along the query axis
                 mask = jnp.tile(mask, (G, 1)) if mask.ndim == 2 else jnp.tile(mask, (1, G, 1))
-            att = jnp.einsum("ntd,nsd->nts", q.reshape(B * KV, G * T, D).astype(sdtype),
-                             k.astype(sdtype)) * scale  # [B*KV, G*T, S]
-            att = jnp.where(mask, att.astype(jnp.float32), neg)
-            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
-            att = dropout(att, self.dropout, k_attn)
-            y = jnp.einsum("nts,nsd->ntd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
+            qn = q.reshape(B * KV, G * T, D).astype(sdtype)
+            if S >= BLOCKWISE_FROM and (self.dropout == 0.0 or k_attn is None):
+                last = index + jnp.arange(T) if jnp.ndim(index) == 0 else last  # [T] or [B*KV, T]
+                last = jnp.tile(last, (G,) if last.ndim == 1 else (1, G))  # as the queries of qn
+                y = attend_blocks(qn, k, v, last, scale, sdtype).reshape(B, H, T, D)
+            else:
+                att = jnp.einsum("ntd,nsd->nts", qn, k.astype(sdtype)) * scale  # [B*KV, G*T, S]
+                att = jnp.where(mask, att.astype(jnp.float32), neg)
+                att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+                att = dropout(att, self.dropout, k_attn)
+                y = jnp.einsum("nts,nsd->ntd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
         y = y.transpose(0, 2, 1, 3).reshape(B * T, C)  # re-assemble heads: [B*T, C]
         y = dropout(self.c_proj(y), self.dropout, k_resid)
         return y, kv

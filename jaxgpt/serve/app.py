@@ -4,7 +4,8 @@
     app = create_app(service)          # then uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streamed as server-sent events when
-`stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the web
+`stream` is true), GET /v1/models, GET /props (llama.cpp's: the defaults a request's missing
+sampling fields get), GET /health, GET /metrics (Prometheus text), GET / (the web
 chat page, jaxgpt/serve/static/index.html), and vLLM's tokenizer routes POST /tokenize, POST
 /detokenize, GET /tokenizer_info (what lm-evaluation-harness's local-completions model probes
 for; like vLLM's, they need no API key). Every client mistake is a 4xx answer with
@@ -23,6 +24,7 @@ import asyncio
 import json
 import secrets
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -38,9 +40,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import Engine, Request as EngineRequest
+from jaxgpt.decode.engine import Engine, Request as EngineRequest, bucket
 from jaxgpt.evaluate.scoring import adds_bos
 from jaxgpt.serve.hosts import HostAllowList, HostFilter
+from jaxgpt.serve.defaults import model_defaults, resolve
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.openapi import openapi_schema
 from jaxgpt.serve import tools as T
@@ -50,6 +53,7 @@ from jaxgpt.serve.schemas import (APIError, Context, GenRequest, Limits, parse_c
 
 MAX_BODY = 1 << 20  # bytes of a request body
 PARSE_THREADS = 4  # worker threads that decode, template and tokenize request bodies
+DROPPED_HEADER = "X-Dropped-Messages"
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Service:
     models: list[dict]  # /v1/models entries
     api_key: str | None = None
     max_body: int = MAX_BODY
+    warming: threading.Thread | None = None  # the engine's programs still compiling (build_service)
 
     @property
     def metrics(self) -> Metrics:
@@ -72,21 +77,23 @@ def _name(path: str) -> str:
     return p.name or str(path)
 
 
-DEFAULT_MAX_LEN = 2048  # slot length when --max-len is not given, for long-context models (SmolLM2: 8192)
+FIRST_PROMPT = 64  # compiled before the server is ready: prompts of up to this many tokens at once
 
 
 def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int = 8,
                   max_queue: int = 64, template: str | None = None, api_key: str | None = None,
                   name: str | None = None, max_len: int | None = None, warmup: bool = True,
                   warmup_prompt: int | None = None, fast_decode: bool | None = None,
-                  limits: Limits | None = None,
+                  limits: Limits | None = None, background: bool = True, sampling: dict | None = None,
                   log=lambda s: print(s, file=sys.stderr, flush=True)) -> Service:
     """Load CKPT (anything jaxgpt.load takes) and the adapters [(NAME, PATH)], build the engine
-    with `max_batch` slots of `max_len` positions (default: the model's context, at most
-    DEFAULT_MAX_LEN: warm-up compiles every cache capacity up to it), compile every
-    shape it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given; the rest
-    compiles on first use), start the scheduler. `limits`: the per-request caps
-    (schemas.Limits; checked here, ConfigError naming the flag)."""
+    with `max_batch` slots of `max_len` positions (default: the model's context), compile the
+    shapes it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given) and start
+    the scheduler. With `background` only what a first request needs is compiled before this
+    returns (the decode step, one prompt of up to FIRST_PROMPT tokens at a time); the rest
+    compiles in a thread while the server answers (Service.warming). `limits`: the per-request
+    caps (schemas.Limits; checked here, ConfigError naming the flag). `sampling`: the server's
+    default temperature / top_p / top_k / max_tokens flags (None: the model's, jaxgpt.serve.defaults)."""
     from flax import nnx
 
     from jaxgpt.formats.load import load_for_inference  # (the heavy imports stay out of `import app`)
@@ -101,6 +108,7 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
         templates.check_template(template)
     limits = limits or Limits()
     check_limits(limits)
+    defaults = resolve(sampling or {}, *model_defaults(ckpt))
     lm = load_for_inference(ckpt)
     base_name = name or _name(ckpt)
     names = {base_name: 0}
@@ -123,30 +131,49 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     tok = lm.tokenizer
     eot = getattr(tok, "eot_token", None)
     t = time.perf_counter()
-    if max_len is None and lm.config.block_size > DEFAULT_MAX_LEN:
-        max_len = DEFAULT_MAX_LEN
-        log(f"slots hold {DEFAULT_MAX_LEN} of the model's {lm.config.block_size} positions "
-            "(--max-len N for more; warm-up takes longer)")
     engine = Engine(lm.model, slots=max_batch, max_len=max_len, adapters=weights, fast_decode=fast_decode)
+    warming = None
     if warmup:
-        log(f"compiling the engine for {max_batch} slots of up to {engine.max_len} positions "
-            "(kept in the compilation cache for the next start)...")
-        engine.warmup(warmup_prompt)
-        # the eager bits of a request (its key, the logprobs path), once
+        shapes = engine.shapes(warmup_prompt, first=FIRST_PROMPT)
+        Tb = bucket(min(FIRST_PROMPT, warmup_prompt or FIRST_PROMPT), cap=engine.max_len)
+        first = shapes
+        if background:  # the step (and growths), one prompt of up to FIRST_PROMPT tokens
+            first = [k for k in shapes if k[0] in ("step", "grow") or k[1:] == (1, Tb) or k[2:] == (1, Tb)]
+        log(f"compiling the engine for {max_batch} slots of {engine.max_len} positions "
+            f"({len(first)} of its {len(shapes)} programs now, kept in the compilation cache)...")
+        engine.warmup(shapes=first)
+        # the eager bits of a request (its key, the logprobs path), once, in a compiled prefill
+        prompt = [0] * (Tb // 2 + 1 if Tb > 16 else 1)
         for a in range(len(weights) + 1):
-            engine.add(EngineRequest([0], 2, seed=seed_key(1, 1), logprobs=1, adapter=a))
+            engine.add(EngineRequest(prompt[:engine.max_len - 2], 2, seed=seed_key(1, 1), logprobs=1, adapter=a))
             engine.run()
-        log(f"engine: {max_batch} slots, context {engine.max_len}, compiled in "
-            f"{time.perf_counter() - t:.1f} s")
+        log(f"engine: {max_batch} slots, context {engine.max_len}, ready in {time.perf_counter() - t:.1f} s")
+        rest = [k for k in shapes if k not in engine.compiled]
+        if rest:
+            warming = engine.warmup_in_background(rest, log=_progress(log, len(rest)))
     created = int(time.time())
+    shown = {k: v for k, v in defaults.as_dict().items() if k != "source"}
+    log("defaults for requests that leave them out: " + ", ".join(
+        f"{k} {'off' if v is None else v} ({defaults.source[k]})" for k, v in shown.items()))
     models = [{"id": n, "object": "model", "created": created, "owned_by": "jaxgpt",
                "root": base_name, "parent": None if i == 0 else base_name,
-               "max_model_len": engine.max_len} for n, i in names.items()]
-    ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot, limits)
+               "max_model_len": engine.max_len, "default_sampling": shown} for n, i in names.items()]
+    ctx = Context(names, base_name, engine.max_len, lm.config.vocab_size, tok, tmpl, eot,
+                  limits=limits, defaults=defaults)
     scorer = nnx.merge(engine.graphdef, engine.state)  # echoed prompts: the engine's weights, shared
     scheduler = Scheduler(engine, tok, max_queue=max_queue, eot=eot, scorer=scorer)
     scheduler.start()
-    return Service(ctx, scheduler, models, api_key)
+    return Service(ctx, scheduler, models, api_key, warming=warming)
+
+
+def _progress(log, total: int):
+    """A log for Engine.warmup_in_background: a line at the end (and at each quarter)."""
+    marks = {total} | {total * q // 4 for q in (1, 2, 3)}
+
+    def report(done, _, secs):
+        if done in marks:
+            log(f"compiled {done} of {total} more programs in the background ({secs:.0f} s)")
+    return report
 
 
 LIMIT_FLAGS = {"max_choices": "--max-choices", "max_prompt_tokens": "--max-prompt-tokens",
@@ -406,9 +433,11 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
         check_key(request)
         req = await parsed(request, parse)
         job = service.scheduler.submit(req, asyncio.get_running_loop())
+        # (chat with truncate_prompt_tokens: how many of the oldest messages the model did not see)
+        dropped = {DROPPED_HEADER: str(req.dropped_messages)} if req.dropped_messages else {}
         if req.stream:
             return StreamingResponse(_stream(service, job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **dropped})
         try:
             while not job.done.is_set():
                 try:
@@ -422,7 +451,7 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
                 service.scheduler.cancel(job)
         if job.error is not None:
             raise job.error
-        return JSONResponse(_full_response(service, job))
+        return JSONResponse(_full_response(service, job), headers=dropped)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -476,6 +505,14 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
     @app.get("/openapi.json")
     async def openapi():
         return schema
+
+    @app.get("/props")
+    async def props():  # (as llama.cpp's server: what a request that sets nothing gets)
+        d = service.ctx.defaults
+        return {"model": service.ctx.base_name, "n_ctx": service.ctx.context,
+                "default_generation_settings": {k: getattr(d, k) for k in ("temperature", "top_p", "top_k", "max_tokens")},
+                "source": d.source, "total_slots": service.scheduler.engine.slots,
+                "compiling": service.warming is not None and service.warming.is_alive()}
 
     @app.get("/health")
     async def health():

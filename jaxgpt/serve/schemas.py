@@ -24,6 +24,7 @@ from jaxgpt.config import ConfigError
 from jaxgpt.evaluate.scoring import prepend_bos
 from jaxgpt.serve.limits import MAX_STOP, MAX_TOP_LOGPROBS, Limits  # noqa: F401 (re-exported)
 from jaxgpt.serve.stops import prefix_tables
+from jaxgpt.serve.defaults import SamplingDefaults
 
 MAX_N = 128
 INT32 = (-2 ** 31, 2 ** 31 - 1)  # what the engine's per-row int settings hold
@@ -59,6 +60,7 @@ class Context:
     templates: dict[str, str]  # model name -> chat template
     eot: int | None
     limits: Limits = field(default_factory=Limits)
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # for fields left out
 
 
 @dataclass
@@ -92,6 +94,7 @@ class GenRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None  # {token id: bias}
     parse_tools: bool = False  # split the answer into content and tool_calls
+    dropped_messages: int = 0  # chat: the oldest messages left out to fit (truncate_prompt_tokens)
 
     def max_tokens_for(self, i: int) -> int:
         return self.max_tokens[i] if isinstance(self.max_tokens, list) else self.max_tokens
@@ -286,15 +289,16 @@ def _sampling(body, ctx: Context, req: GenRequest) -> None:
         raise APIError(f"this request asks for {req.n_choices} choices ({len(req.prompts)} prompts x "
                        f"n {req.n}); this server allows at most {lim.max_choices} per request",
                        "n", code="too_many_choices")
-    t = _num(body, "temperature", 1.0)
+    d = ctx.defaults  # (a field left out, or null: the server's default, jaxgpt.serve.defaults)
+    t = _num(body, "temperature", d.temperature)
     if t < 0:
         raise APIError(f"'temperature' must be >= 0 (0 = greedy), got {t:g}", "temperature")
     req.temperature = t if t >= GREEDY_BELOW else 0.0
-    p = _num(body, "top_p", None)
+    p = _num(body, "top_p", d.top_p)
     if p is not None and not 0 < p <= 1:
         raise APIError(f"'top_p' must be in (0, 1], got {p:g}", "top_p")
     req.top_p = None if p is None or p == 1.0 else p
-    req.top_k = _int(body, "top_k", None, lo=0, what=" (0: off)") or None
+    req.top_k = _int(body, "top_k", d.top_k, lo=0, what=" (0: off)") or None
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, float) and seed.is_integer():
@@ -413,11 +417,18 @@ def parse_completion(body: dict, ctx: Context) -> GenRequest:
     _sampling(body, ctx, req)
     _penalties(body, ctx, req)
     req.grammar = _response_format(body, ctx)
+    # OpenAI's default for completions is 16 tokens; a --max-tokens flag or the model's own wins
+    default = 16 if ctx.defaults.source.get("max_tokens", "built-in") == "built-in" else ctx.defaults.max_tokens
     lp = body.get("logprobs")
     if lp is not None and lp is not False:
         req.logprobs = _int(body, "logprobs", None, lo=0, hi=_max_logprobs(ctx))
     req.echo = _bool(body, "echo")
-    _max_tokens(body, ctx, req, ("max_tokens",), 16)
+    keep = _truncate_to(body, ctx, ("max_tokens",))
+    if keep is not None:  # vLLM's truncate_prompt_tokens: the last `keep` tokens of each prompt
+        for i, p in enumerate(req.prompts):
+            if len(p) > keep:
+                req.prompts[i], req.prompt_texts[i] = p[-keep:], None
+    _max_tokens(body, ctx, req, ("max_tokens",), default)
     req.stop_tables = prefix_tables(req.stop)
     return req
 
@@ -431,6 +442,57 @@ def _prompt_tokens(ctx: Context, req: GenRequest, param: str) -> None:
     if n > cap:
         raise APIError(f"the request's prompts hold {n} tokens; this server allows at most {cap} "
                        "per request", param, code="too_many_prompt_tokens")
+
+
+def _truncate_to(body, ctx: Context, names) -> int | None:
+    """The most prompt tokens a request with `truncate_prompt_tokens` keeps (None: not asked):
+    k >= 1 as given; -1 what fits beside a reply: the context less the request's max_tokens (else
+    the server's default max_tokens), of which at most half the context is set aside."""
+    k = _int(body, "truncate_prompt_tokens", None, lo=-1, hi=ctx.context,
+             what=f" (the model's context is {ctx.context} tokens)")
+    if k is None:
+        return None
+    if k == 0:
+        raise APIError("'truncate_prompt_tokens' must be >= 1, or -1 (as much as fits)",
+                       "truncate_prompt_tokens")
+    if k > 0:
+        return k
+    m = next((body[n] for n in names if body.get(n) is not None), None)
+    ok = isinstance(m, int) and not isinstance(m, bool) and m > 0
+    reserve = min(m if ok else ctx.defaults.max_tokens or 1, max(ctx.context // 2, 1))
+    return max(ctx.context - reserve, 1)
+
+
+def _drop_oldest(msgs: list) -> list | None:
+    """`msgs` less its oldest turn (system messages and the last message stay; a reply or tool
+    result whose question left goes too), or None when nothing is left to drop."""
+    keep_roles = ("system", "developer")
+    i = next((j for j, m in enumerate(msgs[:-1])
+              if not (isinstance(m, dict) and m.get("role") in keep_roles)), None)
+    if i is None:
+        return None
+    out = msgs[:i] + msgs[i + 1:]
+    while True:  # the next one, if it answered what left
+        j = next((j for j, m in enumerate(out[:-1]) if not (isinstance(m, dict) and m.get("role") in keep_roles)), None)
+        if j is None or out[j].get("role") not in ("assistant", "tool"):
+            return out
+        out = out[:j] + out[j + 1:]
+
+
+def _fit_messages(body, ctx: Context, keep: int, rendered):
+    """_chat_prompt of the body with its oldest turns dropped until the prompt has at most `keep`
+    tokens: (its result, how many messages were dropped); APIError when the system messages and
+    the last message alone are too long."""
+    msgs = body["messages"]
+    while len(rendered[4]) > keep:
+        fewer = _drop_oldest(msgs)
+        if fewer is None:
+            raise APIError(f"the prompt has {len(rendered[4])} tokens even with only the system "
+                           f"messages and the last message; 'truncate_prompt_tokens' allows {keep}",
+                           "messages", code="context_length_exceeded")
+        msgs = fewer
+        rendered = _chat_prompt({**body, "messages": msgs}, ctx)
+    return rendered, len(body["messages"]) - len(msgs)
 
 
 def _content(m: dict, i: int) -> str:
@@ -588,7 +650,12 @@ def parse_chat(body: dict, ctx: Context) -> GenRequest:
         req.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=_max_logprobs(ctx))
     elif body.get("top_logprobs") is not None:
         raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    _max_tokens(body, ctx, req, ("max_completion_tokens", "max_tokens"), None)
+    names = ("max_completion_tokens", "max_tokens")
+    keep = _truncate_to(body, ctx, names)
+    if keep is not None and len(ids) > keep:  # whole turns leave, oldest first
+        (_, _, _, text, ids), req.dropped_messages = _fit_messages(body, ctx, keep, (model, adapter, template, text, ids))
+        req.prompts, req.prompt_texts = [ids], [text]
+    _max_tokens(body, ctx, req, names, ctx.defaults.max_tokens)
     if template == "chatml" and "<|im_end|>" not in req.stop:
         req.stop.append("<|im_end|>")  # the template's end of turn (beside <|endoftext|>)
     req.stop_tables = prefix_tables(req.stop)
