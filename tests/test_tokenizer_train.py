@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt.data.textfile import prepare as prep
+from jaxgpt.data import prepare as prep
 from jaxgpt.cli.tokenizer import main as cli_main
 from jaxgpt.config import ConfigError
 from jaxgpt.data.shards import MANIFEST, ShardDataset, read_shard

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxgpt.data.textfile import prepare as prep
+from jaxgpt.data import prepare as prep
 from jaxgpt.config import ConfigError
 from jaxgpt.data.textfile import atomic_write
 from jaxgpt.training.trainer import read_rows

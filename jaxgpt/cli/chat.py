@@ -14,6 +14,7 @@ from jaxgpt.tokenizers import templates
 from jaxgpt.formats.load import load_for_inference
 from jaxgpt.decode.chat import ChatSession
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import add_int8, add_model, add_sampling
 from jaxgpt.decode.engine import check_sampling
 
 
@@ -21,18 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxgpt.chat", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", help="model: jaxgpt checkpoint (e.g. an SFT output), LoRA adapter folder, "
-                   "Hugging Face GPT-2 folder or hub name")
+    add_model(p)
     p.add_argument("--prompt", default=None, help="answer this one message and exit (no prompt loop)")
     p.add_argument("--template", default=None,
                    help=f"one of {', '.join(templates.TEMPLATES)} (default: the one saved with the model, else alpaca)")
     p.add_argument("--system", default=None, help="a system message (alpaca: replaces the header line)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (argmax)")
-    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--int8", action="store_true", help="quantize the weights to int8 on load")
+    add_sampling(p, temperature=0.7, top_k=50, top_p=None)
+    add_int8(p)
     return p
 
 

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "such as gpt2, or a nanoGPT ckpt.pt) -> a jaxgpt checkpoint folder. With --to-hf: "
                     "a jaxgpt run/checkpoint folder -> a Hugging Face folder (config.json + "
                     "model.safetensors) that GPT2LMHeadModel.from_pretrained loads.")
-    p.add_argument("src", help="model to convert (folder, ckpt.pt, or hub name)")
+    p.add_argument("src", help="model to convert: a Hugging Face GPT-2 or Llama folder, a .gguf file, smollm2, a nanoGPT "
+                   "ckpt.pt or a hub name; with --to-hf, a jaxgpt checkpoint")
     p.add_argument("out", help="output folder (written atomically; must be absent or empty)")
     p.add_argument("--to-hf", action="store_true", help="write a Hugging Face folder instead")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")

@@ -7,13 +7,13 @@ import signal
 import sys
 
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import MODEL_SOURCES
 from jaxgpt.cli.sft import HELP as SFT_HELP
 from jaxgpt.config import add_dataclass_flags
 from jaxgpt.training.dpo import LOSSES, METRICS, DPOConfig, run_dpo
 
 HELP = {**SFT_HELP,
-        "ckpt": "the policy's starting point: jaxgpt run dir, HF folder, hub or packaged name "
-                "(gpt2, smollm2, ...); also the reference unless --ref",
+        "ckpt": "the base model: " + MODEL_SOURCES,
         "data": "preference records, a JSON list or JSONL of {prompt, chosen, rejected}: plain "
                 "text, or chat (prompt: a list of messages, chosen / rejected: one assistant "
                 "message each), TRL's two formats",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaxgpt.formats.load import load_for_inference
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import add_int8, add_model
 from jaxgpt.config import ConfigError
 from jaxgpt.evaluate.scoring import check_stride, evaluate
 from jaxgpt.evaluate import hellaswag
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mean next-token cross-entropy (nats/token) and perplexity of a model on a text "
                     "file, scored in windows of the model's context length; or, with --task "
                     "hellaswag, HellaSwag accuracy (acc, acc_norm, acc_norm_harness).")
-    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, or hub name")
+    add_model(p)
     p.add_argument("--task", choices=("perplexity", "hellaswag"), default="perplexity",
                    help="perplexity of --text (default), or HellaSwag accuracy on --data")
     p.add_argument("--text", default=None,
@@ -39,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='print {"loss", "perplexity", "tokens"}; with --task hellaswag {"n", "acc", '
                         '"acc_norm", "acc_norm_harness", "per_example"}')
-    p.add_argument("--int8", action="store_true",
-                   help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
-                        "load as they are, without this flag")
+    add_int8(p)
     return p
 
 

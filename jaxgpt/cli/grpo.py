@@ -6,13 +6,13 @@ import signal
 import sys
 
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import MODEL_SOURCES
 from jaxgpt.cli.sft import HELP as SFT_HELP
 from jaxgpt.config import add_dataclass_flags
 from jaxgpt.training.grpo import LOSS_TYPES, GRPOConfig, run_grpo
 
 HELP = {**SFT_HELP,
-        "ckpt": "the policy's starting point: jaxgpt run dir, HF folder, hub or packaged name "
-                "(gpt2, smollm2, ...); also the reference of --beta",
+        "ckpt": "the base model: " + MODEL_SOURCES,
         "prompts": "training prompts, a JSON list or JSONL of {prompt, ...}: prompt is text or chat "
                    "messages (rendered with --template); every other field is passed to the reward "
                    "functions by name, one value per completion (TRL's convention)",

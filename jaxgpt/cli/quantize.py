@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import add_model
 from jaxgpt.formats.quantize import quantize_checkpoint
 
 
@@ -16,8 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "float32 scales for every matmul kernel and (by default) the tied token "
                     "embedding; LayerNorms, biases and position embeddings stay float32. The result "
                     "is inference-only (sample, eval).")
-    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, hub name "
-                                "or nanoGPT ckpt.pt")
+    add_model(p, what="the float model to quantize")
     p.add_argument("out", help="output folder (a jaxgpt checkpoint)")
     p.add_argument("--keep-embedding", action="store_true",
                    help="keep the token embedding / tied head (wte) in float32")

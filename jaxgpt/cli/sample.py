@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jaxgpt.formats.load import load_for_inference
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import add_int8, add_model, add_sampling
 from jaxgpt.config import ConfigError
 from jaxgpt.decode.engine import check_sampling
 from jaxgpt.decode.sample import text_samples
@@ -20,16 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample text from a model. Stdout gets only the text (prompt + continuation; "
                     "samples separated by a line '---'); logs and warnings go to stderr. A prompt "
                     "longer than the model's context is truncated from the left (a warning says so).")
-    p.add_argument("ckpt", help="jaxgpt run/checkpoint folder, Hugging Face GPT-2 folder, or hub name")
+    add_model(p)
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>, or a "
                    "newline for models without it)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--num-samples", type=int, default=1, help="samples, decoded as one batch")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (argmax)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus: keep the smallest set of tokens whose probability reaches p")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling(p, temperature=1.0, top_k=None, top_p=None)
     p.add_argument("--no-stop", action="store_true", help="don't stop at <|endoftext|>")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the whole context each step instead of using the KV cache")
@@ -51,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regex", default=None, help="constrain the output to match this regular expression")
     g.add_argument("--choice", action="append", default=None, metavar="TEXT",
                    help="constrain the output to one of these strings (repeat the flag)")
-    p.add_argument("--int8", action="store_true",
-                   help="quantize the weights to int8 on load (jaxgpt.quant); int8 checkpoints "
-                        "load as they are, without this flag")
+    add_int8(p)
     return p
 
 

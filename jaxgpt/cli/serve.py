@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaxgpt.tokenizers import templates
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import add_int8, add_model
 from jaxgpt.config import ConfigError
 from jaxgpt.serve.limits import Limits
 from jaxgpt.serve import defaults
@@ -24,15 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "/health, /metrics (Prometheus), and a chat page at /. Requests share the "
                     "engine's slots (continuous batching); each may name the base model or an "
                     "adapter in 'model'.")
-    p.add_argument("ckpt", help="model: jaxgpt checkpoint (an SFT output too), LoRA adapter folder, "
-                   "Hugging Face GPT-2 folder or hub name; its folder name is the base model's name")
+    add_model(p, what="the model to serve (its folder name is the base model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="also serve the LoRA adapter at PATH (trained on CKPT) as model NAME; "
                         "repeatable; rows of one batch may use different adapters")
-    p.add_argument("--int8", action="store_true",
-                   help="serve the int8-quantized base (adapters stay float)")
+    add_int8(p, help="serve the int8-quantized base (adapters stay float)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="engine slots: sequences decoded together (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,

@@ -8,13 +8,14 @@ import signal
 import sys
 
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import MODEL_SOURCES
 from jaxgpt.cli.train import HELP as TRAIN_HELP
 from jaxgpt.config import ConfigError, add_dataclass_flags
 from jaxgpt.training.sft import SFTConfig, _fmt, eval_only, merge_adapter, run_sft
 from jaxgpt.tokenizers import templates
 
 HELP = {
-    "ckpt": "base model: jaxgpt run dir, Hugging Face GPT-2 folder, hub name (gpt2, ...) or nanoGPT ckpt.pt",
+    "ckpt": "the base model: " + MODEL_SOURCES,
     "data": "instruction records: a JSON list or JSONL of {instruction, input, output}, "
             "{prompt, completion} or {messages: [{role, content}, ...]}",
     "out": "output folder: the fine-tuned checkpoint (or LoRA adapter), report.md, "

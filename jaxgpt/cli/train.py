@@ -9,6 +9,7 @@ import signal
 import sys
 
 from jaxgpt.cli import run
+from jaxgpt.cli.flags import MODEL_SOURCES
 from jaxgpt.config import TrainConfig, add_dataclass_flags
 
 HELP = {
@@ -29,8 +30,7 @@ HELP = {
     "dropout": "dropout rate for training (0 disables; always off at evaluation)",
     "remat": "activation rematerialisation: recompute each block's activations in the backward "
              "pass instead of storing them (less memory, about a third more compute)",
-    "init_from": "fine-tune from this model instead of a random init: a jaxgpt run dir, a Hugging "
-                 "Face GPT-2 folder, a hub name (gpt2, gpt2-medium, ...) or a nanoGPT ckpt.pt",
+    "init_from": "fine-tune from this model instead of a random init: " + MODEL_SOURCES,
     "dtype": "compute dtype of activations and matmuls: float32, bfloat16 or float16 (params "
              "and optimizer state stay float32); default: bfloat16 on a GPU/TPU, float32 on a CPU",
     "batch_size": "global batch size in sequences per optimizer step (split over all devices)",

@@ -33,11 +33,17 @@ def _failure(s: str) -> list[int]:
     return f
 
 
+def stop_tables(stops) -> list[list[int]]:
+    """The stop strings' KMP tables (O(length) each), for a TextStream: made once per request,
+    e.g. by the server's request validation off its event loop."""
+    return [_failure(s) for s in stops]
+
+
 class _StopMatcher:
     """Where one stop string stands at the end of the text: `k` characters of it matched."""
 
-    def __init__(self, stop: str):
-        self.stop, self.fail, self.k = stop, _failure(stop), 0
+    def __init__(self, stop: str, fail: list[int] | None = None):
+        self.stop, self.fail, self.k = stop, fail if fail is not None else _failure(stop), 0
 
     def feed(self, text: str) -> int:
         """Advance over `text`; the index in `text` just past the first full match, or -1."""
@@ -69,13 +75,15 @@ def token_bytes(tokenizer) -> Callable[[int], bytes]:
 class TextStream:
     """One row's text: `push(token)` -> the newly released text; `finish()` -> what was held.
 
-    `token_bytes(token)` gives a token's bytes (see `token_bytes(tokenizer)`). `stops`: stop strings (empty ones ignored).
+    `token_bytes(token)` gives a token's bytes (see `token_bytes(tokenizer)`). `stops`: stop strings (empty ones ignored),
+    `tables`: their stop_tables if made already.
     After a stop string, `stopped` is True and `text` is everything before it; later pushes
     release nothing."""
 
-    def __init__(self, token_bytes: Callable[[int], bytes], stops=()):
+    def __init__(self, token_bytes: Callable[[int], bytes], stops=(), tables=None):
         self.token_bytes = token_bytes
-        self.matchers = [_StopMatcher(s) for s in dict.fromkeys(stops) if s]
+        stops = list(stops)
+        self.matchers = [_StopMatcher(s, f) for s, f in zip(stops, tables or [None] * len(stops)) if s]
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # held back: it may be the start of a stop string
         self.text = ""  # released so far

@@ -40,10 +40,10 @@ import jax
 import numpy as np
 
 from jaxgpt.decode.engine import TOP_LOGPROBS, Request
+from jaxgpt.decode.text import TextStream, token_bytes
 from jaxgpt.evaluate.scoring import score_continuations
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.schemas import APIError, GenRequest
-from jaxgpt.serve.stops import StopScanner
 
 
 def seed_key(seed: int, index: int = 0) -> jax.Array:
@@ -95,10 +95,8 @@ class Choice:
         self.request = Request(prompt, max_tokens, temperature=r.temperature, top_k=r.top_k,
                                top_p=r.top_p, seed=key, stop=scheduler.stop_ids,
                                on_token=self._on_token, **extra)
-        self.stops = StopScanner(r.stop, r.stop_tables) if r.stop else None
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stream = TextStream(scheduler.token_bytes, r.stop, r.stop_tables)  # UTF-8, stop strings
         self.text = ""  # released (sent) text
-        self.pending = ""  # text held back: it may be the start of a stop string
         self.tokens: list[int] = []
         self.infos: list[TokenInfo] = []
         self.finish_reason: str | None = None
@@ -126,35 +124,21 @@ class Choice:
                 not stop or self.job.req.kind == "completion"):  # (as vLLM: the end token's logprob too)
             lp, top = self.request.token_logprobs[-1]
             info = TokenInfo(token, data, lp, [(i, s.token_bytes(i), v) for i, v in top],
-                             len(self.text) + len(self.pending))
+                             len(self.text) + len(self.stream.pending))
             self.infos.append(info)
             self._new_infos.append(info)
         if stop:
             return
-        new = self.decoder.decode(data)
-        self.pending += new
-        self._check_stop(new)
+        piece = self.stream.push_bytes(data)
+        if self.stream.stopped:  # a stop string: the text before it, and the choice ends
+            self._release(piece)
+            self.finish("stop", flush=False)
+            s.engine.release(self.request.slot, "stop")
+            return
+        if piece or self._new_infos:
+            self._release(piece)
         if len(self.tokens) == 1 and self.out and self.job.stream:
             s._send_now(self)  # the first token goes out before the step's decode phase runs
-
-    def _check_stop(self, new: str) -> None:
-        """`new` was appended to the held text: end at a stop string, else release all but
-        what may start one (stops.StopScanner: linear in the text, whatever the stops' lengths)."""
-        if self.stops is not None:
-            hit = self.stops.feed(new)
-            if hit is not None:
-                self._release(self.pending[:len(self.pending) - len(new) + hit])
-                self.pending = ""
-                self.finish("stop", flush=False)
-                self.scheduler.engine.release(self.request.slot, "stop")
-                return
-            hold = self.stops.hold
-        else:
-            hold = 0
-        cut = len(self.pending) - hold
-        if cut > 0 or self._new_infos:
-            self._release(self.pending[:cut])
-            self.pending = self.pending[cut:]
 
     def _release(self, text: str) -> None:
         self.text += text
@@ -167,8 +151,7 @@ class Choice:
         if self.finish_reason is not None:
             return
         if flush:
-            tail = self.pending + self.decoder.decode(b"", final=True)
-            self.pending = ""
+            tail = self.stream.finish()
             if tail or self._new_infos:
                 self._release(tail)
         self.finish_reason = reason
@@ -255,18 +238,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._avg_seconds = 1.0  # a running mean of request durations, for Retry-After
         self._free = engine.slots  # free slots not yet given to a waiting choice (lock held)
-        self._bytes_cache: dict[int, bytes] = {}
+        self.token_bytes = token_bytes(tokenizer)  # token id -> its bytes (cached)
         self.metrics.set("slots_total", engine.slots)
         self.metrics.set("slots_free", engine.slots)
-
-    def token_bytes(self, token: int) -> bytes:
-        b = self._bytes_cache.get(token)
-        if b is None:
-            tok = self.tokenizer
-            b = (tok.decode_bytes([token]) if hasattr(tok, "decode_bytes")
-                 else tok.decode([token]).encode("utf-8"))
-            self._bytes_cache[token] = b
-        return b
 
     # ---- the event loop's side ----
     def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:

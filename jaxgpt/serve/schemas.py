@@ -23,7 +23,7 @@ from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
 from jaxgpt.evaluate.scoring import prepend_bos
 from jaxgpt.serve.limits import MAX_STOP, MAX_TOP_LOGPROBS, Limits  # noqa: F401 (re-exported)
-from jaxgpt.serve.stops import prefix_tables
+from jaxgpt.decode.text import stop_tables
 from jaxgpt.serve.defaults import SamplingDefaults
 
 MAX_N = 128
@@ -83,7 +83,7 @@ class GenRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
-    stop_tables: list | None = None  # stops.prefix_tables(stop), made off the event loop
+    stop_tables: list | None = None  # decode.text.stop_tables(stop), made off the event loop
 
     @property
     def n_choices(self) -> int:
@@ -429,7 +429,7 @@ def parse_completion(body: dict, ctx: Context) -> GenRequest:
             if len(p) > keep:
                 req.prompts[i], req.prompt_texts[i] = p[-keep:], None
     _max_tokens(body, ctx, req, ("max_tokens",), default)
-    req.stop_tables = prefix_tables(req.stop)
+    req.stop_tables = stop_tables(req.stop)
     return req
 
 
@@ -658,7 +658,7 @@ def parse_chat(body: dict, ctx: Context) -> GenRequest:
     _max_tokens(body, ctx, req, names, ctx.defaults.max_tokens)
     if template == "chatml" and "<|im_end|>" not in req.stop:
         req.stop.append("<|im_end|>")  # the template's end of turn (beside <|endoftext|>)
-    req.stop_tables = prefix_tables(req.stop)
+    req.stop_tables = stop_tables(req.stop)
     return req
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxgpt.model.gpt import lora
+from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.data.textfile import atomic_write

