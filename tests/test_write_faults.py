@@ -25,9 +25,9 @@ import pytest
 
 from jaxgpt.data import prepare as prep
 from jaxgpt.config import ConfigError
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt.files import atomic_write
 from jaxgpt.training.trainer import read_rows
-from jaxgpt.formats.files import WriteError, write_error, writing
+from jaxgpt.files import WriteError, write_error, writing
 
 REPO = Path(__file__).resolve().parents[1]
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from jaxgpt.formats.load import load
-from jaxgpt.formats.checkpoint import check_writable
+from jaxgpt.files import check_writable
 from jaxgpt.cli import run
 
 

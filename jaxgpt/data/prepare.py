@@ -47,11 +47,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.formats.files import WriteError, writing
+from jaxgpt.files import WriteError, writing
 from jaxgpt.data.corpus import PIECE_CHARS, check_source, iter_units, resolve_sources
-from jaxgpt.data.shards import (GPT2_INFO, MANIFEST, MAX_SHARD_TOKENS, STATE, atomic_write_bytes,
-                           atomic_write_json, load_manifest, make_header, read_header,
-                           sha256_file, shard_format)
+from jaxgpt.data.shards import GPT2_INFO, MANIFEST, MAX_SHARD_TOKENS, STATE, load_manifest, make_header, read_header, shard_format
+from jaxgpt.files import atomic_write_bytes, atomic_write_json, sha256_file
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's fineweb.py shard size
 CHUNK_CHARS = 1 << 20  # text per worker task

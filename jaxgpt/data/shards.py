@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.formats.files import writing
+from jaxgpt.files import atomic_write_bytes
 
 MAGIC = 20240520  # llm.c's GPT-2 token shards
 VERSION = 1  # version 1 = uint16 tokens
@@ -69,33 +69,13 @@ _VAL_NAME = re.compile(r"(?:^|[_\-.])val(?:idation)?(?:[_\-.]|$)")
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_bytes(path, chunks) -> None:
-    """Write `chunks` (bytes-likes) to `path` via a tmp file + os.replace: all or nothing."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(path), open(tmp, "wb") as f:  # a full disk: WriteError naming `path`
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        with writing(path):
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, [(json.dumps(obj, indent=1) + "\n").encode()])
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
+
+
 
 
 def shard_format(vocab_size: int) -> tuple[int, int, np.dtype]:

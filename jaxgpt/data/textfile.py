@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.data.shards import atomic_write_bytes
+from jaxgpt.files import atomic_write, sha256_file
 from jaxgpt.tokenizers.tokenizer import get_tokenizer, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # tokenize in ~1 MB pieces so long corpora show progress
@@ -31,18 +30,10 @@ def read_text(path: str | os.PathLike) -> str:
         raise ConfigError(f"data file is not UTF-8 text: {path} (byte {e.start})") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so readers see the old content or the whole new one, never a part (a failed
-    write leaves no temporary file and is a one-line WriteError: jaxgpt.data.shards.atomic_write_bytes)."""
-    atomic_write_bytes(path, [data])
+
+
 
 
 def _chunks(text: str):
@@ -88,7 +79,7 @@ def prepare(data_path: str, tokenizer: str, cache_dir: str | os.PathLike, block_
         tok = get_tokenizer(tokenizer)
     cache = Path(cache_dir)
     meta_path = cache / "meta.json"
-    digest = _sha256(src)
+    digest = sha256_file(src)
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())

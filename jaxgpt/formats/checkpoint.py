@@ -11,10 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +25,7 @@ from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.formats.shapes import check_tensors
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
-from jaxgpt.formats.files import write_error, writing
+from jaxgpt.files import atomic_dir, write_error
 
 CKPT_SUBDIR = "checkpoints"
 
@@ -287,39 +284,10 @@ def load_model(out: str | Path, step: int | None = None, warn=None):
     return nnx.merge(graphdef, params), tokenizer, meta
 
 
-@contextmanager
-def atomic_dir(out: str | Path, force: bool = False):
-    """Yield a temporary sibling of `out` to write into; on success it is renamed to `out`.
-
-    A failure inside the block removes the temporary directory, so nothing is left behind.
-    An existing non-empty `out` is refused unless `force`, then replaced only once all is written.
-    """
-    out = Path(out)
-    check_writable(out, force)
-    with writing(out):  # a full disk, no permission: one line naming `out` (jaxgpt.writes)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with writing(out):
-            yield tmp
-            if out.exists() and (out.is_file() or any(out.iterdir())):
-                # swap: move the old output aside, move the new one in, then delete the old one
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / "x"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old.parent)
-            else:
-                os.replace(tmp, out)  # replaces an empty directory atomically
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def check_writable(out: str | Path, force: bool = False) -> None:
-    """ConfigError unless `out` is absent, an empty directory, or `force` is set."""
-    out = Path(out)
-    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not empty; pass --force to replace it")
+
+
 
 
 def save_model(out: str | Path, model: GPT, tokenizer_dict: dict | None,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.formats.checkpoint import atomic_dir, check_writable
+from jaxgpt.files import atomic_dir, check_writable
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.model.gpt import GPT
 from jaxgpt.formats.shapes import check_tensors

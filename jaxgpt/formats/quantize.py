@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jaxgpt.formats import checkpoint
 from jaxgpt.formats.load import load
 from jaxgpt.config import ConfigError
+from jaxgpt import files
 from jaxgpt.model.gpt import param_bytes
 
 
@@ -29,7 +29,7 @@ def quantize_checkpoint(ckpt: str, out: str, embedding: bool = True, force: bool
     {"fp32_param_bytes", "int8_param_bytes", "disk_bytes"}. ConfigError for an already
     quantized `ckpt` or a non-empty `out` (without `force`); nothing is written then.
     """
-    checkpoint.check_writable(out, force)  # before the (slow) load
+    files.check_writable(out, force)  # before the (slow) load
     lm = load(ckpt, allow_int8=True)
     if lm.is_int8:
         raise ConfigError(f"{ckpt} is already int8-quantized; quantize its float32 source instead")

@@ -23,9 +23,10 @@ from flax import nnx
 
 from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt import files
+from jaxgpt.files import atomic_write
 from jaxgpt.formats.shapes import check_tensors, layer_indices
-from jaxgpt.formats.files import writing
+from jaxgpt.files import writing
 
 ADAPTER_META = "adapter.json"
 ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -130,7 +131,7 @@ def write_adapter(folder: str | Path, model, meta: dict) -> Path:
     temporary name renamed into place, then adapter.json, which marks a complete adapter."""
     folder = Path(folder).resolve()
     tmp = folder / ".lora.tmp"
-    with writing(folder / "lora"):  # a full disk: one line (jaxgpt.writes), the old arrays kept
+    with writing(folder / "lora"):  # a full disk: one line (jaxgpt.files), the old arrays kept
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -148,7 +149,7 @@ def write_adapter(folder: str | Path, model, meta: dict) -> Path:
 def save_adapter(out: str | Path, model, meta: dict, force: bool = False) -> Path:
     """An adapter folder of its own at `out`, written atomically (refused if `out` is not empty,
     unless `force`)."""
-    with checkpoint.atomic_dir(out, force) as tmp:
+    with files.atomic_dir(out, force) as tmp:
         write_adapter(tmp, model, meta)
     return Path(out)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from jaxgpt.config import ConfigError
 from jaxgpt.data.corpus import PIECE_CHARS, check_source, iter_units, resolve_sources
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt.files import atomic_write
 from jaxgpt.tokenizers.tokenizer import _HF_GPT2_SPLIT, _LLAMA3_SPLIT, EOT, BPETokenizer
 
 SPLITS = ("gpt2", "llama3")  # GPT-2's split (ByteLevel's own regex), Llama 3's (a Split first)

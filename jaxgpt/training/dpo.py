@@ -42,7 +42,7 @@ from flax import nnx
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt.files import atomic_write
 from jaxgpt.decode.sample import bucket
 from jaxgpt.training.sft import (Encoded, RecordBatches, _portable, _prepare_out, _trainable_model, collate,
                         load_base, load_json_records)

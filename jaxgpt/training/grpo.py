@@ -48,7 +48,7 @@ from flax import nnx
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt.files import atomic_write
 from jaxgpt.decode.engine import Engine, Request, bucket, check_sampling
 from jaxgpt.training.sft import _portable, _prepare_out, _trainable_model, load_base, load_json_records
 from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices

@@ -9,7 +9,6 @@ set of val batches) and its samples. `python -m jaxgpt.train` is the CLI (jaxgpt
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -17,27 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import parallel
+from jaxgpt import files, parallel
 from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
-from jaxgpt.data.textfile import atomic_write, get_batch, prepare, step_rng
+from jaxgpt.data.textfile import get_batch, prepare, step_rng
 from jaxgpt.model.gpt import GPT, count_params
 from jaxgpt.decode.sample import generate
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 from jaxgpt.training.trainer import Trainer, read_rows, resume_point, setup_devices
-from jaxgpt.formats.files import writing
+from jaxgpt.files import atomic_write, writing
 
 EVAL_SEED_OFFSET = 10_000_019  # eval batches come from their own fixed RNG stream
 KIND = "pretrain"  # saved in every checkpoint: `jaxgpt.sft --resume` refuses such a run
-
-
-def _check_writable(out: Path) -> None:
-    """Fail early (before anything is written) if `out` cannot be created or written."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory {out} is not writable")
 
 
 def _init_from(cfg: TrainConfig):
@@ -197,7 +187,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
     """
     out = Path(cfg.out)
     # 1. validate everything that can be validated before writing a byte
-    _check_writable(out)
+    files.check_permission(out)
     existing = None if cfg.resume else checkpoint.latest_step(out)
     if existing is not None:  # refused now, not by orbax's first save minutes later
         raise ConfigError(f"{out} already holds a training run (checkpoint at step {existing}): "

@@ -40,11 +40,11 @@ from jaxgpt.formats import checkpoint
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.data.textfile import atomic_write
-from jaxgpt.losses import masked_sum
-from jaxgpt.decode.sample import bucket, generate  # padded lengths: powers of two, so few shapes compile
+from jaxgpt import files
+from jaxgpt.files import atomic_write
+from jaxgpt.decode.sample import bucket  # padded lengths: powers of two, so few shapes compile
 from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
-from jaxgpt.formats.files import writing
+from jaxgpt.files import writing
 
 IGNORE = 0  # mask value of positions that do not count in the loss
 KIND = "sft"  # saved in every checkpoint: `jaxgpt.train --resume` refuses such a run
@@ -352,13 +352,9 @@ def load_base(cfg: SFTConfig):
 
 def _prepare_out(cfg: SFTConfig) -> None:
     """Refuse an --out that holds something (unless --resume, or --force replaces it)."""
-    out = Path(cfg.out)
-    if cfg.resume:
-        return
-    busy = out.exists() and (out.is_file() or any(out.iterdir()))
-    if busy and not cfg.force:
-        hint = " (an SFT run: continue it with --resume)" if checkpoint.latest_step(out) is not None else ""
-        raise ConfigError(f"{out} already exists and is not empty{hint}; pass --force to replace it")
+    if not cfg.resume:
+        ran = Path(cfg.out).is_dir() and checkpoint.latest_step(cfg.out) is not None
+        files.check_writable(cfg.out, cfg.force, " (a training run: continue it with --resume)" if ran else "")
 
 
 def _data(cfg: SFTConfig, lm, log):
@@ -568,7 +564,7 @@ def merge_adapter(adapter: str, out: str, base: str | None = None, force: bool =
     from jaxgpt.formats.load import load
 
     meta = lora.read_adapter_meta(adapter)
-    checkpoint.check_writable(out, force)
+    files.check_writable(out, force)
     lm = load(base or meta["base"])
     lora.load_adapter(adapter, lm.model)
     merged = lora.merge(lm.model)

@@ -32,11 +32,11 @@ from flax import nnx
 from jaxgpt import parallel
 from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.data.textfile import atomic_write
+from jaxgpt.files import atomic_write
 from jaxgpt.losses import lm_loss
 from jaxgpt.model.gpt import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
-from jaxgpt.formats.files import writing
+from jaxgpt.files import writing
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
 # loss_fn(model, batch, key) -> (summed loss, counted targets) or (summed loss, counted targets,
