@@ -46,7 +46,7 @@ from jaxgpt.files import atomic_write
 from jaxgpt.decode.sample import bucket
 from jaxgpt.training.sft import (Encoded, RecordBatches, _portable, _prepare_out, _trainable_model, collate,
                         load_base, load_json_records)
-from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
+from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 
 KIND = "dpo"
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -332,7 +332,8 @@ def run_dpo(cfg: DPOConfig, log=log_stderr) -> dict:
         arrays = stacked_pairs(eval_pairs, cfg.batch_size, lm.config.block_size, tok.eot_token,
                                trainer.eval_rows)
         evaluate = lambda step: {"eval_" + k: v for k, v in trainer.evaluate_metrics(arrays).items()}
-    run = trainer.fit(lambda steps: data(steps, trainer.local_rows), evaluate=evaluate,
+    run = trainer.fit(lambda steps: data(steps, trainer.local_rows),
+                      [Eval(cfg.eval_interval, evaluate)] if evaluate is not None else [],
                       rows=read_rows(out, resume_step) if cfg.resume else None)
     evals = [r for r in run["rows"] if "eval_loss" in r]
     summary = {"steps": run["step"], "stopped_by": run["stopped_by"], "out": cfg.out,

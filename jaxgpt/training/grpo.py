@@ -51,7 +51,7 @@ from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.files import atomic_write
 from jaxgpt.decode.engine import Engine, Request, bucket, check_sampling
 from jaxgpt.training.sft import _portable, _prepare_out, _trainable_model, load_base, load_json_records
-from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
+from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 
 KIND = "grpo"
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -489,7 +489,7 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
         return res
 
     run = trainer.fit(lambda steps: first.pop(steps[0], None) or data(steps),
-                      evaluate=evaluate if held else None, row_extras=data.row,
+                      [Eval(cfg.eval_interval, evaluate)] if held else [], row_extras=data.row,
                       rows=read_rows(out, resume_step) if cfg.resume else None)
     evals = [r for r in run["rows"] if "eval_reward" in r]
     summary = {"steps": run["step"], "stopped_by": run["stopped_by"], "out": cfg.out,

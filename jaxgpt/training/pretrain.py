@@ -23,7 +23,7 @@ from jaxgpt.data.textfile import get_batch, prepare, step_rng
 from jaxgpt.model.gpt import GPT, count_params
 from jaxgpt.decode.sample import generate
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
-from jaxgpt.training.trainer import Trainer, read_rows, resume_point, setup_devices
+from jaxgpt.training.trainer import Eval, Sample, Trainer, read_rows, resume_point, setup_devices
 from jaxgpt.files import atomic_write, writing
 
 EVAL_SEED_OFFSET = 10_000_019  # eval batches come from their own fixed RNG stream
@@ -234,22 +234,17 @@ def train(cfg: TrainConfig, log=None) -> dict:
                 f"[{jax.devices()[0].platform}] | batch {B}x{block} | "
                 + (f"resuming at step {resume_step}" if cfg.resume
                    else f"fine-tuning {cfg.init_from}" if cfg.init_from else "from scratch"))
-    def evaluate(step: int) -> dict:
-        row = {}
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            row["val_loss"] = trainer.evaluate(val)
-        if hellaswag and (step % cfg.hellaswag_interval == 0 or step == cfg.max_iters):
+    hooks = [Eval(cfg.eval_interval, lambda step: {"val_loss": trainer.evaluate(val)})]
+    if hellaswag:
+        def hellaswag_acc(step: int) -> dict:
             from jaxgpt.evaluate.hellaswag import score
 
             got = score(trainer.host_model(), tok, hellaswag, progress=False)
-            row.update(hellaswag_acc=got["acc"], hellaswag_acc_norm=got["acc_norm"])
-        return row
-
-    summary = trainer.fit(
-        batches, evaluate=evaluate,
-        eval_every=(cfg.hellaswag_interval,) if hellaswag else (),
-        sample=(lambda: sample_text(trainer.model(), tok, samples, cfg.seed)) if samples else None,
-        rows=read_rows(out, resume_step) if cfg.resume else None)
+            return {"hellaswag_acc": got["acc"], "hellaswag_acc_norm": got["acc_norm"]}
+        hooks.append(Eval(cfg.hellaswag_interval, hellaswag_acc))
+    if samples:
+        hooks.append(Sample(cfg.eval_interval, lambda step: sample_text(trainer.model(), tok, samples, cfg.seed)))
+    summary = trainer.fit(batches, hooks, rows=read_rows(out, resume_step) if cfg.resume else None)
     summary.update(val_loss=summary["eval"].get("val_loss"), params=n_params, state=trainer.state,
                    model=trainer.model(), tokenizer=tok)
     return summary

@@ -43,7 +43,7 @@ from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt import files
 from jaxgpt.files import atomic_write
 from jaxgpt.decode.sample import bucket  # padded lengths: powers of two, so few shapes compile
-from jaxgpt.training.trainer import Trainer, log_stderr, read_rows, resume_point, setup_devices
+from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 from jaxgpt.files import writing
 
 IGNORE = 0  # mask value of positions that do not count in the loss
@@ -438,8 +438,8 @@ def run_sft(cfg: SFTConfig, log=log_stderr) -> dict:
                   trainer.eval_rows) if val_ex else None
     val_tokens = int(stacked(val_ex, cfg.batch_size, lm.config.block_size, pad,
                              cfg.mask_prompt)["mask"].sum()) if val_ex else 0
-    run = trainer.fit(lambda steps: data(steps, trainer.local_rows),
-                      evaluate=(lambda step: {"val_loss": trainer.evaluate(val)}) if val else None,
+    hooks = [Eval(cfg.eval_interval, lambda step: {"val_loss": trainer.evaluate(val)})] if val else []
+    run = trainer.fit(lambda steps: data(steps, trainer.local_rows), hooks,
                       rows=read_rows(out, resume_step) if cfg.resume else None)
     if run["stopped_by"]:
         gen_bar.close()

@@ -20,8 +20,9 @@ import json
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +33,10 @@ from flax import nnx
 from jaxgpt import parallel
 from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
-from jaxgpt.files import atomic_write
 from jaxgpt.losses import lm_loss
 from jaxgpt.model.gpt import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
-from jaxgpt.files import writing
+from jaxgpt.files import atomic_write, writing
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
 # loss_fn(model, batch, key) -> (summed loss, counted targets) or (summed loss, counted targets,
@@ -297,129 +297,175 @@ class Trainer:
         return {k: parallel.to_host(v) for k, v in m.items()}
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, batch_fn, *, evaluate=None, sample=None, rows: list[dict] | None = None,
-            eval_every: tuple[int, ...] = (), row_extras=None) -> dict:
+    def fit(self, batch_fn, hooks: Sequence[Hook] = (), *, rows: list[dict] | None = None,
+            row_extras=None) -> dict:
         """Train from the current step to total_steps.
 
         batch_fn(steps: range) -> {name: [len(steps), len(local_rows), ...]} host arrays: the
-        batches of those steps, this process's rows. evaluate(step) -> {metric: value} (called
-        at step 0, every eval_interval, every interval of `eval_every` and at the end);
-        sample() -> str (logged after each evaluation past the start). `rows`: metrics already
-        logged (a resumed run's, up to its checkpoint). Each training row also carries the loss's
-        extras (see LossFn) and row_extras(step) -> {metric: value} (e.g. GRPO's rewards of the
-        step's rollouts). Returns the run summary.
-        """
-        run, out = self.run, Path(self.run.out)
-        metrics_path = out / "metrics.jsonl"
-        rows = list(rows or [])
-        if self.main:
-            with writing(out):
-                out.mkdir(parents=True, exist_ok=True)
-            atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-        sinks = metric_sinks(run, self.meta) if self.main else []
-
-        def write_row(row):
-            rows.append(row)
-            if self.main:
-                with writing(metrics_path), open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                for sink in sinks:
-                    sink(row)
-
-        from tqdm import tqdm
+        batches of those steps, this process's rows. `hooks`: the work between steps (Eval,
+        Sample; checkpoints every run.ckpt_interval are the trainer's own). `rows`: metrics
+        already logged (a resumed run's, up to its checkpoint). Each training row also carries
+        the loss's extras (see LossFn) and row_extras(step) -> {metric: value} (e.g. GRPO's
+        rewards of the step's rollouts). Returns the run summary."""
+        run = self.run
+        log = _Log(self, rows)
+        hooks = [*hooks, Hook("checkpoint", run.ckpt_interval, self.save, at_start=False)]
         start = step = self.step
-        total = self.total_steps
-        bar = tqdm(total=total, initial=start, disable=not (run.progress and self.main),
-                   dynamic_ncols=True, unit="it", file=sys.stderr)
-        K = run.steps_per_call
-        evals = (run.eval_interval, *eval_every)
-        every = (run.log_interval, run.ckpt_interval, K, *evals)
-        steps_since, compile_s, tokens_since = 0, None, 0.0
-        last_loss, last_eval, last_sample, last_good, stopped_by = float("nan"), {}, None, start, None
+        st = {"start": start, "last_good": start, "last_loss": float("nan"), "eval": {}, "sample": None,
+              "compile_s": None, "steps": 0, "tokens": 0.0, "stopped_by": None}
         t_wall = time.perf_counter()
         with jax.set_mesh(self.mesh), StopSignal() as stop:
             try:
                 while True:
-                    if evaluate is not None and (any(step % e == 0 for e in evals) or step == total):
-                        t0 = time.perf_counter()
-                        now = evaluate(step)
-                        last_eval = {**last_eval, **now}
-                        self.timers["eval"] += time.perf_counter() - t0
-                        row = {"step": step, **now, "lr": float(self.schedule(step))}
-                        if step > start:
-                            row["train_loss"] = last_loss
-                        write_row(row)
-                        self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}"
-                                                             for k, v in now.items())
-                                 + (f", train loss {last_loss:.4f}" if step > start else ""))
-                        if sample is not None and step > start:
-                            t0 = time.perf_counter()
-                            last_sample = sample()
-                            self.timers["sample"] += time.perf_counter() - t0
-                            if last_sample is not None:
-                                self.log("  sample: " + last_sample.replace("\n", "\n          ")[:800])
-                    if step > start and (step % run.ckpt_interval == 0 or step == total):
-                        self.save(step)
-                        last_good = step
-                    if step >= total:
+                    self._run_hooks(step, hooks, st, log)
+                    if step >= self.total_steps or self._stopped(step, stop, st):
                         break
-                    if parallel.any_process(stop.signum is not None):  # all processes stop together
-                        if last_good != step:
-                            self.save(step)
-                        stopped_by = signal.Signals(stop.signum or signal.SIGTERM).name
-                        self.log(f"{stopped_by}: saved checkpoint at step {step} in {out}; "
-                                 f"continue with the same command plus --resume")
-                        break
-                    # n optimizer steps in one call, up to the next log/eval/checkpoint/K boundary
-                    n = min([total - step] + [e - step % e for e in every])
-                    batch = batch_fn(range(step, step + n))
-                    t0 = time.perf_counter()
-                    m = self._call(batch, n)  # the metrics' transfer syncs: the steps are done
-                    dt = time.perf_counter() - t0
-                    if compile_s is None:  # the first call includes compilation
-                        compile_s = dt
-                    else:
-                        self.timers["steps"] += dt
-                        steps_since += n
-                        tokens_since += float(m["tokens"].sum())
-                    bad = ~np.isfinite(m["loss"])
-                    if bad.any():
-                        raise FloatingPointError(
-                            f"loss became {m['loss'][bad][0]} at step {step + int(np.argmax(bad)) + 1}")
-                    step += n
-                    last_loss = float(m["loss"][-1])
-                    bar.update(n)
-                    if step % run.log_interval == 0:
-                        tps = tokens_since / self.timers["steps"] if steps_since else 0.0
-                        row = {"step": step, "train_loss": last_loss, "lr": float(m["lr"][-1]),
-                               "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)}
-                        if self.peak:  # model FLOPs/s over the devices' peak
-                            row["mfu"] = round(tps * self.flops_per_token / self.peak, 4)
-                        row.update({k[2:]: float(v[-1]) for k, v in m.items() if k.startswith("x/")})
-                        if row_extras is not None:
-                            row.update(row_extras(step))
-                        write_row(row)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False,
-                                        **({"mfu": f"{row['mfu']:.0%}"} if self.peak else {}))
+                    step = self._train_steps(step, batch_fn, hooks, st, log, row_extras)
             except FloatingPointError as e:
-                kept = (f"the last good checkpoint (step {last_good}) is kept in "
-                        f"{checkpoint.checkpoint_dir(out)}" if last_good > start or start > 0
+                kept = (f"the last good checkpoint (step {st['last_good']}) is kept in "
+                        f"{checkpoint.checkpoint_dir(run.out)}" if st["last_good"] > start or start > 0
                         else "no checkpoint was saved")
                 raise ConfigError(f"training stopped: {e}; {kept} (try a lower --lr)") from None
             finally:
-                bar.close()
+                log.close()
                 self.close()
-                for sink in sinks:
-                    sink(None)
-        if compile_s is not None:
-            self.timers["steps"] += compile_s
+        if st["compile_s"] is not None:
+            self.timers["steps"] += st["compile_s"]
         if self.main:
-            plot_losses(rows, out / "loss.png")
-        return {"step": step, "train_loss": last_loss, "eval": last_eval, "sample": last_sample,
-                "rows": rows, "stopped_by": stopped_by, "compile_s": compile_s,
-                "ms_per_iter": 1000 * (self.timers["steps"] - (compile_s or 0)) / max(steps_since, 1),
+            plot_losses(log.rows, Path(run.out) / "loss.png")
+        return {"step": step, "train_loss": st["last_loss"], "eval": st["eval"], "sample": st["sample"],
+                "rows": log.rows, "stopped_by": st["stopped_by"], "compile_s": st["compile_s"],
+                "ms_per_iter": 1000 * (self.timers["steps"] - (st["compile_s"] or 0)) / max(st["steps"], 1),
                 "wall_s": time.perf_counter() - t_wall, "timers": dict(self.timers)}
+
+    def _run_hooks(self, step: int, hooks: list[Hook], st: dict, log: "_Log") -> None:
+        """The hooks due at `step`: the evaluations (one metrics row), then samples, then a checkpoint."""
+        due = [h for h in hooks if h.due(step, st["start"], self.total_steps)]
+        evals = [h for h in due if h.kind == "eval"]
+        if evals:
+            t0, now = time.perf_counter(), {}
+            for h in evals:
+                now.update(h.fn(step))
+            st["eval"] = {**st["eval"], **now}
+            self.timers["eval"] += time.perf_counter() - t0
+            row = {"step": step, **now, "lr": float(self.schedule(step))}
+            if step > st["start"]:
+                row["train_loss"] = st["last_loss"]
+            log.write(row)
+            self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in now.items())
+                     + (f", train loss {st['last_loss']:.4f}" if step > st["start"] else ""))
+        for h in (h for h in due if h.kind == "sample"):
+            t0 = time.perf_counter()
+            st["sample"] = h.fn(step)
+            self.timers["sample"] += time.perf_counter() - t0
+            if st["sample"] is not None:
+                self.log("  sample: " + st["sample"].replace("\n", "\n          ")[:800])
+        if any(h.kind == "checkpoint" for h in due):
+            self.save(step)
+            st["last_good"] = step
+
+    def _stopped(self, step: int, stop: StopSignal, st: dict) -> bool:
+        """SIGTERM / Ctrl-C in any process: every process saves `step` and stops."""
+        if not parallel.any_process(stop.signum is not None):
+            return False
+        if st["last_good"] != step:
+            self.save(step)
+        st["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
+        self.log(f"{st['stopped_by']}: saved checkpoint at step {step} in {self.run.out}; "
+                 f"continue with the same command plus --resume")
+        return True
+
+    def _train_steps(self, step: int, batch_fn, hooks, st: dict, log: "_Log", row_extras) -> int:
+        """Optimizer steps in one call, up to the next log / hook / K boundary; the new step."""
+        run = self.run
+        every = (run.log_interval, run.steps_per_call, run.eval_interval, *(h.every for h in hooks))
+        n = min([self.total_steps - step] + [e - step % e for e in every])
+        batch = batch_fn(range(step, step + n))
+        t0 = time.perf_counter()
+        m = self._call(batch, n)  # the metrics' transfer syncs: the steps are done
+        dt = time.perf_counter() - t0
+        if st["compile_s"] is None:  # the first call includes compilation
+            st["compile_s"] = dt
+        else:
+            self.timers["steps"] += dt
+            st["steps"] += n
+            st["tokens"] += float(m["tokens"].sum())
+        bad = ~np.isfinite(m["loss"])
+        if bad.any():
+            raise FloatingPointError(f"loss became {m['loss'][bad][0]} at step {step + int(np.argmax(bad)) + 1}")
+        step += n
+        st["last_loss"] = float(m["loss"][-1])
+        log.bar.update(n)
+        if step % run.log_interval == 0:
+            tps = st["tokens"] / self.timers["steps"] if st["steps"] else 0.0
+            row = {"step": step, "train_loss": st["last_loss"], "lr": float(m["lr"][-1]),
+                   "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)}
+            if self.peak:  # model FLOPs/s over the devices' peak
+                row["mfu"] = round(tps * self.flops_per_token / self.peak, 4)
+            row.update({k[2:]: float(v[-1]) for k, v in m.items() if k.startswith("x/")})
+            if row_extras is not None:
+                row.update(row_extras(step))
+            log.write(row)
+            log.bar.set_postfix(loss=f"{st['last_loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False,
+                                **({"mfu": f"{row['mfu']:.0%}"} if self.peak else {}))
+        return step
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Work the trainer does between optimizer steps: `fn(step)` every `every` steps, at the
+    last step, and at the first one if `at_start`. kind "eval": fn -> {metric: value} (the due
+    evaluations of a step make one metrics row); "sample": fn -> text (logged); "checkpoint"."""
+    kind: str
+    every: int
+    fn: Callable
+    at_start: bool = True
+
+    def due(self, step: int, start: int, total: int) -> bool:
+        if step == start and not self.at_start:
+            return False
+        return step % self.every == 0 or step == total
+
+
+def Eval(every: int, fn: Callable[[int], dict]) -> Hook:
+    """An evaluation every `every` steps, at the start and at the end: fn(step) -> {metric: value}."""
+    return Hook("eval", every, fn)
+
+
+def Sample(every: int, fn: Callable[[int], str | None]) -> Hook:
+    """A text sample every `every` steps and at the end (not at the start): fn(step) -> text."""
+    return Hook("sample", every, fn, at_start=False)
+
+
+class _Log:
+    """A run's metrics rows: metrics.jsonl (rewritten with the kept rows, then appended), the
+    tracking sinks (TensorBoard, W&B) and the progress bar."""
+
+    def __init__(self, trainer: Trainer, rows: list[dict] | None):
+        from tqdm import tqdm
+
+        self.main, out = trainer.main, Path(trainer.run.out)
+        self.path, self.rows = out / "metrics.jsonl", list(rows or [])
+        if self.main:
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        self.sinks = metric_sinks(trainer.run, trainer.meta) if self.main else []
+        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, dynamic_ncols=True, unit="it",
+                        disable=not (trainer.run.progress and self.main), file=sys.stderr)
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.main:
+            with writing(self.path), open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for sink in self.sinks:
+                sink(row)
+
+    def close(self) -> None:
+        self.bar.close()
+        for sink in self.sinks:
+            sink(None)
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
