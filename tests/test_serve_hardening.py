@@ -65,6 +65,9 @@ def kept(filtered) -> list:
     return [np.flatnonzero(np.isfinite(np.asarray(row))) for row in filtered]
 
 
+FILTER_ROWS, TOP_P, SAMPLE_ROWS = jax.jit(_filter_rows), jax.jit(top_p_filter), jax.jit(sample_rows)  # (compiled once)
+
+
 @pytest.mark.parametrize("p", [1e-300, 1e-46, 1e-30, 0.05, 0.5, 0.97])
 def test_top_p_filters_equal_a_reference_and_keep_the_top_token(p):
     rng = np.random.default_rng(0)
@@ -73,10 +76,10 @@ def test_top_p_filters_equal_a_reference_and_keep_the_top_token(p):
     rows[2] = rng.normal(0, 0.01, V)  # nearly flat: the nucleus reaches past FILTER_TOP (the search)
     want = [nucleus(r.astype(np.float64), p) for r in rows]
     # one row at a time (the FILTER_TOP fast path, or the search past it) and all rows (the search)
-    single = [kept(_filter_rows(jnp.asarray(r[None]), jnp.zeros(1, jnp.int32), jnp.full(1, p, jnp.float32)))[0]
+    single = [kept(FILTER_ROWS(jnp.asarray(r[None]), jnp.zeros(1, jnp.int32), jnp.full(1, p, jnp.float32)))[0]
               for r in rows]
-    batched = kept(_filter_rows(jnp.asarray(rows), jnp.zeros(3, jnp.int32), jnp.full(3, p, jnp.float32)))
-    plain = kept(top_p_filter(jnp.asarray(rows), p))
+    batched = kept(FILTER_ROWS(jnp.asarray(rows), jnp.zeros(3, jnp.int32), jnp.full(3, p, jnp.float32)))
+    plain = kept(TOP_P(jnp.asarray(rows), jnp.float32(p)))
     for i in range(3):
         for got in (single[i], batched[i], plain[i]):
             assert np.array_equal(got, want[i]), (p, i, len(got), len(want[i]))
@@ -84,7 +87,7 @@ def test_top_p_filters_equal_a_reference_and_keep_the_top_token(p):
         keys = jax.random.split(jax.random.key(0), 3)
         for _ in range(3):
             keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-            tok = sample_rows(jnp.asarray(rows), keys, jnp.ones(3), jnp.zeros(3, jnp.int32), jnp.full(3, p))
+            tok = SAMPLE_ROWS(jnp.asarray(rows), keys, jnp.ones(3), jnp.zeros(3, jnp.int32), jnp.full(3, p))
             assert np.array_equal(np.asarray(tok), rows.argmax(-1))
 
 
@@ -249,7 +252,8 @@ def hs(tmp_path_factory):
     torch.manual_seed(1)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=CTX)).eval()
     hf.save_pretrained(root / "hf")
-    service = build_service(str(root / "hf"), max_batch=8, max_queue=16, limits=LIMITS, log=lambda s: None)
+    service = build_service(str(root / "hf"), max_batch=8, max_queue=16, limits=LIMITS, warmup_prompt=16,
+                            log=lambda s: None)  # (longer prompts compile on first use)
     server = Server(create_app(service))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield SimpleNamespace(url=server.url, service=service, client=client, root=root,
@@ -258,10 +262,10 @@ def hs(tmp_path_factory):
     service.scheduler.stop()
 
 
-def post(url, path, body, **kw):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
-        else {"json": body}
-    return httpx.post(url + path, timeout=60, **kw)
+def post(url, path, body):
+    """POST `body` (raw bytes, or JSON with \\u escapes: lone surrogates included) to `path`."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
 
 
 def openai_error(r) -> dict:

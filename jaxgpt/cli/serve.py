@@ -157,7 +157,10 @@ def _main(argv) -> int:
           file=sys.stderr, flush=True)
     app = create_app(service, allowed_hosts=[args.host, *allowed])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # (uvicorn re-raises the Ctrl-C it shut down on; as uvicorn.run)
+        pass
     return 0
 
 

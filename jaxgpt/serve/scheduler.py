@@ -374,7 +374,10 @@ class Scheduler:
                 self._fail_all(e)
             with self._cond:
                 self._free = len(engine.free_slots)
-            self._flush()
+            try:
+                self._flush()
+            except Exception:  # a bug: the thread (every later request) must live on
+                traceback.print_exc(file=sys.stderr)
 
     def _score_prompts(self, job: Job) -> None:
         """Fill job.prompt_infos: every prompt token's logprob and top alternatives under the
