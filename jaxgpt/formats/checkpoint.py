@@ -101,6 +101,14 @@ def _quiet_asyncio():
         log.setLevel(level)
 
 
+def after_failed_write() -> None:
+    """After an asynchronous checkpoint write failed (a full disk), orbax's other write tasks of
+    that checkpoint fail the same way and asyncio logs each one ("Task exception was never
+    retrieved", with a traceback) whenever it is collected, up to the process's exit. The error
+    that matters has been raised as a WriteError naming the checkpoint: silence the rest."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def _closed_loop_callback(exc_type, exc, tb) -> bool:
     """Whether an error is orbax's leftover of an abandoned read: RuntimeError('Event loop is
     closed') raised inside asyncio's call_soon_threadsafe (TensorStore completing a read of a

@@ -36,7 +36,7 @@ from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.losses import lm_loss
 from jaxgpt.model.gpt import count_params
 from jaxgpt.optim import lr_schedule, make_optimizer
-from jaxgpt.files import atomic_write, writing
+from jaxgpt.files import WriteError, atomic_write, writing
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward (see Trainer.evaluate)
 # loss_fn(model, batch, key) -> (summed loss, counted targets) or (summed loss, counted targets,
@@ -255,17 +255,22 @@ class Trainer:
         checkpoints finished before it stay as they are."""
         t0 = time.perf_counter()
         ckpts = checkpoint.checkpoint_dir(self.run.out)
-        if self._mngr is not None:
-            with writing(ckpts / str(self._saving)):  # the previous write's failure, as its own
-                self._mngr.wait_until_finished()
-        with writing(ckpts / str(step)):
-            if self._mngr is None:
-                self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints, async_save=True)
-            if step in self._mngr.all_steps():  # a damaged checkpoint that resuming skipped: replaced
-                self._mngr.delete(step)
-            self._saving = step
-            checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
-                            {**self.meta, "step": step}, wait=False)
+        try:
+            if self._mngr is not None:
+                with writing(ckpts / str(self._saving)):  # the previous write's failure, as its own
+                    self._mngr.wait_until_finished()
+            with writing(ckpts / str(step)):
+                if self._mngr is None:
+                    self._mngr = checkpoint.manager(self.run.out, keep=self.run.keep_checkpoints,
+                                                    async_save=True)
+                if step in self._mngr.all_steps():  # a damaged checkpoint resuming skipped: replaced
+                    self._mngr.delete(step)
+                self._saving = step
+                checkpoint.save(self._mngr, step, self.state["params"], self.state["opt_state"],
+                                {**self.meta, "step": step}, wait=False)
+        except WriteError:
+            checkpoint.after_failed_write()
+            raise
         self.timers["save"] += time.perf_counter() - t0
 
     def close(self) -> None:
@@ -278,6 +283,9 @@ class Trainer:
         try:
             with writing(checkpoint.checkpoint_dir(self.run.out) / str(self._saving)):
                 mngr.wait_until_finished()
+        except WriteError:
+            checkpoint.after_failed_write()
+            raise
         finally:
             try:
                 mngr.close()
