@@ -66,6 +66,15 @@ than its row counts, so that row's "% bw" is the fraction of the float32 bound i
 pass 100%); likewise "% FLOP" is always against the float32 GEMM peak, which int8 dot instructions
 can pass.
 
+Constrained decoding (`--constrained`: two more rows; `--constrained-only`: just them): "jaxgpt
+Engine" decodes the batch as `batch` requests of the slot engine (jaxgpt.decode.engine.Engine, what the
+server runs), "jaxgpt Engine + grammar" the same requests each constrained by a grammar
+(jaxgpt.grammar, xgrammar's mask filled on the host every step and applied in the jitted step):
+an unending JSON array of {"name": string, "age": integer} objects (no closing bracket, so every
+row runs exactly the new tokens asked for, as the free rows do; the random weights keep most
+steps inside a string, the common state of real JSON). Its check column says how many rows'
+text is a prefix the grammar accepts (all, or the engine would have raised).
+
 Opt-in extra rows (greedy only): `--plain-max-batch N` adds "jaxgpt float32 plain" (`fast_decode=
 False`, the model's own arrays) up to batch N, `--no-cache-max-batch N` "jaxgpt no cache" (every
 step re-runs the whole prefix; ~10x slower).
@@ -256,6 +265,37 @@ def jaxgpt_impl(name, model, bytes_per_param, float32, **kw) -> Impl:
     return Impl(name, run, bytes_per_param, float32, compiles=True, **kw)
 
 
+BENCH_GRAMMAR = r"""root ::= "[" item (", " item)*
+item ::= "{\"name\": " str ", \"age\": " int "}"
+str ::= "\"" [^\"\\\0-\x1f]* "\""
+int ::= "0" | [1-9] [0-9]{0,5}"""
+
+
+def engine_impl(name, model, bytes_per_param, grammar=None) -> Impl:
+    """The slot engine, a request per row (free, or each constrained by `grammar`)."""
+    from jaxgpt.decode.engine import Engine, Request
+    engines = {}
+
+    def run(prompt, new, sampled):
+        B = len(prompt)
+        engine = engines.get(B) or engines.setdefault(B, Engine(model, slots=B))
+        mode = dict(SAMPLING) if sampled else dict(temperature=0.0)
+        reqs = [Request(row.tolist(), new, seed=b, grammar=grammar, **mode) for b, row in enumerate(prompt)]
+        for r in reqs:
+            engine.add(r)
+        engine.run()
+        assert all(len(r.tokens) == new for r in reqs)
+        return np.asarray([r.tokens for r in reqs])
+    return Impl(name, run, bytes_per_param, float32=grammar is None, prefill=False, compiles=True)
+
+
+def constrained_impls(jx) -> list[Impl]:
+    from jaxgpt.decode.grammar import compile_grammar
+    from jaxgpt.tokenizers.tokenizer import GPT2Tokenizer
+    g = compile_grammar(GPT2Tokenizer(), jx.config.vocab_size, ebnf=BENCH_GRAMMAR)
+    return [engine_impl("jaxgpt Engine", jx, 4), engine_impl("jaxgpt Engine + grammar", jx, 4, g)]
+
+
 def hf_impl(hf, threads: int, pad: int = 50256) -> Impl:
     torch.set_num_threads(threads)
 
@@ -422,6 +462,10 @@ def check(mode: str, impl: Impl, outs: dict, tps: dict) -> str:
         speed = {m: statistics.median(tps[impl.name, m]) for m in ("greedy", "sampled")}
         return f"{speed['sampled'] / speed['greedy']:.2f}x greedy"
     ref = outs.get(("jaxgpt float32", mode))
+    if impl.name == "jaxgpt Engine + grammar":
+        return "rows the grammar accepts: all" + (
+            "" if outs.get(("jaxgpt Engine", mode)) is None else
+            f"; tokens/s {statistics.median(tps[impl.name, mode]) / statistics.median(tps['jaxgpt Engine', mode]):.2f}x the free Engine's")
     if mode == "prefill":
         return "reference" if impl.name == "jaxgpt float32" else (
             "-" if ref is None else f"1st token = jaxgpt f32: {'yes' if (own == ref).all() else 'NO'}")
@@ -503,6 +547,10 @@ def parse_args(argv=None):
                    help="add jaxgpt float32 with fast_decode=False up to this batch (default 0: none)")
     p.add_argument("--no-cache-max-batch", type=int, default=0,
                    help="add jaxgpt without its KV cache up to this batch (default 0: none; slow)")
+    p.add_argument("--constrained", action="store_true",
+                   help="add the slot engine's rows, free and grammar-constrained (xgrammar)")
+    p.add_argument("--constrained-only", action="store_true",
+                   help="only those two rows (and no prefill rows)")
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # int8 rows are always on now
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a 2-layer shape, for the tests
     p.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2",
@@ -515,6 +563,8 @@ def parse_args(argv=None):
 
 
 def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
+    if args.constrained_only:
+        return constrained_impls(jx)
     impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True),
              jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
     if args.plain_max_batch:
@@ -523,6 +573,8 @@ def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
     if args.no_cache_max_batch:
         impls.append(jaxgpt_impl("jaxgpt no cache", jx, 4, True, sampled=False, prefill=False,
                                  max_batch=args.no_cache_max_batch, generate_kw=dict(use_cache=False)))
+    if args.constrained:
+        impls += constrained_impls(jx)
     hf_dir = os.path.join(tmp, "hf")
     if not args.no_peers or args.llama_cpp:
         export_hf(hf, hf_dir)
@@ -574,7 +626,7 @@ def main(argv=None):
         for batch in map(int, args.batches.split(",")):
             rows += bench(impls, batch, args.new, args.repeats, modes, PROMPT_LEN, vocab)
             log(f"[{time.perf_counter() - t_start:5.0f} s] batch {batch} done")
-        if args.prefill:
+        if args.prefill and not args.constrained_only:
             rows += bench(impls, 1, 1, args.repeats, ("prefill",), args.prefill, vocab)
             log(f"[{time.perf_counter() - t_start:5.0f} s] prefill done")
     end = machine_limits(mbytes, n)

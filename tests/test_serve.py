@@ -241,7 +241,8 @@ BAD = [  # (id, path, body (dict, or raw bytes), headers, status, param, in the 
     ("body-too-large", C, {"prompt": "x" * (1 << 21)}, None, 413, None, "larger than"),
     ("stream_options-without-stream", C, {"prompt": "x", "stream_options": {"include_usage": True}},
      None, 400, "stream_options", "stream"),
-    ("unsupported", C, {"prompt": "x", "logit_bias": {"1": 5}}, None, 400, "logit_bias", "not supported"),
+    ("unsupported", C, {"prompt": "x", "best_of": 3}, None, 400, "best_of", "not supported"),
+    ("logit_bias-range", C, {"prompt": "x", "logit_bias": {"1": 500}}, None, 400, "logit_bias", "[-100, 100]"),
     ("seed-type", C, {"prompt": "x", "seed": "s"}, None, 400, "seed", "integer"),
 ]
 

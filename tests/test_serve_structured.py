@@ -117,7 +117,7 @@ def test_openai_tools_not_streamed_and_streamed(srv):
     assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
     with httpx.stream("POST", server.url + "/v1/chat/completions", json={
             "model": NAME, "messages": msgs, "tools": [ADD], "tool_choice": "required", "stream": True,
-            "max_tokens": 80}) as resp:
+            "max_tokens": 80}, timeout=300) as resp:
         events = sse(resp)
     deltas = [c["delta"] for e in events for c in e["choices"]]
     assert deltas[0] == {"role": "assistant", "content": ""}

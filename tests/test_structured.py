@@ -185,3 +185,38 @@ def test_bounded_strings_refuse_raw_control_characters(lm):
         m = g.matcher([EOT])
         assert all(m.accept(t) for t in tok.encode(text)) == ok, text
         json.loads(text) if ok else pytest.raises(ValueError, json.loads, text)
+
+
+def test_one_slot_greedy_screen_keeps_the_constraint_and_bias(lm):
+    """A one-slot engine picks greedy tokens through the int8 head screen; with a grammar and a
+    bias it must pick what the full head picks from the adjusted logits."""
+    tok = lm.tokenizer
+    g = compile_grammar(tok, V, json_schema=SCHEMAS[4])
+    bias = {tok.encode("5")[0]: 3.0}
+    make = lambda: Request(tok.encode("A point:"), 30, temperature=0.0, grammar=g, stop=[EOT], logit_bias=bias)
+    screened = Engine(lm.model, slots=1, max_len=64)
+    assert screened.screen is not None
+    a = run(screened, [make()])[0]
+    b = run(Engine(lm.model, slots=1, max_len=64, fast_decode=False), [make()])[0]
+    assert a.tokens == b.tokens and a.finish_reason == "stop"
+    jsonschema.validate(json.loads(text(tok, a)), SCHEMAS[4])
+
+
+def test_every_tokenizer_spells_its_vocabulary_as_bytes():
+    """vocab_bytes(), what a grammar matches tokens by: GPT-2's equals tiktoken's bytes (its
+    <|endoftext|> empty: special tokens spell no text); a byte-level BPE's equals its own
+    decode_bytes (special tokens empty); a char vocabulary's is each character's UTF-8."""
+    from jaxgpt.tokenizers.tokenizer import BPETokenizer, CharTokenizer, bytes_to_unicode
+
+    gpt2 = GPT2Tokenizer()
+    vb = gpt2.vocab_bytes()
+    assert len(vb) == V and vb[EOT] == b"" and b"".join(vb[t] for t in gpt2.encode(" héllo wörld")) == " héllo wörld".encode()
+    alphabet = bytes_to_unicode()
+    bpe = BPETokenizer([alphabet[b] for b in range(256)] + [alphabet[104] + alphabet[105]], [(alphabet[104], alphabet[105])],
+                       added=[{"id": 257, "content": "<|im_end|>", "special": True}])
+    vb = bpe.vocab_bytes()
+    assert vb[:256] == [bytes([b]) for b in range(256)] and vb[256] == b"hi" and vb[257] == b""
+    assert CharTokenizer("aé\n").vocab_bytes() == [b"a", "é".encode(), b"\n"]
+    g = compile_grammar(CharTokenizer("ab,"), 3, regex=r"(ab,)+")  # no end-of-text: ends when complete
+    m = g.matcher()
+    assert all(m.accept(t) for t in CharTokenizer("ab,").encode("ab,")) and m.done

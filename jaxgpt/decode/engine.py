@@ -328,7 +328,7 @@ def greedy_screen(table: jax.Array) -> GreedyScreen:
 
 
 def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
-                    k: int = SCREEN_K) -> jax.Array:
+                    k: int = SCREEN_K, mask=None, bias=None) -> jax.Array:
     """argmax over v of x . table[v] for final hidden rows x [B, C], reading mostly int8.
 
     approx[v] = (x . q[v]) * scale[v] is within b[v] = ||x|| * err[v] (plus a float32 rounding
@@ -338,6 +338,8 @@ def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
     full float32 head decides. The result is the argmax of float32 logits, as `sample_token` at
     temperature 0 would pick from the full head, up to float32 rounding (a tie closer than
     ~1e-6 relative may resolve either way, as it may between any two matmul orders).
+    With `mask` / `bias` (adjust_logits) the argmax is that of the adjusted logits: the bias
+    shifts each approximation and its exact value alike, forbidden ids are never candidates.
     """
     x = x.astype(jnp.float32)
     x, q = jax.lax.optimization_barrier((x, screen.q))  # keep the int8 -> f32 convert in the loop
@@ -347,6 +349,10 @@ def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
     # ~C * 2^-24 relative to sum |x_i w_i| <= ||x|| ||w|| (doubled for the scale and the norms)
     rounding = 2.0 * x.shape[-1] * 2.0 ** -24
     bound = xnorm * (screen.err * 1.001 + rounding * screen.norm)  # [B, V]
+    if bias is not None:
+        approx = approx + bias
+    if mask is not None:
+        approx = jnp.where(allowed_ids(mask, approx.shape[-1]), approx, NEG_INF)
     floor = jnp.max(approx - bound, axis=-1, keepdims=True)  # [B, 1] the best lower bound
     cand = approx + bound >= floor  # [B, V] rows that may hold the maximum
 
@@ -354,11 +360,14 @@ def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
         idx = jax.vmap(lambda c: jnp.nonzero(c, size=k, fill_value=0)[0])(cand)  # [B, k]
         real = jnp.take_along_axis(cand, idx, axis=1)  # [B, k] False on the fill slots
         logits = jnp.einsum("bkc,bc->bk", table[idx].astype(jnp.float32), x)  # [B, k]
+        if bias is not None:
+            logits = logits + jnp.take_along_axis(bias, idx, axis=1)
         best = jnp.argmax(jnp.where(real, logits, NEG_INF), axis=-1)  # [B]
         return jnp.take_along_axis(idx, best[:, None], axis=1)[:, 0]
 
     def full():
-        return jnp.argmax(jnp.dot(table.astype(jnp.float32), x.T).T, axis=-1)  # [B]
+        logits = jnp.dot(table.astype(jnp.float32), x.T).T
+        return jnp.argmax(adjust_logits(logits, mask, bias), axis=-1)  # [B]
 
     many = jnp.max(jnp.sum(cand, axis=-1)) > k
     return jax.lax.cond(many, full, recompute).astype(jnp.int32)
@@ -447,11 +456,14 @@ def adjust_logits(logits: jax.Array, mask: jax.Array | None, bias: jax.Array | N
     if bias is not None:
         logits = logits + bias
     if mask is not None:
-        V = logits.shape[-1]
-        bits = jnp.right_shift(mask[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
-        allowed = bits.reshape(mask.shape[0], -1)[:, :V] != 0
-        logits = jnp.where(allowed, logits, NEG_INF)
+        logits = jnp.where(allowed_ids(mask, logits.shape[-1]), logits, NEG_INF)
     return logits
+
+
+def allowed_ids(mask: jax.Array, V: int) -> jax.Array:
+    """bool [B, V] from a token bitmask int32 [B, ceil(V / 32)] (bit i % 32 of word i // 32)."""
+    bits = jnp.right_shift(mask[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    return bits.reshape(mask.shape[0], -1)[:, :V] != 0
 
 
 def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None,
@@ -461,14 +473,13 @@ def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, t
     screened_argmax (the same ids as the full head, reading mostly int8); with per-row settings
     that happens when every row is greedy, otherwise the full head decides. `mask` / `bias`
     (adjust_logits) change the logits before any sampler; with either the full head decides
-    (a separate compiled program: calls without them are unchanged)."""
-    if mask is not None or bias is not None:
-        logits = adjust_logits(model.head(x, rows=True), mask, bias)
-        return sample_rows(logits, keys, temperature, top_k, top_p)
-    full = lambda: sample_rows(model.head(x, rows=True), keys, temperature, top_k, top_p)
+    (a separate compiled program: calls without them are unchanged); greedy rows keep the screen."""
+    full = lambda: sample_rows(adjust_logits(model.head(x, rows=True), mask, bias)
+                               if mask is not None or bias is not None else model.head(x, rows=True),
+                               keys, temperature, top_k, top_p)
     if screen is None:
         return full()
-    screened = lambda: screened_argmax(x, head_table(model), screen)
+    screened = lambda: screened_argmax(x, head_table(model), screen, mask=mask, bias=bias)
     if isinstance(temperature, (int, float)):
         return screened() if temperature == 0.0 else full()
     return jax.lax.cond(jnp.all(jnp.asarray(temperature) == 0.0), screened, full)
