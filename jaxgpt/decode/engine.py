@@ -1020,15 +1020,18 @@ class Engine:
 
         def work():
             done = 0
-            while self._background:
-                try:
-                    key = self._background.popleft()
-                except IndexError:
-                    break
-                self.compile(key)
-                done += 1
-                if log is not None:
-                    log(done, total, time.perf_counter() - t0)
+            try:
+                while self._background:
+                    try:
+                        key = self._background.popleft()
+                    except IndexError:
+                        break
+                    self.compile(key)
+                    done += 1
+                    if log is not None:
+                        log(done, total, time.perf_counter() - t0)
+            finally:  # (whatever happened: from now on every shape compiles where it is needed)
+                self._background = None
 
         thread = threading.Thread(target=work, name="jaxgpt-compile", daemon=True)
         thread.start()
