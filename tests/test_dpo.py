@@ -135,7 +135,7 @@ def trl_trainer(policy, ref, data, loss, beta, out, **kw):
     tok.pad_token = tok.eos_token
     ds = Dataset.from_list([json.loads(l) for l in data.read_text().splitlines()])
     args = DPOConfig(output_dir=str(out), beta=beta, loss_type=[loss], per_device_eval_batch_size=4,
-                     per_device_train_batch_size=8, report_to=[], use_cpu=True, save_strategy="no",
+                     per_device_train_batch_size=8, report_to=[], use_cpu=True, save_strategy="no", bf16=False,
                      dataset_num_proc=None, **kw)
     return DPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(policy),
                       ref_model=transformers.AutoModelForCausalLM.from_pretrained(ref),

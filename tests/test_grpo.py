@@ -53,7 +53,7 @@ def np_grpo(logp, old, ref, adv, mask, eps, eps_high, beta, loss_type, max_new):
     A = adv[:, None]
     per = -np.minimum(ratio * A, np.clip(ratio, 1 - eps, 1 + eps_high) * A)
     if beta:
-        per = per + beta * (np.exp(ref - logp) - (ref - logp) - 1)
+        per = per + beta * ratio * (np.exp(ref - logp) - (ref - logp) - 1)
     if loss_type == "grpo":
         return ((per * mask).sum(1) / mask.sum(1)).mean()
     if loss_type == "dr_grpo":
@@ -81,10 +81,11 @@ def test_grpo_terms_match_numpy(loss_type, beta):
     np.testing.assert_allclose(float(s / c), (region * mask).sum() / mask.sum(), rtol=1e-6)
     assert 0 < float(s / c) < 1
     if beta:
-        kl = np.exp(ref - logp) - (ref - logp) - 1
+        kl = ratio * (np.exp(ref - logp) - (ref - logp) - 1)
         np.testing.assert_allclose(float(extras["kl"][0] / extras["kl"][1]), (kl * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow  # (compiles the engine for two slot counts)
 def test_rollouts_are_seeded_per_row_through_the_engine():
     model = GPT(GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32), rngs=nnx.Rngs(0))
     cfg = grpo.GRPOConfig(group_size=3, max_new_tokens=6, temperature=1.0, seed=5)
@@ -162,7 +163,7 @@ def trl_grpo(policy, tmp, G, rows, C, **kw):
     tok = transformers.AutoTokenizer.from_pretrained(policy)
     tok.pad_token = tok.eos_token
     args = GRPOConfig(output_dir=str(tmp), num_generations=G, per_device_train_batch_size=rows,
-                      max_completion_length=C, report_to=[], use_cpu=True, save_strategy="no", **kw)
+                      max_completion_length=C, report_to=[], use_cpu=True, save_strategy="no", bf16=False, **kw)
     ds = Dataset.from_list([{"prompt": f"p{i}"} for i in range(rows)])
     return GRPOTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(policy),
                        reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
@@ -233,7 +234,7 @@ def test_grpo_loss_and_gradient_match_trl(hf_policy, tmp_path, loss_type, beta, 
     want = hf_grads_as_jaxgpt(trl.model, lm.config)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, want))
     scale = max(jax.tree.leaves(jax.tree.map(lambda b: float(jnp.max(jnp.abs(b))), want)))
-    assert scale > 1e-3 and max(diffs) <= 1e-4, (max(diffs), scale)
+    assert scale > 0 and max(diffs) <= 1e-4 and max(diffs) <= 1e-2 * scale, (max(diffs), scale)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
 1. The capstone records (experiments/capstone/data.json) are shuffled (seed 0) and split into
    --train and --held records.
 2. Every record's prompt (SmolLM2's own chat template) is answered greedily by the base model,
-   all through one jaxgpt Engine (8 slots), up to --max-new tokens. A pair is
+   all through one jaxgpt Engine (a slot each), up to --max-new tokens. A pair is
    {prompt, chosen: the reference answer, rejected: the base model's own answer} (chat format),
    unless the two agree (normalized) or the base answer is empty.
 3. `python -m jaxgpt.dpo smollm2 --data pairs_train.jsonl --eval-data pairs_held.jsonl
@@ -32,7 +32,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 import jaxgpt  # noqa: E402
-from jaxgpt.tokenizers import templates  # noqa: E402
+from jaxgpt import runtime  # noqa: E402
+from jaxgpt.tokenizers import templates
 from jaxgpt.decode.engine import Engine, Request  # noqa: E402
 from jaxgpt.training.sft import normalize, rouge_l  # noqa: E402
 
@@ -41,10 +42,10 @@ def user_messages(rec: dict) -> list[dict]:
     return templates.to_messages(rec, "capstone record")[:-1]
 
 
-def greedy_answers(model, tok, recs: list[dict], max_new: int, slots: int = 8) -> list[str]:
+def greedy_answers(model, tok, recs: list[dict], max_new: int) -> list[str]:
     """Greedy answers of `model` to each record's prompt (the model's chat template), decoded in
-    one Engine, `slots` rows at a time (a row that ends frees its slot for the next prompt)."""
-    engine = Engine(model, slots=slots)
+    one Engine with a slot per record (one prefill, few shapes to compile)."""
+    engine = Engine(model, slots=len(recs))
     reqs = [Request(templates.prompt_ids(tok, "model", user_messages(r)), max_new, temperature=0.0,
                     stop=(tok.eot_token,)) for r in recs]
     todo = list(reqs)
@@ -88,10 +89,11 @@ def main():
     train_recs = [recs[i] for i in order[:args.train]]
     held_recs = [recs[i] for i in order[args.train:args.train + args.held]]
 
+    runtime.enable_compilation_cache()
     lm = jaxgpt.load("smollm2")
     t0 = time.time()
-    base_train = greedy_answers(lm.model, lm.tokenizer, train_recs, args.max_new)
-    base_held = greedy_answers(lm.model, lm.tokenizer, held_recs, args.max_new)
+    base = greedy_answers(lm.model, lm.tokenizer, train_recs + held_recs, args.max_new)
+    base_train, base_held = base[:len(train_recs)], base[len(train_recs):]
     gen_s = time.time() - t0
     train_pairs, held_pairs = pairs(train_recs, base_train), pairs(held_recs, base_held)
     for name, ps in (("pairs_train.jsonl", train_pairs), ("pairs_held.jsonl", held_pairs)):

@@ -4,10 +4,10 @@ required format (the bare number).
     python experiments/grpo/run_grpo.py                # prompts -> GRPO (LoRA) -> table + reward.png
     python experiments/grpo/run_grpo.py --steps 30
 
-Prompts are "What is A + B? Reply with only the number." (A, B in 10..99, seeded) in SmolLM2's
-chat template; --train of them for training, --held others held out. The rewards are
-experiments/grpo/rewards.py: exact_answer (the last integer of the completion is A + B; weight 1)
-and number_only (the completion is just an integer; weight 0.5). `python -m jaxgpt.grpo` trains a
+Prompts are plain text, two worked examples then "Q: What is A + B?\nA:" (A, B in 10..99,
+seeded); --train of them for training, --held others held out. The rewards are
+experiments/grpo/rewards.py: exact_answer (the first integer of the completion's first line is
+A + B; weight 1) and number_only (that line is just an integer; weight 0.5). `python -m jaxgpt.grpo` trains a
 LoRA adapter: each step samples --group-size completions of --batch-size prompts through the
 Engine; held-out reward (greedy completions) is logged at step 0, every --eval-every steps and
 at the end. results.json keeps the numbers, a few completions verbatim and the rollout speed;
@@ -30,12 +30,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+SHOTS = "Q: What is 12 + 30?\nA: 42\nQ: What is 51 + 17?\nA: 68\n"
+
+
 def problems(n: int, rng) -> list[dict]:
     out = []
     for _ in range(n):
         a, b = (int(x) for x in rng.integers(10, 100, 2))
-        out.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Reply with only the number."}],
-                    "answer": str(a + b)})
+        out.append({"prompt": f"{SHOTS}Q: What is {a} + {b}?\nA:", "answer": str(a + b)})
     return out
 
 
@@ -103,7 +105,7 @@ def main():
            "rollout_tokens": summary["rollout_tokens"], "rollout_seconds": round(summary["rollout_seconds"], 2),
            "rollout_tokens_per_s": round(summary["rollout_tokens"] / summary["rollout_seconds"], 1),
            "rollout_tokens_per_s_median_step": float(np.median([r["rollout_tokens_per_s"] for r in steps])),
-           "examples": [{"prompt": c["prompt"][0]["content"], "answer": c["answer"], "before": c["before"],
+           "examples": [{"prompt": c["prompt"].rsplit("Q: ", 1)[-1], "answer": c["answer"], "before": c["before"],
                          "after": c["after"]} for c in comps[:6]]}
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print("| held-out (greedy) | before | after |\n|---|---|---|")

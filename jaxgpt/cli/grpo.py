@@ -30,6 +30,8 @@ HELP = {**SFT_HELP,
         "epsilon": "clip range of the policy ratio: [1 - epsilon, 1 + epsilon-high]",
         "epsilon_high": "upper clip (default: --epsilon)",
         "beta": "weight of the KL to the reference (TRL's k3 estimator); 0 loads no reference",
+        "kl_correction": "multiply the KL term by the policy ratio (TRL's use_bias_correction_kl, "
+                         "its default): the unbiased reverse-KL gradient",
         "loss_type": f"aggregation of the token losses, TRL's names: {', '.join(LOSS_TYPES)}",
         "scale_rewards": "group: divide advantages by the group's std (+1e-4); none: do not",
         "batch_size": "prompts per optimizer step (each sampled --group-size times)",

@@ -13,7 +13,8 @@ normalised within each group: A = (r - mean_group) / (std_group + 1e-4) (`--scal
 not divided). The loss is TRL's GRPOTrainer's, per completion token t (logits / temperature):
 
     ratio = exp(logp_t - old_t),  l_t = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A)
-            + beta (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)       (the KL term if --beta > 0)
+            + beta ratio (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)  (the KL term if --beta > 0;
+                                   times the ratio: TRL's use_bias_correction_kl, --no-kl-correction)
 
 with old = logp (detached: one update per batch of rollouts, TRL's num_iterations=1), aggregated
 by --loss-type: `grpo` the mean over completions of each one's token mean, `dapo` (TRL's
@@ -74,6 +75,7 @@ class GRPOConfig(OptimConfig, RunConfig):
     epsilon: float = 0.2
     epsilon_high: float | None = None  # default: --epsilon
     beta: float = 0.0
+    kl_correction: bool = True  # TRL's use_bias_correction_kl
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     template: str | None = None
@@ -335,9 +337,10 @@ _ref_token_logps = nnx.jit(token_logps, static_argnames="temperature")
 
 
 def grpo_terms(logp, old, ref, adv, mask, *, epsilon: float, epsilon_high: float, beta: float,
-               loss_type: str, max_new: int):
+               loss_type: str, max_new: int, kl_correction: bool = True):
     """(loss sum, count, extras) of TRL's GRPO loss from per-token log-probs logp [N, T] (old: the
-    sampling policy's, ref: the reference's or None), advantages [N] and the completion mask."""
+    sampling policy's, ref: the reference's or None), advantages [N] and the completion mask.
+    kl_correction: the KL term times the (differentiable) ratio, TRL's use_bias_correction_kl."""
     m = mask.astype(jnp.float32)
     ratio = jnp.exp(logp - old)
     A = adv[:, None]
@@ -346,6 +349,8 @@ def grpo_terms(logp, old, ref, adv, mask, *, epsilon: float, epsilon_high: float
     tokens = m.sum()
     if beta:
         kl = jnp.exp(ref - logp) - (ref - logp) - 1
+        if kl_correction:
+            kl = kl * ratio
         per = per + beta * kl
         extras["kl"] = ((jax.lax.stop_gradient(kl) * m).sum(), tokens)
     if loss_type == "grpo":
@@ -373,7 +378,8 @@ def make_loss(cfg: GRPOConfig):
         old = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
         return grpo_terms(logp, old, batch.get("ref_logp"), batch["adv"], batch["mask"],
                           epsilon=cfg.epsilon, epsilon_high=eps_high, beta=cfg.beta,
-                          loss_type=cfg.loss_type, max_new=cfg.max_new_tokens)
+                          loss_type=cfg.loss_type, max_new=cfg.max_new_tokens,
+                          kl_correction=cfg.kl_correction)
 
     return grpo_loss
 
