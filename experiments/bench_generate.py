@@ -1,7 +1,7 @@
 """CPU decode speed: jaxgpt (float32, int8) vs CTranslate2, HF generate and llama.cpp, with rooflines.
 
     python experiments/bench_generate.py               # the default run (under 10 minutes on 2 cores)
-    python experiments/bench_generate.py --llama-cpp   # + llama.cpp f32 / q8_0 rows (batch 1)
+    python experiments/bench_generate.py --unfenced    # + jaxgpt int8 without quant.fence
     python experiments/bench_generate.py --quick       # 32 new tokens, 2 rounds
     python experiments/bench_generate.py --no-peers    # jaxgpt and HF generate only
     python experiments/bench_generate.py --model smollm2   # SmolLM2-135M (real weights, GGUF) vs llama.cpp
@@ -20,7 +20,10 @@ The peers come with `pip install -e '.[bench]'` (ctranslate2, torch, transformer
 cores; its `convert_hf_to_gguf.py` is not installed with it: `--gguf-converter PATH`, or a copy of
 the sdist's vendor/llama.cpp in `<venv>/share/llama.cpp/`). jaxgpt itself never imports them.
 
-One run prints one table. First the machine's limits: memory-read bandwidth (jitted `jnp.sum`
+One run prints one table (and, unless --no-profile, a per-part profile of one decode step of
+jaxgpt int8 and float32 at each batch size under it: products inside the model against the same
+products alone, attention, sampling, fences, the rest; experiments/decode_profile.py).
+First the machine's limits: memory-read bandwidth (jitted `jnp.sum`
 over 500 MB of float32, flat and by rows of 1000, the best of 5 medians of 7: the first second or
 two of such a loop read up to ~2x slower on the development VMs) and float32 GEMM peak (a jitted
 2048^3 matmul, the best of 2 medians of 7); both are measured again after the rows, and the
@@ -36,8 +39,8 @@ jaxgpt's shipped BPE files, llama.cpp through `convert_hf_to_gguf.py` (f32; q8_0
   at batch 1 the exact int8 head screen), "jaxgpt int8" the same call on
   `jaxgpt.model.quant.quantize_model(model)`, "CTranslate2 float32 / int8" `Generator.generate_batch`
   (prompt forwarded at once, `include_prompt_in_result=False`), "HF generate" torch's
-  `generate` with its KV cache, "llama.cpp f32 / q8_0" (`--llama-cpp`, batch 1 only: its Python
-  API decodes one sequence at a time);
+  `generate` with its KV cache (`--no-hf`: none), "llama.cpp f32 / q8_0" (whenever
+  llama-cpp-python is installed, batch 1 only: its Python API decodes one sequence at a time);
 - sampled (temperature 0.8, top-p 0.95, no top-k), same prompts and lengths, for jaxgpt and
   CTranslate2, each printed under its greedy row with its speed as a multiple of greedy's;
 - prefill: batch 1, a 512-token prompt and 1 new token (time to first token), as prompt tokens/s.
@@ -105,7 +108,8 @@ import transformers
 
 from jaxgpt.formats.convert import config_from_hf, model_from_tensors
 from jaxgpt.decode.engine import generate
-from jaxgpt.model.quant import quantize_model
+from jaxgpt.model.quant import quantize_model, set_fence
+from jaxgpt.runtime import enable_compilation_cache
 
 ASSETS = Path(__file__).resolve().parents[1] / "jaxgpt" / "assets" / "gpt2"
 SAMPLING = dict(temperature=0.8, top_p=0.95)
@@ -198,7 +202,9 @@ def llama_batched_runner(path: str, threads: int, n_seq: int, n_ctx: int):
 def smollm2_impls(args, hf, jx, path) -> list[Impl]:
     """jaxgpt float32 / int8, HF generate and llama.cpp (Q4_1, the same file) for --model smollm2."""
     impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True), jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
-    impls.append(hf_impl(hf, args.threads, pad=hf.config.eos_token_id))
+    impls += unfenced_impls(args, jx)
+    if not args.no_hf:
+        impls.append(hf_impl(hf, args.threads, pad=hf.config.eos_token_id))
     layer, head = llama_weight_params(jx.config)
     bpp = (layer * 20 / 32 + head * 34 / 32) / (layer + head)  # Q4_1 layers, Q8_0 embedding
     if args.no_peers:
@@ -210,6 +216,16 @@ def smollm2_impls(args, hf, jx, path) -> list[Impl]:
     n_seq = max(map(int, args.batches.split(",")))
     runner = llama_batched_runner(path, args.threads, n_seq, max(args.prefill, PROMPT_LEN + args.new) + 8)
     return impls + [Impl("llama.cpp Q4_1", runner, bpp, False, sampled=False)]
+
+
+def unfenced_impls(args, jx) -> list[Impl]:
+    """--unfenced: "jaxgpt int8 unfenced", the int8 model with quant.set_fence(model, False) (XLA
+    fuses the products' producers into them, as before the fence), greedy only, up to batch 8."""
+    if not args.unfenced:
+        return []
+    model = quantize_model(jx)
+    set_fence(model, False)
+    return [jaxgpt_impl("jaxgpt int8 unfenced", model, 1, False, sampled=False, prefill=False)]
 
 
 def weight_params(n_layer: int, n_embd: int, vocab_size: int) -> tuple[int, int]:
@@ -466,6 +482,9 @@ def check(mode: str, impl: Impl, outs: dict, tps: dict) -> str:
         return "rows the grammar accepts: all" + (
             "" if outs.get(("jaxgpt Engine", mode)) is None else
             f"; tokens/s {statistics.median(tps[impl.name, mode]) / statistics.median(tps['jaxgpt Engine', mode]):.2f}x the free Engine's")
+    if impl.name == "jaxgpt int8 unfenced":  # the fence must not change a single id
+        fenced = outs.get(("jaxgpt int8", mode))
+        return "-" if fenced is None else f"same ids as jaxgpt int8: {'yes' if (own == fenced).all() else 'NO'}"
     if mode == "prefill":
         return "reference" if impl.name == "jaxgpt float32" else (
             "-" if ref is None else f"1st token = jaxgpt f32: {'yes' if (own == ref).all() else 'NO'}")
@@ -541,7 +560,15 @@ def parse_args(argv=None):
     p.add_argument("--no-sampled", action="store_true", help="leave the sampled rows out")
     p.add_argument("--threads", type=int, default=2, help="threads for torch, CTranslate2, llama.cpp")
     p.add_argument("--no-peers", action="store_true", help="no CTranslate2 / llama.cpp rows")
-    p.add_argument("--llama-cpp", action="store_true", help="add llama.cpp f32 and q8_0 rows (batch 1)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="llama.cpp f32 and q8_0 rows (batch 1) even when llama_cpp is not importable (they "
+                        "then say why they are skipped); with llama-cpp-python installed they are on anyway")
+    p.add_argument("--no-hf", action="store_true", help="leave the HF generate rows out")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="no per-part profile of one decode step after the table")
+    p.add_argument("--profile-reps", type=int, default=20, help="traced steps per profile round (default 20)")
+    p.add_argument("--unfenced", action="store_true",
+                   help="add 'jaxgpt int8 unfenced' (greedy): the int8 model without quant.fence, for comparison")
     p.add_argument("--gguf-converter", default=None, help="path of llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--plain-max-batch", type=int, default=0,
                    help="add jaxgpt float32 with fast_decode=False up to this batch (default 0: none)")
@@ -567,6 +594,7 @@ def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
         return constrained_impls(jx)
     impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True),
              jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
+    impls += unfenced_impls(args, jx)
     if args.plain_max_batch:
         impls.append(jaxgpt_impl("jaxgpt float32 plain", jx, 4, True, sampled=False, prefill=False,
                                  max_batch=args.plain_max_batch, generate_kw=dict(fast_decode=False)))
@@ -579,10 +607,27 @@ def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
     if not args.no_peers or args.llama_cpp:
         export_hf(hf, hf_dir)
     impls += ct2_impls(hf_dir, tmp, args.threads, "--no-peers" if args.no_peers else None)
-    impls.append(hf_impl(hf, args.threads))
-    if args.llama_cpp and not args.no_peers:
+    if not args.no_hf:
+        impls.append(hf_impl(hf, args.threads))
+    if not args.no_peers and (args.llama_cpp or importlib.util.find_spec("llama_cpp") is not None):
         impls += llama_impls(hf_dir, tmp, args.threads, args.gguf_converter, hf.config.n_positions)
     return impls
+
+
+def print_profile(jx, args) -> None:
+    """The per-part profile of one greedy decode step (experiments/decode_profile.py) of jaxgpt
+    int8 and float32 at each batch size: products in the model against the products alone,
+    attention, sampling, fences, the rest."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_profile import CACHE_FILL, CACHE_LEN, profile_step, profile_table
+
+    models = (("jaxgpt int8", quantize_model(jx)), ("jaxgpt float32", jx))
+    rows = [(name, B, profile_step(m, B, args.profile_reps)) for B in map(int, args.batches.split(","))
+            for name, m in models]
+    print(f"\nOne greedy decode step by part (experiments/decode_profile.py: XLA's per-thunk trace, cache "
+          f"{CACHE_LEN} positions with {CACHE_FILL} filled, median thunk times of {args.profile_reps} "
+          f"steps, medians of 3 rounds alternated with the products alone), ms per step:")
+    print(profile_table(rows))
 
 
 def versions(impls: list[Impl]) -> str:
@@ -598,6 +643,7 @@ def main(argv=None):
     args = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # save_pretrained / converters: no bars in the log
     t_start = time.perf_counter()
+    enable_compilation_cache()  # a second run skips compiling (JAXGPT_COMPILATION_CACHE=0: off)
     mbytes, n = (50, 512) if args.tiny else (500, 2048)
     start = machine_limits(mbytes, n)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores: memory-read bandwidth "
@@ -634,6 +680,8 @@ def main(argv=None):
     print(f"(at the end: {end[0] / 1e9:.1f} GB/s, {end[1] / 1e9:.0f} GFLOP/s; rooflines against "
           f"{limits[0] / 1e9:.1f} GB/s and {limits[1] / 1e9:.0f} GFLOP/s)")
     print(table(order_rows(rows, impls), limits, params))
+    if args.profile:
+        print_profile(jx, args)
     print(f"(whole run, model building and conversions included: {time.perf_counter() - t_start:.0f} s; "
           f"jax compiling inside the timed rounds: {TIMED_COMPILE_S[0]:.1f} s)")
 

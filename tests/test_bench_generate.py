@@ -42,10 +42,12 @@ def test_tokenizer_matches_gpt2_bpe(bench):
 
 
 def test_tiny_run_prints_one_table(bench, capsys):
-    bench.main(["--tiny", "--new", "4", "--repeats", "1", "--prefill", "32", "--batches", "1,2"])
+    bench.main(["--tiny", "--new", "4", "--repeats", "1", "--prefill", "32", "--batches", "1,2",
+                "--profile-reps", "2"])
     out = capsys.readouterr().out
     assert "memory-read bandwidth" in out and "GFLOP/s" in out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    main_table = out.split("\n\n")[0]  # (the per-part profile follows after a blank line)
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]
     names = {tuple(c[:3]) for c in cells}
     for batch in ("1", "2"):
@@ -57,7 +59,8 @@ def test_tiny_run_prints_one_table(bench, capsys):
     assert all(c[-1] == "same ids as HF: yes" for c in greedy if c[2].endswith("float32"))
     assert all(c[-1].startswith("agree ") for c in greedy if c[2].endswith("int8"))
     assert all(c[-1].endswith("x greedy") for c in ran if c[1] == "sampled")
-    assert all(c[3].endswith("not installed)") for c in cells if c not in ran)
+    assert all(c[3].startswith("skipped (") for c in cells if c not in ran)
+    assert "One greedy decode step by part" in out and "| jaxgpt int8 | 2 |" in out
     if "ctranslate2" in sys.modules:
         assert ("2", "sampled", "CTranslate2 int8") in names
     assert "jax compiling inside the timed rounds: 0.0 s" in out
@@ -65,7 +68,7 @@ def test_tiny_run_prints_one_table(bench, capsys):
 
 def test_no_peers_rows_say_skipped(bench, capsys):
     bench.main(["--tiny", "--new", "2", "--repeats", "1", "--prefill", "0", "--batches", "1",
-                "--no-sampled", "--no-peers"])
+                "--no-sampled", "--no-peers", "--no-profile"])
     out = capsys.readouterr().out
     assert "| 1 | greedy | CTranslate2 int8 | skipped (--no-peers) |" in out
     assert "same ids as HF: yes" in out

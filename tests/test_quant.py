@@ -1,6 +1,7 @@
 """INT8 quantization: error bounds, int8 vs fp32 logits, checkpoint round trip, 124M size, bad input."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
-from jaxgpt.model.gpt import GPT, Int8Embed, Int8Linear, param_bytes  # noqa: E402
+from jaxgpt.decode.engine import decode_step, generate  # noqa: E402
+from jaxgpt.model.gpt import GPT, Int8Embed, Int8Linear, init_cache, param_bytes  # noqa: E402
 from jaxgpt.model.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
-                          quantize_model, quantize_rows, set_activations)
+                          quantize_model, quantize_rows, set_activations, set_fence)
 
 from conftest import run_cli  # noqa: E402
 
@@ -214,3 +216,58 @@ def test_cli_quantize_sample_eval_and_refusals(hf_dir, tmp_path):
                 "--out", out, "--max-iters", "1", "--no-progress")
     _one_line_error(r, "int8-quantized")
     assert not out.exists()
+
+
+def _int8_dot_inputs(hlo: str) -> list[list[str]]:
+    """For each fused computation of compiled HLO text whose root is a dot reading int8 weights:
+    the ops in it other than parameters, layout changes and the weights' convert (what XLA fused
+    into the product's input)."""
+    out = []
+    for comp in hlo.split("\n\n"):
+        lines = comp.strip().splitlines()
+        root = [line for line in lines if "ROOT" in line]
+        if not lines or "s8[" not in lines[0] or not root or " dot(" not in root[0]:
+            continue
+        ops = [m.group(1) for m in (re.search(r"= \S+ ([\w-]+)\(", line) for line in lines[1:]) if m]
+        out.append([o for o in ops if o not in ("parameter", "bitcast", "convert", "transpose", "copy", "dot")])
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_fenced_int8_decode_same_ids_and_nothing_fused_into_products(family, lm):
+    """quant.fence: the one-row int8 products read their input as a buffer (no norm, embedding
+    lookup or gate fused into them, as XLA does without it), and greedy decoding is unchanged."""
+    if family == "gpt2":
+        base = lm.model
+    else:
+        base = GPT(GPTConfig.llama(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                                   block_size=64, vocab_size=300), seed=1)
+    fenced, plain = quantize_model(base), quantize_model(base)
+    set_fence(plain, False)
+
+    def step_hlo(model):
+        graphdef, state = nnx.split(model)
+        cache = init_cache(model.config, 1, 32)
+
+        def step(state, tok, cache):
+            m = nnx.merge(graphdef, state)
+            return m.head(decode_step(m, tok, cache)[0], rows=True)
+
+        return jax.jit(step).lower(state, jnp.zeros((1, 1), jnp.int32), cache).compile().as_text()
+
+    fused = _int8_dot_inputs(step_hlo(fenced))
+    assert len(fused) == 4 * 2 + 1 and not any(fused), fused  # 4 products a layer + the head
+    assert any(_int8_dot_inputs(step_hlo(plain)))  # what the fence prevents: producers fused in
+    prompt = np.random.RandomState(1).randint(0, base.config.vocab_size, (1, 5))
+    ids = [np.asarray(generate(m, prompt, 12, temperature=0.0)) for m in (fenced, plain)]
+    np.testing.assert_array_equal(ids[0], ids[1])
+
+
+@pytest.mark.slow
+def test_float32_fast_decode_same_greedy_ids_as_plain(lm):
+    """generate's fast path (decode copy, the fenced int8 head screen at batch 1) picks the same
+    greedy ids as the model run as it is."""
+    prompt = np.random.RandomState(7).randint(0, 50257, (1, 6))
+    fast = generate(lm.model, prompt, 16, temperature=0.0, fast_decode=True)
+    plain = generate(lm.model, prompt, 16, temperature=0.0, fast_decode=False)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(plain))

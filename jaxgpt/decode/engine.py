@@ -41,7 +41,7 @@ from flax import nnx
 from jaxgpt.model import lora
 from jaxgpt.config import ConfigError
 from jaxgpt.model.gpt import BLOCKWISE_FROM, RowLinear, init_cache
-from jaxgpt.model.quant import LINEARS, dequantize_rows, quantize_rows
+from jaxgpt.model.quant import LINEARS, dequantize_rows, fence, quantize_rows
 
 NEG_INF = -jnp.inf
 
@@ -341,9 +341,10 @@ def screened_argmax(x: jax.Array, table: jax.Array, screen: GreedyScreen,
     With `mask` / `bias` (adjust_logits) the argmax is that of the adjusted logits: the bias
     shifts each approximation and its exact value alike, forbidden ids are never candidates.
     """
-    x = x.astype(jnp.float32)
+    x = fence(x.astype(jnp.float32))  # ln_f runs once, not inside the screen's product (quant.fence)
     x, q = jax.lax.optimization_barrier((x, screen.q))  # keep the int8 -> f32 convert in the loop
-    approx = (x @ q.astype(jnp.float32).T) * screen.scale  # [B, V], reads the int8 rows
+    with jax.named_scope("product"):
+        approx = (x @ q.astype(jnp.float32).T) * screen.scale  # [B, V], reads the int8 rows
     xnorm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # [B, 1]
     # error bound: quantization (Cauchy-Schwarz) + float32 accumulation of the C-term dot, at most
     # ~C * 2^-24 relative to sum |x_i w_i| <= ||x|| ||w|| (doubled for the scale and the norms)
@@ -466,6 +467,7 @@ def allowed_ids(mask: jax.Array, V: int) -> jax.Array:
     return bits.reshape(mask.shape[0], -1)[:, :V] != 0
 
 
+@jax.named_scope("sampling")  # (the parts of experiments/decode_profile.py)
 def next_tokens(model, x: jax.Array, keys: jax.Array, temperature, top_k=None, top_p=None,
                 screen: GreedyScreen | None = None, mask=None, bias=None) -> jax.Array:
     """Token ids [B] from final hidden states x [B, C] (settings as in `sample_rows`; keys [B]

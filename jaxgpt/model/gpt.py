@@ -151,6 +151,7 @@ class RowLinear(nnx.Module):
         self.bias = None if bias is None else nnx.Param(bias)  # [out], None without biases
         self.dtype = dtype
 
+    @jax.named_scope("product")  # (the parts of experiments/decode_profile.py)
     def __call__(self, x):
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         kernel = self.kernel[...].astype(dtype)
@@ -311,6 +312,7 @@ class CausalSelfAttention(nnx.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k, v
 
+    @jax.named_scope("attention")
     def __call__(self, x, B: int, T: int, kv=None, index=None, key=None, rope=None):
         # x: [B*T, C]. kv: optional (k_cache, v_cache), each [B*KV, S, D]; index: first position
         # of x. rope: (cos, sin) of the positions of x, with rotary positions.
@@ -413,6 +415,7 @@ class Block(nnx.Module):
         return x, kv
 
 
+@jax.named_scope("product")
 def head_rows(wte: nnx.Embed, x: jax.Array) -> jax.Array:
     """The tied head for a few rows (decoding): x [N, C] -> logits [N, V], as `wte.attend(x)`.
 

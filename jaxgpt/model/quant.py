@@ -13,7 +13,8 @@ product is int8 x int8 -> int32 (`lax.dot_general(preferred_element_type=int32)`
 integers, rescaled once: the CPU's integer dot instructions do the work. A single row (batch-1
 decoding) keeps the activations in float and streams the int8 weights through a float
 matrix-vector product: there XLA:CPU's integer product is ~30x slower (experiments/PERF.md
-"Int8 kernels"). `set_activations(model, "float" | "int8" | "auto" | "int8x2")` forces one path
+"Int8 kernels"); its input is `fence`d, so XLA cannot fuse the norm or gate that makes it into
+the product's loop (PERF.md "Fenced int8 products"). `set_activations(model, "float" | "int8" | "auto" | "int8x2")` forces one path
 (quality and speed comparisons); "auto" is GPT-2's default. "int8x2" (the Llama family's
 default: SmolLM2's activations lose too much in one int8 pass) splits each activation row into
 two int8 parts, x ~ s1 q1 + s2 q2 with q2 the rounding residue of q1, and runs two exact int8
@@ -43,6 +44,8 @@ LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_p
 ACTIVATION_MODES = ("auto", "int8", "float", "int8x2")
 INT8X2_MAX_ROWS = 64  # "int8x2": more rows (a prompt) run weight-only, a float GEMM (PERF.md "SmolLM2")
 INT8_DOT_MIN_ROWS = 2  # "auto": from this many rows on, int8 x int8 (measured: PERF.md "Int8 kernels")
+FENCE_MAX_ROWS = 64  # weight-only products of up to this many rows are fenced (decoding; a prompt's
+# product is a GEMM, not a loop fusion, and stays as it was)
 
 
 @jax.jit
@@ -67,14 +70,41 @@ def _tie(x, w):
     return jax.lax.optimization_barrier((x, w))
 
 
-def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto") -> jax.Array:
+@jax.named_scope("fence")  # (the parts of experiments/decode_profile.py)
+def fence(x: jax.Array) -> jax.Array:
+    """x unchanged, but as a buffer of its own that XLA cannot fuse through: an identity `lax.cond`.
+
+    XLA:CPU fuses the producers of a one-row int8 product's input (the RMSNorm / LayerNorm, the
+    embedding lookup, silu(gate) * up, the attention's re-assembly) into the product's loop, where
+    they run again for every block of output rows: inside the model the products took 1.6-2.3x
+    their time alone, and the LayerNorm fused into GPT-2's 50257-row head was worse still
+    (experiments/PERF.md "Fenced int8 products"). `lax.optimization_barrier` is gone before fusion
+    runs; a conditional is not, so the producers write x once and the product streams the weights
+    at its own speed. The predicate is true unless x[0, 0] is NaN; the other branch is elementwise
+    (NaNs stay NaN, rows stay independent), so the result equals x in every case that matters."""
+    return jax.lax.cond(x[0, 0] == x[0, 0], lambda v: v, lambda v: v + 0.0 * v, x)
+
+
+def set_fence(model, on: bool) -> None:
+    """Fence (`fence`) the one-row weight-only products of every int8 layer of `model` (the
+    default), or not (on=False: XLA fuses as it likes; for speed comparisons)."""
+    for _, layer in nnx.iter_graph(model):
+        if isinstance(layer, (Int8Linear, Int8Embed)):
+            layer.fenced = bool(on)
+
+
+@jax.named_scope("product")
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto",
+                fenced: bool = False) -> jax.Array:
     """x float [N, K] times int8 weights q [M, K] (one row per output channel) with scales [M]:
     float32 [N, M] ~= x @ (q * scale[:, None]).T.
 
     "int8" (and "auto" from INT8_DOT_MIN_ROWS rows): x is quantized per row and the product runs
     int8 x int8 -> int32, exact, then * x_scale * scale; its distance from the weight-only result
     is at most x_scale / 2 * scale[m] * sum_k |q[m, k]| (the activation rounding). "float" (and
-    "auto" for one row): x @ q.T in x's float dtype, q converted inside the product, * scale.
+    "auto" for one row): x @ q.T in x's float dtype, q converted inside the product, * scale;
+    `fenced`: x (up to FENCE_MAX_ROWS rows) goes through `fence` first, so the product reads it as
+    a buffer (the layers' default).
     """
     dot = lambda a: jax.lax.dot_general(a, q, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.int32).astype(jnp.float32)  # [N, M], exact
@@ -86,7 +116,7 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, mode: str = "auto"
         xq, s1 = quantize_rows(x)  # x = xq * s1 + r, |r| <= s1 / 2
         rq, s2 = quantize_rows(x - xq.astype(jnp.float32) * s1[:, None])  # r ~ rq * s2
         return (dot(xq) * s1[:, None] + dot(rq) * s2[:, None]) * scale.astype(jnp.float32)
-    x, q = _tie(x, q)
+    x, q = _tie(fence(x) if fenced and x.shape[0] <= FENCE_MAX_ROWS else x, q)
     return (x @ q.astype(x.dtype).T).astype(jnp.float32) * scale.astype(jnp.float32)
 
 
@@ -106,9 +136,11 @@ class Int8Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
         self.dtype = dtype
         self.activations = activations
+        self.fenced = True  # see fence / set_fence
 
     def __call__(self, x):
-        y = int8_matmul(x.astype(self.dtype), self.kernel[...], self.scale[...], self.activations)
+        y = int8_matmul(x.astype(self.dtype), self.kernel[...], self.scale[...], self.activations,
+                        self.fenced)
         y = y if self.bias is None else y + self.bias[...]
         return y.astype(self.dtype)  # [N, out]
 
@@ -125,13 +157,15 @@ class Int8Embed(nnx.Module):
         self.scale = nnx.Param(jnp.ones((num,), jnp.float32))  # [V]
         self.dtype = dtype
         self.activations = activations
+        self.fenced = True  # see fence / set_fence
 
     def __call__(self, ids):
         rows = self.embedding[...][ids].astype(self.dtype)  # [..., C]
         return rows * self.scale[...][ids][..., None].astype(self.dtype)
 
     def attend(self, x):
-        y = int8_matmul(x.astype(self.dtype), self.embedding[...], self.scale[...], self.activations)
+        y = int8_matmul(x.astype(self.dtype), self.embedding[...], self.scale[...], self.activations,
+                        self.fenced)
         return y.astype(self.dtype)  # [N, V]
 
 
