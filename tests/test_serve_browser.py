@@ -33,9 +33,10 @@ from test_serve import Server, metric, sse, wait_for  # noqa: E402
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="needs Debian's chromium and chromium-driver (apt-get install "
-                                       "chromium chromium-driver; .ci/run does)")
+pytestmark = [pytest.mark.slow,  # a browser and a server: the slow tier
+              pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                 reason="needs Debian's chromium and chromium-driver (apt-get install "
+                                        "chromium chromium-driver; .ci/run does)")]
 
 
 def random_gpt2(path, seed, **shape):
