@@ -99,7 +99,10 @@ class Encoder:
             except UnicodeEncodeError:
                 return self.encode(_fix_surrogates(text))
         if self.info["type"] == "bpe":
-            return np.asarray(self.bpe.encode_ordinary(_fix_surrogates(text)), dtype=np.uint32)
+            try:
+                return np.asarray(self.bpe.encode_ordinary(text), dtype=np.uint32)
+            except UnicodeEncodeError:  # lone surrogates: U+FFFD, as for tiktoken
+                return self.encode(_fix_surrogates(text))
         try:
             cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         except UnicodeEncodeError:

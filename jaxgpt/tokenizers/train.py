@@ -74,8 +74,11 @@ def special_list(eos_token: str, special_tokens, template_specials) -> list[str]
 
 def build_tokenizer(split: str):
     """An untrained `tokenizers` byte-level BPE with GPT-2's or Llama 3's pre-tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
+    try:
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    except ImportError:
+        raise ConfigError("training a tokenizer needs Hugging Face tokenizers: pip install "
+                          "tokenizers") from None
     if split not in SPLITS:
         raise ConfigError(f"unknown --split {split!r}; choose {' or '.join(SPLITS)}")
     tok = Tokenizer(models.BPE())
