@@ -527,7 +527,7 @@ def cli_baseline():
 @pytest.mark.parametrize("case,command", [
     ("gguf_block_count_1e9", ["jaxgpt.sample", "{}", "--max-new-tokens", "1"]),
     ("gguf_head_count_0", ["jaxgpt.chat", "{}"]),
-    ("hf_n_layer_1e9", ["jaxgpt.eval", "{}"]),
+    ("hf_n_layer_1e9", ["jaxgpt.eval", "{}", "--text", str(REPO / "README.md")]),
     ("hf_llama_heads_0", ["jaxgpt.convert", "{}", "{out}"]),
     ("ckpt_n_layer_1e9", ["jaxgpt.quantize", "{}", "{out}"]),
     ("lora_rank_str", ["jaxgpt.serve", "{}", "--port", "0"]),
@@ -539,6 +539,8 @@ def test_cli_refuses_hostile_file(root, cli_baseline, tmp_path, case, command):
     path, needles = cases_of(fmt, root)[case]
     args = [a.replace("{}", str(path)).replace("{out}", str(tmp_path / "out")) for a in command]
     rc, out, err, cpu, rss = run_cli(*args)
+    print(f"\n{command[0]} {case}: exit {rc}, {cpu:.1f} s CPU (baseline {cli_baseline:.1f} s), "
+          f"peak RSS so far {rss:.0f} MB: {err.strip()[:120]}")
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     for needle in needles:
