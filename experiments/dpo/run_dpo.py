@@ -80,6 +80,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--max-new", type=int, default=64, help="longest greedy answer in tokens")
     p.add_argument("--work", default=str(HERE / "work"), help="pairs and the run folder go here")
+    p.add_argument("--reuse-pairs", action="store_true", help="use the pairs a previous run left in --work")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -90,12 +91,18 @@ def main():
     held_recs = [recs[i] for i in order[args.train:args.train + args.held]]
 
     runtime.enable_compilation_cache()
-    lm = jaxgpt.load("smollm2")
     t0 = time.time()
-    base = greedy_answers(lm.model, lm.tokenizer, train_recs + held_recs, args.max_new)
-    base_train, base_held = base[:len(train_recs)], base[len(train_recs):]
+    if args.reuse_pairs:  # the base answers are the pairs' rejected sides (every record made a pair)
+        read = lambda n: [json.loads(l) for l in (work / n).read_text().splitlines()]
+        train_pairs, held_pairs = read("pairs_train.jsonl"), read("pairs_held.jsonl")
+        assert len(held_pairs) == len(held_recs), "--reuse-pairs needs a pair for every held-out record"
+        base_held = [x["rejected"][0]["content"] for x in held_pairs]
+    else:
+        lm = jaxgpt.load("smollm2")
+        base = greedy_answers(lm.model, lm.tokenizer, train_recs + held_recs, args.max_new)
+        base_train, base_held = base[:len(train_recs)], base[len(train_recs):]
+        train_pairs, held_pairs = pairs(train_recs, base_train), pairs(held_recs, base_held)
     gen_s = time.time() - t0
-    train_pairs, held_pairs = pairs(train_recs, base_train), pairs(held_recs, base_held)
     for name, ps in (("pairs_train.jsonl", train_pairs), ("pairs_held.jsonl", held_pairs)):
         (work / name).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in ps))
     print(f"{len(train_pairs)} train / {len(held_pairs)} held-out pairs; base answers in {gen_s:.0f} s",
