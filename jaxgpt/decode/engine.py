@@ -994,13 +994,14 @@ class Engine:
         kind, *shape = key
         if kind == "step":
             _engine_step.lower(self.graphdef, self.state, cache(shape[0]), self._tokens,
-                               np.zeros(self.slots, bool), *self._settings(slice(None)), self.screen).compile()
+                               np.zeros(self.slots, bool), *self._settings(slice(None)), self.screen,
+                               None, None).compile()  # (no grammar mask, no bias: as step() calls it)
         elif kind == "grow":
             _grow_slots.lower(cache(shape[0]), shape[1]).compile()
         elif kind == "prefill":
             G, Tb = shape
             _engine_prefill.lower(self.graphdef, self.state, np.zeros((G, Tb), np.int32), np.ones(G, np.int32),
-                                  *self._settings(np.zeros(G, np.int32)), self.screen).compile()
+                                  *self._settings(np.zeros(G, np.int32)), self.screen, None, None).compile()
         else:
             S, G, Tb = shape
             _engine_insert.lower(cache(S), cache(Tb, G), np.zeros(G, np.int32)).compile()
