@@ -629,11 +629,13 @@ class Engine:
     others added meanwhile, in one batched call); `step` gives every active row one token and
     returns [(slot, token)]; a row that finishes frees its slot at once, `release(slot)` ends one
     early. Rows start and finish at different steps; each has its own position, settings and
-    random stream. The cache's length grows with the longest live row (`capacities`: powers of
-    two from ENGINE_MIN_CACHE up to `max_len`; see _fit_cache). Shapes are fixed by `slots`, those
+    random stream. A cache of BLOCKWISE_FROM positions or more has its whole length from the
+    start and is attended only as far as its rows are filled (`capacities` is [max_len]); a
+    shorter one, or any with `grow=True`, grows with the longest live row (powers of two from
+    ENGINE_MIN_CACHE up to `max_len`; see _fit_cache). Shapes are fixed by `slots`, those
     capacities and power-of-two buckets of the prompt length and of the number of prompts
-    prefilled together, so after `warmup()` (or once every bucket has been seen) nothing
-    recompiles.
+    prefilled together (`shapes`), so after `warmup()` (or once every bucket has been seen)
+    nothing recompiles; `warmup_in_background` compiles them while the engine serves.
 
     On a CPU the engine decodes through the model's decode copy (`fast_decode`), and with one
     slot greedy rows use the exact int8 head screen. `adapters` (jaxgpt.model.lora.adapter_weights
@@ -1038,7 +1040,18 @@ class Engine:
 
         thread = threading.Thread(target=work, name="jaxgpt-compile", daemon=True)
         thread.start()
+        self._warm_thread = thread
         return thread
+
+    def stop_background(self, timeout: float | None = None) -> None:
+        """Drop the shapes not compiled yet and wait for the one compiling (a process must not
+        exit while XLA compiles in a thread: it aborts)."""
+        queue = self._background
+        if queue is not None:
+            queue.clear()
+        thread = getattr(self, "_warm_thread", None)
+        if thread is not None:
+            thread.join(timeout)
 
     def _want(self, key: tuple, urgent: bool = False) -> None:
         """Put `key` first in the background compilation queue."""

@@ -312,6 +312,7 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.engine.stop_background(60)  # (programs still compiling from start-up: dropped)
 
     @property
     def running(self) -> int:
