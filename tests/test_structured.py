@@ -146,6 +146,7 @@ def test_penalties_and_logit_bias_equal_a_reference(lm, engine):
     assert forced.tokens == [1234] * 5
 
 
+@pytest.mark.slow  # (engines of other slot counts: compiles of their own)
 def test_lm_generate_with_a_json_schema(lm):
     schema = SCHEMAS[4]
     out = lm.generate("A point:", 40, json_schema=schema, temperature=0.0)
@@ -187,6 +188,7 @@ def test_bounded_strings_refuse_raw_control_characters(lm):
         json.loads(text) if ok else pytest.raises(ValueError, json.loads, text)
 
 
+@pytest.mark.slow  # (engines of other slot counts: compiles of their own)
 def test_one_slot_greedy_screen_keeps_the_constraint_and_bias(lm):
     """A one-slot engine picks greedy tokens through the int8 head screen; with a grammar and a
     bias it must pick what the full head picks from the adjusted logits."""

@@ -566,9 +566,11 @@ def _slot_cache(config, slots: int, max_len: int, place):
     of each [N*H, S, D] buffer) with a position per row, index int32 [N]. Put on `place` (the
     weights' device), committed like every cache the jitted calls return: jit compiles apart
     for uncommitted arguments, which warmup would then not have covered (a served request
-    compiled the step and the insertion again)."""
-    return jax.device_put({**init_cache(config, slots, max_len),
-                           "index": jnp.zeros((slots,), jnp.int32)}, place)
+    compiled the step and the insertion again). Zeros made on the host: nothing compiles, so a
+    cache of a length warm-up never built is not an XLA compile in the middle of serving."""
+    shapes = jax.eval_shape(lambda: {**init_cache(config, slots, max_len),
+                                     "index": jnp.zeros((slots,), jnp.int32)})
+    return jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), place)
 
 
 @partial(jax.jit, static_argnames="graphdef")
