@@ -35,7 +35,7 @@ jaxgpt's shipped BPE files, llama.cpp through `convert_hf_to_gguf.py` (f32; q8_0
 
 - greedy, per batch size (`--batches`, default 1 and 8), a 16-token random prompt and exactly 128
   new tokens everywhere (end-of-text never stops a row): "jaxgpt float32" is the default
-  `jaxgpt.decode.engine.generate(model, prompt, 128, temperature=0.0)` (on a CPU the decode copy, and
+  `jaxgpt.decode.generate.generate(model, prompt, 128, temperature=0.0)` (on a CPU the decode copy, and
   at batch 1 the exact int8 head screen), "jaxgpt int8" the same call on
   `jaxgpt.model.quant.quantize_model(model)`, "CTranslate2 float32 / int8" `Generator.generate_batch`
   (prompt forwarded at once, `include_prompt_in_result=False`), "HF generate" torch's
@@ -107,7 +107,7 @@ import torch
 import transformers
 
 from jaxgpt.formats.convert import config_from_hf, model_from_tensors
-from jaxgpt.decode.engine import generate
+from jaxgpt.decode.generate import generate
 from jaxgpt.model.quant import quantize_model, set_fence
 from jaxgpt.runtime import enable_compilation_cache
 

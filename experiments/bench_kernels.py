@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.decode.engine import sample_rows
+from jaxgpt.decode.sampling import sample_rows
 from jaxgpt.model.gpt import RowLinear
 from jaxgpt.model.quant import INT8_DOT_MIN_ROWS, int8_matmul, quantize_rows
 

@@ -16,7 +16,7 @@ Rows:
   sequential serving; c=16: twice the slots, so half of them queue): aggregate tokens/s (all
   tokens / wall time from the first request sent to the last token), time to first token and
   inter-token latency percentiles as the clients see them.
-- offline generate, batch c: jaxgpt.decode.engine.generate on the same model in this process (after
+- offline generate, batch c: jaxgpt.decode.generate.generate on the same model in this process (after
   the server is stopped), the same prompts and lengths: new tokens / wall time.
 - TTFT idle vs with 7 others decoding: 5 one-token probes on an idle server, then 5 while 7
   long streams decode.
@@ -203,7 +203,7 @@ def offline_tps(base: Path, batches, tokens):
     import numpy as np
 
     import jaxgpt
-    from jaxgpt.decode.engine import generate
+    from jaxgpt.decode.generate import generate
     model = jaxgpt.load(base).model
     out = {}
     for B in batches:

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.decode.engine import decode_model, decode_step, next_tokens
+from jaxgpt.decode.fast import decode_model
+from jaxgpt.decode.steps import decode_step, next_tokens
 from jaxgpt.model.gpt import RowLinear, init_cache
 from jaxgpt.model.quant import Int8Embed, Int8Linear, int8_matmul
 

@@ -41,7 +41,7 @@ def __getattr__(name):
         from jaxgpt.tokenizers.tokenizer import get_tokenizer
         return get_tokenizer
     if name == "generate":
-        from jaxgpt.decode.engine import generate
+        from jaxgpt.decode.generate import generate
         return generate
     if name in ("load", "LoadedModel"):
         from jaxgpt.formats import load

@@ -14,7 +14,8 @@ from conftest import random_adapter, xla_compiles  # noqa: E402
 from jaxgpt.tokenizers import templates  # noqa: E402
 from jaxgpt.decode.chat import ChatSession  # noqa: E402
 from jaxgpt.config import ConfigError  # noqa: E402
-from jaxgpt.decode.engine import Engine, Request, sample_rows, top_k_filter, top_p_filter  # noqa: E402
+from jaxgpt.decode.sampling import sample_rows, top_k_filter, top_p_filter  # noqa: E402
+from jaxgpt.decode.engine import Engine, Request  # noqa: E402
 
 torch.set_num_threads(2)
 EOT = 50256
@@ -256,7 +257,7 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
     model decodes alone; logprobs are the model's log-softmax at each position, the alternatives
     its most likely tokens."""
     from jaxgpt.model import lora
-    from jaxgpt.decode.engine import generate
+    from jaxgpt.decode.generate import generate
     hf, lm = tiny
     base_dir = lm.meta["source"]
     paths = [random_adapter(base_dir, tmp_path / "a", 4, ["c_attn", "mlp.c_proj"], 1),
@@ -294,7 +295,7 @@ def test_per_row_filters_read_the_top_logits_first():
     thresholds: a batch of 4 by halving searches over the whole rows; each row alone among the
     FILTER_TOP largest logits when they suffice (small k, peaked rows) and by the 4-way search
     otherwise (k or the nucleus past FILTER_TOP)."""
-    from jaxgpt.decode.engine import FILTER_TOP, _filter_rows
+    from jaxgpt.decode.sampling import FILTER_TOP, _filter_rows
     rng = np.random.RandomState(1)
     V = 2000
     peaked = rng.randn(4, V).astype(np.float32) * 4
@@ -315,7 +316,7 @@ def test_draw_samples_the_softmax_distribution():
     """engine.draw (inverse CDF in two levels) against the exact probabilities: a chi-square
     test over 20,000 draws of a 600-id row whose mass spans blocks, with excluded (-inf) ids
     that must never be drawn; and one fixed key always gives the same id."""
-    from jaxgpt.decode.engine import DRAW_BLOCK, draw
+    from jaxgpt.decode.sampling import DRAW_BLOCK, draw
     rng = np.random.RandomState(3)
     V = 600  # > 2 blocks, the last one partial
     logits = rng.randn(V).astype(np.float32) * 2

@@ -17,7 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 import jaxgpt  # noqa: E402
 from jaxgpt.model import lora  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
-from jaxgpt.decode.engine import Engine, Request, generate  # noqa: E402
+from jaxgpt.decode.engine import Engine, Request  # noqa: E402
+from jaxgpt.decode.generate import generate  # noqa: E402
 from jaxgpt.model.gpt import GPT, init_cache  # noqa: E402
 
 from conftest import TINY, random_adapter, run_cli  # noqa: E402

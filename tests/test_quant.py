@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
-from jaxgpt.decode.engine import decode_step, generate  # noqa: E402
+from jaxgpt.decode.steps import decode_step  # noqa: E402
+from jaxgpt.decode.generate import generate  # noqa: E402
 from jaxgpt.model.gpt import GPT, Int8Embed, Int8Linear, init_cache, param_bytes  # noqa: E402
 from jaxgpt.model.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
                           quantize_model, quantize_rows, set_activations, set_fence)

@@ -70,7 +70,7 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
 def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
     """Batch-1 greedy decoding through the decode copy (transposed kernels + the int8 screen of the
     head, the CPU default) gives the same ids as HF, as the model's own weights and as no cache."""
-    from jaxgpt.decode.engine import _DERIVED
+    from jaxgpt.decode.fast import _DERIVED
 
     model, folder, _ = tiny
     lm = jaxgpt.load(folder)
@@ -93,7 +93,7 @@ def test_decode_copy_follows_the_weights(tiny):
     from flax import nnx
 
     from jaxgpt.model.gpt import RowLinear
-    from jaxgpt.decode.engine import _DERIVED, decode_copy
+    from jaxgpt.decode.fast import _DERIVED, decode_copy
 
     lm = jaxgpt.load(tiny[1])
     a = decode_copy(lm.model)
@@ -158,7 +158,8 @@ def test_new_prompt_length_and_length_reuse_the_compiled_decoder(tiny):
     """Prompts are padded to power-of-two buckets and the buffer length too, and the real prompt
     length and max_new_tokens are traced: prompts of 3..16 tokens with up to 32 tokens in all
     share one compiled function per path (counted in jax.jit's cache), and still equal HF."""
-    from jaxgpt.decode.engine import _generate, bucket
+    from jaxgpt.decode.steps import bucket
+    from jaxgpt.decode.generate import _generate
 
     assert [bucket(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
     assert bucket(100, cap=64) == 64

@@ -36,7 +36,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from jaxgpt.tokenizers import templates  # noqa: E402
-from jaxgpt.decode.engine import _filter_rows, sample_rows, top_p_filter  # noqa: E402
+from jaxgpt.decode.sampling import _filter_rows, sample_rows, top_p_filter  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 from jaxgpt.serve.hosts import HostAllowList, host_name  # noqa: E402
 from jaxgpt.serve.scheduler import QueueFull  # noqa: E402

@@ -11,7 +11,7 @@ from jaxgpt.formats.load import load_for_inference
 from jaxgpt.cli import run
 from jaxgpt.cli.flags import add_int8, add_model, add_sampling
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import check_sampling
+from jaxgpt.decode.sampling import check_sampling
 from jaxgpt.decode.sample import text_samples
 
 

@@ -16,7 +16,8 @@ import jax
 
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import Engine, Request, check_sampling
+from jaxgpt.decode.sampling import check_sampling
+from jaxgpt.decode.engine import Engine, Request
 from jaxgpt.decode.text import TextStream, token_bytes
 
 

@@ -8,7 +8,7 @@ The masks come from xgrammar (chosen over llguidance by the mask time per step o
 49,152-token vocabulary: docs/serving.md "Structured outputs"). A `Grammar` makes one `Matcher`
 per row: before each step the engine asks it for the row's allowed tokens (`fill`: one bit per
 id in an int32 [N, ceil(V / 32)] array, applied to the logits inside the jitted step by
-jaxgpt.decode.engine.adjust_logits), after it hands it the token picked (`accept`), and ends the row
+jaxgpt.decode.sampling.adjust_logits), after it hands it the token picked (`accept`), and ends the row
 when it is `done`. Tokens are matched by their bytes (each tokenizer's `vocab_bytes()`:
 tiktoken's GPT-2, the byte-level BPE of GGUF / tokenizer.json models, char vocabularies);
 special tokens spell no text, so no grammar ever admits them except as the row's stop tokens,

@@ -14,9 +14,10 @@ import jax
 import numpy as np
 
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import (  # noqa: F401  (re-exported: `from jaxgpt.sample import generate`, ...)
-    _DERIVED, SCREEN_K, GreedyScreen, bucket, check_sampling, decode_copy, generate, greedy_screen,
-    head_table, sample_rows, sample_token, screened_argmax, top_k_filter, top_p_filter)
+from jaxgpt.decode.sampling import check_sampling, sample_rows, sample_token, top_k_filter, top_p_filter  # noqa: F401  (re-exported: `from jaxgpt.sample import generate`, ...)
+from jaxgpt.decode.fast import _DERIVED, SCREEN_K, GreedyScreen, decode_copy, greedy_screen, head_table, screened_argmax  # noqa: F401  (re-exported: `from jaxgpt.sample import generate`, ...)
+from jaxgpt.decode.steps import bucket  # noqa: F401  (re-exported: `from jaxgpt.sample import generate`, ...)
+from jaxgpt.decode.generate import generate  # noqa: F401  (re-exported: `from jaxgpt.sample import generate`, ...)
 from jaxgpt.tokenizers.templates import render_prompt
 
 

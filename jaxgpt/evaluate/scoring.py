@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxgpt.model import lora
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import bucket
+from jaxgpt.decode.steps import bucket
 
 LOGITS_BUDGET = 2**26  # floats of logits per jitted call (256 MB): sets the rows per call
 MAX_ROWS = 512  # rows per call at most, however short

@@ -31,7 +31,7 @@ from jaxgpt.formats import checkpoint
 from jaxgpt.formats import convert
 from jaxgpt.model import lora
 from jaxgpt.config import ConfigError, GPTConfig
-from jaxgpt.decode.engine import generate
+from jaxgpt.decode.generate import generate
 from jaxgpt.model.gpt import GPT
 from jaxgpt.model.quant import quant_meta, quantize_model
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
@@ -104,7 +104,7 @@ class LoadedModel:
         """Continue a prompt. A string gives back a string (prompt + continuation, cut at
         `<|endoftext|>` when stop_at_eot); ids ([T] or [B, T]) give back ids of the same rank,
         prompt + `max_new_tokens` new ids (rows that stopped early are padded with eot).
-        `fast_decode`: see jaxgpt.decode.engine.generate (default: the decode copy on a CPU).
+        `fast_decode`: see jaxgpt.decode.generate.generate (default: the decode copy on a CPU).
 
         Structured output: `json_schema` (a dict or JSON text), `json_object`, `regex`, `choice`
         (a list of strings) or `grammar` (a jaxgpt.decode.grammar.Grammar) constrains every row's
@@ -137,7 +137,8 @@ class LoadedModel:
                               top_p, seed, fast_decode):
         """`generate` with a grammar: each row a request of one Engine (row b's random stream:
         fold_in(key(seed), b)); rows that end early are padded with eot (or 0)."""
-        from jaxgpt.decode.engine import Engine, Request, check_sampling
+        from jaxgpt.decode.sampling import check_sampling
+        from jaxgpt.decode.engine import Engine, Request
 
         check_sampling(temperature, top_k, top_p, max_new_tokens)
         rows = ids[None] if ids.ndim == 1 else ids

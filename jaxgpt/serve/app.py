@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError
-from jaxgpt.decode.engine import Engine, Request as EngineRequest, bucket
+from jaxgpt.decode.steps import bucket
+from jaxgpt.decode.engine import Engine, Request as EngineRequest
 from jaxgpt.evaluate.scoring import adds_bos
 from jaxgpt.serve.hosts import HostAllowList, HostFilter
 from jaxgpt.serve.defaults import model_defaults, resolve

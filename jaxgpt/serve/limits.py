@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.decode.engine.TOP_LOGPROBS)
+MAX_TOP_LOGPROBS = 20  # as the engine computes (jaxgpt.decode.steps.TOP_LOGPROBS)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxgpt.decode.engine import TOP_LOGPROBS, Request
+from jaxgpt.decode.steps import TOP_LOGPROBS
+from jaxgpt.decode.engine import Request
 from jaxgpt.decode.text import TextStream, token_bytes
 from jaxgpt.evaluate.scoring import score_continuations
 from jaxgpt.serve.metrics import Metrics

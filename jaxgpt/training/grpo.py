@@ -50,7 +50,9 @@ from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, OptimConfig, RunConfig
 from jaxgpt.files import atomic_write
-from jaxgpt.decode.engine import Engine, Request, bucket, check_sampling
+from jaxgpt.decode.sampling import check_sampling
+from jaxgpt.decode.steps import bucket
+from jaxgpt.decode.engine import Engine, Request
 from jaxgpt.training.sft import _portable, _prepare_out, _trainable_model, load_base, load_json_records
 from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 
