@@ -303,5 +303,5 @@ def test_grpo_cli_rows_and_bad_input(hf_policy, tmp_path):
         assert not bad_out.exists()
     prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "x"}) + "\n")
     r = run_cli("jaxgpt.grpo", hf_policy, "--prompts", prompts, "--reward", f"{rw}:length", "--out", tmp_path / "b2",
-                "--no-progress")
+                "--max-new-tokens", "4", "--no-progress")
     assert r.returncode == 2 and r.stderr.strip() == "error: p.jsonl record 1: field 'prompt' is missing"

@@ -86,7 +86,7 @@ def test_registered_beside_the_harness_models():
     assert get_model("hf").__name__ == "HFLM"  # registering first did not hide lm_eval's own models
     harness.register()  # again: a no-op
     # `import jaxgpt` (and the server, the evaluators) never import lm_eval
-    code = ("import sys, jaxgpt, jaxgpt.eval, jaxgpt.hellaswag, jaxgpt.serve.app; "
+    code = ("import sys, jaxgpt, jaxgpt.evaluate.scoring, jaxgpt.evaluate.hellaswag, jaxgpt.serve.app; "
             "assert not [m for m in sys.modules if m.startswith('lm_eval')]")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)

@@ -474,9 +474,10 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
                           f"model's context of {lm.config.block_size}")
     prompts = read_prompts(cfg.prompts, tok, template, max_prompt)
     held = read_prompts(cfg.eval_prompts, tok, template, max_prompt, "--eval-prompts") if cfg.eval_prompts else []
-    log(f"{len(prompts)} prompts, {cfg.batch_size} x {cfg.group_size} completions a step; rewards "
-        + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards) + f"; loss {cfg.loss_type}, beta {cfg.beta}")
-    model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, log)
+    # the run's first lines wait for the first step's rewards: a bad reward function is then the only line
+    early = [f"{len(prompts)} prompts, {cfg.batch_size} x {cfg.group_size} completions a step; rewards "
+             + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards) + f"; loss {cfg.loss_type}, beta {cfg.beta}"]
+    model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, early.append)
     meta = {"kind": KIND, "grpo_config": cfg.to_dict(), "model_config": lm.config.to_dict(),
             "tokenizer": tok.to_dict(), "source": f"grpo of {cfg.ckpt}", "template": template}
     trainer = Trainer(model, optim=dataclasses.replace(cfg, batch_size=cfg.rows), run=cfg,
@@ -487,6 +488,8 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
     data = Rollouts(cfg, trainer, lm, prompts, rewards, lm.model if cfg.beta else None)
     # the first step's rollouts before anything is written: a bad reward function stops the run here
     first = {resume_step: data(range(resume_step, resume_step + 1))} if resume_step < cfg.max_iters else {}
+    for line in early:
+        log(line)
     if cfg.force and not cfg.resume and out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     completions = {}
