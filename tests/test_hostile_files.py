@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -485,35 +486,45 @@ def test_shape_check_runs_before_the_model_is_built(root, monkeypatch):
     (GPT's constructor is never reached), for the GGUF and HF readers."""
     import jaxgpt.model.gpt
 
+    files = {fmt: cases_of(fmt, root)[name][0]  # (made first: writing them builds models)
+             for fmt, name in (("gguf", "gguf_block_count_3"), ("hf", "hf_n_layer_3"))}
     built = []
     real = jaxgpt.model.gpt.GPT.__init__
     monkeypatch.setattr(jaxgpt.model.gpt.GPT, "__init__",
                         lambda self, cfg, **kw: (built.append(cfg), real(self, cfg, **kw))[1])
-    for fmt, name in (("gguf", "gguf_block_count_3"), ("hf", "hf_n_layer_3")):
+    for fmt, path in files.items():
         with pytest.raises(ConfigError, match="3 layers"):
-            jaxgpt.load(cases_of(fmt, root)[name][0])
+            jaxgpt.load(path)
     assert built == []
 
 
 # ---- through the CLIs (slow) ----------------------------------------------------------------------
-def children_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run_cli(*args, timeout=300):
-    """(returncode, stdout, stderr, CPU seconds, peak RSS MB) of `python -m args...`."""
+    """(returncode, stdout, stderr, CPU seconds, peak RSS MB) of `python -m args...`: that child's
+    own usage (os.wait4), not RUSAGE_CHILDREN's, which adds (and takes the largest RSS of) every
+    child the test session has reaped."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    c0 = children_cpu_s()
     p = subprocess.Popen([sys.executable, "-m", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        raise
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # (the largest child yet)
-    return p.returncode, out, err, children_cpu_s() - c0, rss
+    got = {}
+    readers = [threading.Thread(target=lambda k, s: got.__setitem__(k, s.read()), args=(k, s))
+               for k, s in (("out", p.stdout), ("err", p.stderr))]
+    for r in readers:
+        r.start()
+    t0 = time.monotonic()
+    while True:
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() - t0 > timeout:
+            p.kill()
+            os.wait4(p.pid, 0)
+            raise subprocess.TimeoutExpired(args, timeout)
+        time.sleep(0.05)
+    for r in readers:
+        r.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, got["out"], got["err"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 @pytest.fixture(scope="module")
@@ -542,7 +553,7 @@ def test_cli_refuses_hostile_file(root, cli_baseline, tmp_path, case, command):
     args = [a.replace("{}", str(path)).replace("{out}", str(tmp_path / "out")) for a in command]
     rc, out, err, cpu, rss = run_cli(*args)
     print(f"\n{command[0]} {case}: exit {rc}, {cpu:.1f} s CPU (baseline {cli_baseline:.1f} s), "
-          f"peak RSS so far {rss:.0f} MB: {err.strip()[:120]}")
+          f"peak RSS {rss:.0f} MB: {err.strip()[:120]}")
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     for needle in needles:
