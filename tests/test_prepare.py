@@ -163,7 +163,7 @@ def test_kill_and_rerun_gives_identical_shards(corpus, reference, tmp_path):
     out = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
-        "from jaxgpt import prepare as p\n"
+        "from jaxgpt.data import prepare as p\n"
         "p.CHUNK_CHARS = 1500\n"
         "def kill(entry):\n"
         "    if entry['index'] == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
