@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from jaxgpt.config import default_data_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# XLA's persistent compilation cache (runtime.enable_compilation_cache, which the train, sft, chat
+# and serve CLIs turn on) goes to a folder of this session, shared by its CLI subprocesses, not
+# to the user's ~/.cache/jaxgpt/xla: a test run neither reads programs left by other versions
+# nor leaves thousands of its own behind.
+os.environ.setdefault("JAXGPT_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jaxgpt-xla-cache-"))
 
 # a tiny model that trains in seconds on a CPU core; every flag is a real CLI flag
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",

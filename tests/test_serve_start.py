@@ -40,7 +40,7 @@ def hf(tmp_path_factory):
 def ctx_for(lm, defaults=None, context=128, template="chatml"):
     tok = lm.tokenizer
     return Context({"m": 0}, "m", context, lm.config.vocab_size, tok, {"m": template}, tok.eot_token,
-                   *([defaults] if defaults is not None else []))
+                   **({"defaults": defaults} if defaults is not None else {}))
 
 
 # ---- (3) defaults --------------------------------------------------------------------------------

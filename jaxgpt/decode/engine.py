@@ -16,6 +16,7 @@ request draws the same tokens whatever slot or batch it runs in.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -101,6 +102,14 @@ def _slot_cache(config, slots: int, max_len: int, place):
     shapes = jax.eval_shape(lambda: {**init_cache(config, slots, max_len),
                                      "index": jnp.zeros((slots,), jnp.int32)})
     return jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), place)
+
+
+# One XLA compilation at a time from the engines' threads: a program's first call (which compiles
+# it, or reads it from the persistent compilation cache) and Engine.compile (the background
+# warm-up) hold it. Two threads inside XLA's compiler at once (one engine's background warm-up
+# beside another's first call, the persistent cache on) hung the whole process, twice, in the
+# test suite; the lock costs a call nothing once its program is compiled.
+_COMPILE_LOCK = threading.RLock()
 
 
 @partial(jax.jit, static_argnames="graphdef")
@@ -239,7 +248,8 @@ class Engine:
         if not running and fit != S:
             self.cache = self._empty(fit)
         elif fit > S:
-            self.cache = _grow_slots(self.cache, fit)
+            with self._first_call(("grow", S, fit)):
+                self.cache = _grow_slots(self.cache, fit)
 
     # -- the slots --
     @property
@@ -430,11 +440,12 @@ class Engine:
             lens[i] = len(p)
         rows = np.array(slots + [self.slots] * (G - len(slots)), np.int32)  # self.slots: dropped
         settings = self._settings(np.minimum(rows, self.slots - 1))
-        out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen,
-                                   *self._adjustments(slots, np.minimum(rows, self.slots - 1)))
+        adjust = self._adjustments(slots, np.minimum(rows, self.slots - 1))
+        with self._first_call(_adjusted(("prefill", G, Tb), adjust)):
+            out, new = _engine_prefill(self.graphdef, self.state, ids, lens, *settings, self.screen, *adjust)
         # (committed like the cache, whether or not the weights are: one compiled insertion)
-        self.cache = _engine_insert(self.cache, jax.device_put(new, self._place), rows)
-        self.compiled |= {("prefill", G, Tb), ("insert", self.cache["k"][0].shape[1], G, Tb)}
+        with self._first_call(("insert", self.cache["k"][0].shape[1], G, Tb)):
+            self.cache = _engine_insert(self.cache, jax.device_put(new, self._place), rows)
         return out
 
     def step(self) -> list[tuple[int, int]]:
@@ -458,9 +469,10 @@ class Engine:
         if running:
             active = np.zeros(self.slots, bool)
             active[running] = True
-            (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                                 active, *self._settings(slice(None)), self.screen,
-                                                 *self._adjustments(running, slice(None)))
+            adjust = self._adjustments(running, slice(None))
+            with self._first_call(_adjusted(("step", self.cache["k"][0].shape[1]), adjust)):
+                (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                                     active, *self._settings(slice(None)), self.screen, *adjust)
             tok, lp = np.asarray(tok), _host(lp, self._want_lp)
             for s in running:
                 if self.requests[s] is not None:  # (an on_token callback may have released it)
@@ -519,8 +531,11 @@ class Engine:
     def compile(self, key: tuple) -> None:
         """Compile the program of `key` (see `shapes`) ahead of time, from shapes only: nothing
         runs, no slot or cache is touched (safe beside a running engine, from another thread)."""
-        if key in self.compiled:
-            return
+        with _COMPILE_LOCK:
+            if key not in self.compiled:
+                self._compile(key)
+
+    def _compile(self, key: tuple) -> None:
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(self._place))
         cache = lambda S, rows=None: jax.tree.map(spec, jax.eval_shape(
             lambda: {**init_cache(self.config, rows or self.slots, S),
@@ -540,6 +555,19 @@ class Engine:
             S, G, Tb = shape
             _engine_insert.lower(cache(S), cache(Tb, G), np.zeros(G, np.int32)).compile()
         self.compiled.add(key)
+
+    def _first_call(self, key: tuple):
+        """The context of a call of the program of `key`: its first call (it compiles) holds
+        _COMPILE_LOCK, and then `key` counts as compiled; later calls take no lock."""
+        if key in self.compiled:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def first():
+            with _COMPILE_LOCK:
+                yield
+            self.compiled.add(key)
+        return first()
 
     def warmup(self, max_prompt: int | None = None, shapes: Sequence[tuple] | None = None) -> None:
         """Compile every shape this engine can meet (`shapes`: those keys only; `max_prompt`:
@@ -593,6 +621,12 @@ class Engine:
             except ValueError:
                 pass
             self._background.appendleft(key)
+
+
+def _adjusted(key: tuple, adjust: tuple) -> tuple:
+    """`key` of a call with these (mask, bias): the program compiled with them is another one."""
+    mask, bias = adjust
+    return key + (("mask",) if mask is not None else ()) + (("bias",) if bias is not None else ())
 
 
 def _host(lp, want) -> tuple | None:
