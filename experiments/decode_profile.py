@@ -43,7 +43,8 @@ from flax import nnx
 
 from jaxgpt.decode.fast import decode_model
 from jaxgpt.decode.steps import decode_step, next_tokens
-from jaxgpt.model.gpt import RowLinear, init_cache
+from jaxgpt.decode.fast import RowLinear
+from jaxgpt.model.gpt import init_cache
 from jaxgpt.model.quant import Int8Embed, Int8Linear, int8_matmul
 
 CACHE_LEN, CACHE_FILL = 256, 80

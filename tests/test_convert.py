@@ -62,6 +62,7 @@ def ids_for(T, B=2, seed=0):
     return np.random.RandomState(seed).randint(0, 50257, (B, T))
 
 
+@pytest.mark.slow
 def test_rename_table_covers_hf_parameters(tiny):
     model, _, _ = tiny
     cfg = jaxgpt.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -201,6 +202,7 @@ def test_activations_match_transformers():
                                    err_msg=name)
 
 
+@pytest.mark.slow
 def test_variant_logits_match_transformers_and_round_trip(variant, tmp_path):
     """Logits equal GPT2LMHeadModel's (<= 1e-4); jaxgpt -> HF writes the fields back (config.json)
     and reproduces the model bit for bit; a jaxgpt checkpoint keeps them too."""
@@ -270,6 +272,7 @@ def test_untied_head_params_and_init_order():
         np.testing.assert_array_equal(untied[path], x, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_untied_greedy_generate_matches_transformers(tmp_path):
     """Greedy decoding picks tokens through lm_head, not wte: the same ids as HF's generate for a
     batch of 2 (full head), batch 1 through the decode copy (the int8 screen of lm_head's table),
@@ -300,6 +303,7 @@ def test_untied_greedy_generate_matches_transformers(tmp_path):
         np.testing.assert_array_equal(np.asarray(out), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedding", [True, False])
 def test_untied_head_int8(embedding, tmp_path):
     """int8 quantization of an untied model: lm_head goes int8 with the embedding (one scale per

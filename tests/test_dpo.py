@@ -68,6 +68,7 @@ def tiny_model(seed):
                rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 def test_dpo_loss_on_a_model_matches_numpy_log_softmax():
     """make_loss on a tiny model: sums over completion tokens only, the mean over real pairs."""
     pol, ref = tiny_model(0), tiny_model(1)

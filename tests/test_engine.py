@@ -57,6 +57,7 @@ def run_schedule(engine, schedule):
     return events
 
 
+@pytest.mark.slow
 def test_greedy_rows_started_at_different_steps_equal_transformers(tiny):
     """Rows with different prompt lengths, entering at different steps (some while others are
     mid-sequence, one into a slot freed by a finished row), each get HF's greedy tokens; so does
@@ -80,6 +81,7 @@ def test_greedy_rows_started_at_different_steps_equal_transformers(tiny):
     assert r.tokens == hf_greedy(hf, ps[3], 24)
 
 
+@pytest.mark.slow
 def test_per_row_cache_index_equals_each_row_alone(tiny):
     """The model's cache takes a position per row (cache["index"] int32 [B], as the engine's slots
     use it): rows at different positions give the logits and cache each gets with its own scalar
@@ -108,6 +110,7 @@ def test_per_row_cache_index_equals_each_row_alone(tiny):
         np.testing.assert_allclose(np.asarray(new["k"][1][b * H:(b + 1) * H]), np.asarray(c["k"][1]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_seeded_row_draws_the_same_alone_and_in_any_slot(tiny):
     """A sampled row's tokens depend on its seed and positions only: alone, or in a full batch
     (any slot, next to greedy and other sampled rows, entering late) it draws the same ids."""
@@ -131,6 +134,7 @@ def test_seeded_row_draws_the_same_alone_and_in_any_slot(tiny):
     assert other_seed.tokens != want.tokens
 
 
+@pytest.mark.slow
 def test_per_row_settings_equal_the_shared_filters():
     """sample_rows with a setting per row draws what the shared (compiled-in) settings draw with
     the same keys: temperature, top-k and top-p per row, greedy rows exact argmax."""
@@ -186,6 +190,7 @@ def test_streaming_stop_release_and_full_slots(tiny):
     assert zero.done and zero.tokens == [] and not engine.busy
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_warmup(tiny):
     """After warmup(), prompts of any length, any number of requests per step and any sampling
     settings run without compiling anything (XLA compiles nothing), while the cache grows through its capacities (16, 32, 64) and starts small again."""
@@ -209,6 +214,7 @@ def test_no_recompilation_after_warmup(tiny):
     assert compiles == []  # (warmup compiles ahead of time: a first call only fills jit's dispatch cache)
 
 
+@pytest.mark.slow
 def test_cache_grows_with_the_longest_row_and_starts_small_again(tiny):
     """The engine's cache holds ~2x its longest live row, not max_len: it doubles (rows copied)
     as a row outgrows it, a row alongside is not disturbed, both still get HF's greedy tokens,
@@ -252,6 +258,7 @@ def test_chat_greedy_reply_equals_transformers(tiny):
     assert chat.reply("Name a primary color.") == answer  # reset: the same first turn again
 
 
+@pytest.mark.slow
 def test_per_row_adapters_and_logprobs(tiny, tmp_path):
     """Rows of one batch with different LoRA adapters (and the base) each decode what their merged
     model decodes alone; logprobs are the model's log-softmax at each position, the alternatives
@@ -290,6 +297,7 @@ def test_per_row_adapters_and_logprobs(tiny, tmp_path):
         engine.add(Request(ps[0], 2, logprobs=21))
 
 
+@pytest.mark.slow
 def test_per_row_filters_read_the_top_logits_first():
     """_filter_rows keeps the tokens of the shared (sorting) filters whichever way it finds the
     thresholds: a batch of 4 by halving searches over the whole rows; each row alone among the

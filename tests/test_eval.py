@@ -58,6 +58,7 @@ def hf_window_loss(model, ids, wins):
     return total / count, count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [None, 5])
 def test_loss_matches_transformers(tiny, stride):
     model, folder = tiny

@@ -191,6 +191,7 @@ def smol():
     return read_gguf(SMOL), gguf.GGUFReader(SMOL)
 
 
+@pytest.mark.slow
 @needs_smol
 def test_real_file_metadata_and_tensor_table(smol):
     ours, ref = smol

@@ -33,7 +33,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from conftest import REPO, random_adapter, xla_compiles  # noqa: E402
 
-pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
+# the tests that build models, servers or processes are marked slow one by one; the three
+# that only read the registry, the imports and the local task are the quick tier's harness tests
 
 torch.set_num_threads(2)
 CTX = 64
@@ -127,6 +128,7 @@ def test_local_hellaswag_docs_are_the_harness_preprocessing():
 
 
 # ---- parity with the harness's hf model -----------------------------------------------------------
+@pytest.mark.slow
 def test_tasks_equal_the_hf_model(lms, task_manager, tiny):
     """simple_evaluate on the local tasks: every request's response and every metric equal."""
     hf, jx = lms
@@ -154,6 +156,7 @@ def test_tasks_equal_the_hf_model(lms, task_manager, tiny):
         [int(s["acc_norm"]) for s in got["samples"]["jaxgpt_hellaswag"]]
 
 
+@pytest.mark.slow
 def test_rolling_windows_equal_the_hf_model(lms):
     """Each rolling window's loglikelihood: == hf's within 1e-4 (hf sums its float32 logprobs in
     float32), and within 2e-5 of hf's logits reduced in float64 (jaxgpt sums in float64)."""
@@ -178,6 +181,7 @@ def test_rolling_windows_equal_the_hf_model(lms):
     assert abs(jx.loglikelihood_rolling(req, disable_tqdm=True)[0] - b.sum()) < 1e-9
 
 
+@pytest.mark.slow
 def test_requests_directly_and_compile_once(lms):
     """Empty contexts (the prefix token), a context longer than max_length, stop strings,
     max_gen_toks; scoring the same requests again compiles nothing."""
@@ -201,6 +205,7 @@ def test_requests_directly_and_compile_once(lms):
         jx.generate_until([bad])
 
 
+@pytest.mark.slow
 def test_sampled_generation_is_seeded(lms):
     _, jx = lms
     g = [Instance("generate_until", {}, ("Hi", {"do_sample": True, "temperature": 1.0, "top_k": 50,
@@ -231,6 +236,7 @@ def llama(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_llama_family_with_bos(llama):
     """BOS prepended as the tokenizer does (not to a continuation, not twice), BOS as the prefix
     token, the end-of-text token ending generations: == the hf model. (hf runs with
@@ -287,6 +293,7 @@ def greedy_reference(lm, ids, n, eot=50256):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "lora"])
 def test_int8_and_lora_models(tiny, kind):
     folder, adapter = tiny
@@ -321,6 +328,7 @@ def server(tiny):
     service.scheduler.stop()
 
 
+@pytest.mark.slow
 def test_local_completions_equal_the_jaxgpt_and_hf_models(server, tiny, task_manager):
     """The harness's local-completions model on the server (its remote tokenizer auto-detected:
     nothing from the hub) == the jaxgpt and hf models with the same windows (the API model keeps
@@ -345,6 +353,7 @@ def test_local_completions_equal_the_jaxgpt_and_hf_models(server, tiny, task_man
 
 
 # ---- the server's endpoints ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_echo_logprobs_are_the_models(server, tiny):
     """echo + logprobs + max_tokens 0: every prompt token's logprob (the first null) and top
     alternatives == log-softmax of jaxgpt's logits; text offsets; token-id prompts; max_tokens 1
@@ -393,6 +402,7 @@ def test_echo_logprobs_are_the_models(server, tiny):
     assert np.abs(np.array(got) - ref[np.arange(len(ids) - 1), ids[1:]]).max() > 1e-3  # not the base
 
 
+@pytest.mark.slow
 def test_tokenizer_routes(server):
     url = server.url
     info = httpx.get(url + "/tokenizer_info").json()
@@ -426,6 +436,7 @@ def test_tokenizer_routes(server):
 
 
 # ---- the command line ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_runs_the_readme_command(tiny, tmp_path):
     folder, _ = tiny
     out = tmp_path / "results"
@@ -439,6 +450,7 @@ def test_cli_runs_the_readme_command(tiny, tmp_path):
     assert set(TASKS) <= set(saved["results"]) and saved["config"]["model"] == "jaxgpt"
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
     folder, _ = tiny
     cases = [(["--model_args", f"path={folder},colour=red", "--tasks", "jaxgpt_local"], "colour"),

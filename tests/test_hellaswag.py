@@ -138,6 +138,7 @@ def test_preprocess_is_the_harness_one():
         "the surface.")
 
 
+@pytest.mark.slow
 def test_predictions_match_independent_implementation(tiny):
     model, folder, data = tiny
     lm = load(folder)

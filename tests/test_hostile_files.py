@@ -459,6 +459,7 @@ FORMATS = ["gguf", "hf", pytest.param("nanogpt", marks=pytest.mark.slow),
            pytest.param("lora", marks=pytest.mark.slow)]  # (torch and orbax writes take the time)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_hostile_files_are_one_line_fast(root, fmt):
     """The valid file of the format loads with the shape written (the positive control); every

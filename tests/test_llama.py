@@ -58,6 +58,7 @@ def tiny(tmp_path_factory):
     return model, folder
 
 
+@pytest.mark.slow
 def test_hf_folder_logits_match_and_export_round_trips(variant, tmp_path):
     hf, folder = variant
     lm = jaxgpt.load(folder)
@@ -74,6 +75,7 @@ def test_hf_folder_logits_match_and_export_round_trips(variant, tmp_path):
     np.testing.assert_array_equal(hf_logits(back, ids), hf_logits(hf, ids))
 
 
+@pytest.mark.slow
 def test_cached_decode_engine_and_hf_greedy_agree(tiny):
     hf, folder = tiny
     lm = jaxgpt.load(folder)
@@ -99,6 +101,7 @@ def test_cached_decode_engine_and_hf_greedy_agree(tiny):
     assert b.tokens == want_b.tolist()
 
 
+@pytest.mark.slow
 def test_kv_cache_holds_the_key_value_heads_only():
     cfg = GPTConfig.llama(vocab_size=50, block_size=32, n_layer=1, n_head=6, n_kv_head=2, n_embd=48)
     cache = init_cache(cfg, batch_size=3, max_len=16)
@@ -111,6 +114,7 @@ def test_kv_cache_holds_the_key_value_heads_only():
     np.testing.assert_allclose(np.concatenate([a, b], 1), full, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_llama_close_to_float_and_round_trips(tiny, tmp_path):
     hf, folder = tiny
     lm = jaxgpt.load(folder)
@@ -125,6 +129,7 @@ def test_int8_llama_close_to_float_and_round_trips(tiny, tmp_path):
     assert out.shape == (1, 40)
 
 
+@pytest.mark.slow
 def test_lora_on_llama_blocks_merges_exactly(tiny, tmp_path):
     hf, folder = tiny
     ad = random_adapter(folder, tmp_path / "ad", 4, ["c_attn", "c_fc"], seed=2)
@@ -137,6 +142,7 @@ def test_lora_on_llama_blocks_merges_exactly(tiny, tmp_path):
     assert np.abs(merged - hf_logits(hf, ids)).max() > 1e-2  # the adapter changed the model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype,tol", [("F32", 1e-5), ("F16", 1e-5), ("BF16", 1e-5), ("Q8_0", 1e-5),
                                        ("Q4_0", 1e-5), ("Q4_1", 1e-5), ("Q5_0", 1e-5)])
 def test_gguf_types_match_transformers_on_the_same_file(tiny, tmp_path, qtype, tol):

@@ -39,6 +39,7 @@ def test_gpt2_preset_has_124m_params_and_hf_shapes():
     assert "lm_head" not in p  # the head is tied to wte
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n", [("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080)])
 def test_larger_presets_param_counts(name, n):
     # the published (HF) parameter counts of GPT-2 medium/large/xl, tied head counted once
@@ -62,6 +63,7 @@ def test_causal_mask_later_tokens_never_change_earlier_logits():
     assert not np.allclose(np.asarray(a[:, 12:]), np.asarray(b[:, 12:]))
 
 
+@pytest.mark.slow
 def test_dropout_only_with_a_key():
     model = GPT(GPTConfig(**{**TINY.to_dict(), "dropout": 0.3}), seed=0)
     ids = jnp.ones((2, 10), jnp.int32)
@@ -105,6 +107,7 @@ def test_bad_configs_are_rejected(kw, msg):
         GPTConfig.from_preset("gpt5")
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_grads():
     """--remat recomputes activations in the backward pass: same numbers, less memory."""
     ids = jnp.arange(2 * 24).reshape(2, 24) % 97
@@ -124,6 +127,7 @@ def test_remat_gives_the_same_loss_and_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_attention_path_equals_the_masked_softmax(monkeypatch):
     """On a GPU in 16-bit the model calls jax.nn.dot_product_attention (cuDNN). Its plumbing
     (layouts, causal flag, scale) is checked here on CPU with the XLA implementation of the same

@@ -94,6 +94,7 @@ def test_auto_mode_picks_the_path_by_row_count():
     assert not np.array_equal(int8_matmul(x[:1], q, s, "int8"), int8_matmul(x[:1], q, s, "float"))
 
 
+@pytest.mark.slow
 def test_int8_layers_compute_the_dequantized_matmul(lm):
     qlm = lm.quantize()
     lin_f, lin_q = lm.model.h[0].mlp.c_fc, qlm.model.h[0].mlp.c_fc
@@ -159,6 +160,7 @@ def test_gpt2_124m_param_bytes_from_shapes():
     assert sizes["int8_keep_embedding"] < 250e6  # measured 243.3 MB (wte 154 MB stays float32)
 
 
+@pytest.mark.slow
 def test_int8_checkpoint_round_trip(lm, tmp_path):
     qlm = lm.quantize()
     qlm.save(tmp_path / "q")
@@ -234,6 +236,7 @@ def _int8_dot_inputs(hlo: str) -> list[list[str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_fenced_int8_decode_same_ids_and_nothing_fused_into_products(family, lm):
     """quant.fence: the one-row int8 products read their input as a buffer (no norm, embedding

@@ -51,6 +51,7 @@ def eot_model(tmp_path_factory, tiny):
 
 
 # ---- decoding ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_greedy_matches_transformers_with_and_without_cache(tiny):
     model, folder, _ = tiny
     lm = jaxgpt.load(folder)
@@ -67,6 +68,7 @@ def test_greedy_matches_transformers_with_and_without_cache(tiny):
     np.testing.assert_array_equal(uncached, ref)
 
 
+@pytest.mark.slow
 def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
     """Batch-1 greedy decoding through the decode copy (transposed kernels + the int8 screen of the
     head, the CPU default) gives the same ids as HF, as the model's own weights and as no cache."""
@@ -85,6 +87,7 @@ def test_batch1_greedy_through_the_decode_copy_matches_transformers(tiny):
         np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.slow
 def test_decode_copy_follows_the_weights(tiny):
     """The decode copy shares the untransposed arrays, reuses its cached kernels while the source
     arrays live, and never serves a stale copy after a weight changes (as training does)."""
@@ -92,7 +95,7 @@ def test_decode_copy_follows_the_weights(tiny):
 
     from flax import nnx
 
-    from jaxgpt.model.gpt import RowLinear
+    from jaxgpt.decode.fast import RowLinear
     from jaxgpt.decode.fast import _DERIVED, decode_copy
 
     lm = jaxgpt.load(tiny[1])
@@ -154,6 +157,7 @@ def hf_greedy(model, prompt, n):
                               attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()
 
 
+@pytest.mark.slow
 def test_new_prompt_length_and_length_reuse_the_compiled_decoder(tiny):
     """Prompts are padded to power-of-two buckets and the buffer length too, and the real prompt
     length and max_new_tokens are traced: prompts of 3..16 tokens with up to 32 tokens in all
@@ -232,6 +236,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(top_p_filter(batch, 0.5)[1]) == {3, 1}
 
 
+@pytest.mark.slow
 def test_sample_token_greedy_and_filters():
     logits = jnp.array([[0.0, 5.0, 4.9, -3.0]])
     assert sample_token(logits, jax.random.key(0), temperature=0.0)[0] == 1
@@ -240,6 +245,7 @@ def test_sample_token_greedy_and_filters():
 
 
 # ---- CLI (in-process: stdout is text only) -------------------------------------------------------
+@pytest.mark.slow
 def test_cli_text_and_json(tiny, capsys):
     jx = str(tiny[2])
     assert main([jx, "--prompt", "Hello world", "--max-new-tokens", "6", "--num-samples", "3",
@@ -262,6 +268,7 @@ def test_cli_text_and_json(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["samples"][0] == sample
 
 
+@pytest.mark.slow
 def test_cli_stops_at_endoftext(eot_model, capsys):
     assert main([str(eot_model), "--prompt", "Hi", "--max-new-tokens", "5", "--temperature", "0",
                  "--json"]) == 0
@@ -272,6 +279,7 @@ def test_cli_stops_at_endoftext(eot_model, capsys):
     assert capsys.readouterr().out == "Hi" + "<|endoftext|>" * 3 + "\n"
 
 
+@pytest.mark.slow
 def test_cli_truncates_long_prompt_with_warning(tiny, capsys):
     assert main([str(tiny[2]), "--prompt", " a" * 100, "--max-new-tokens", "2", "--json"]) == 0
     cap = capsys.readouterr()

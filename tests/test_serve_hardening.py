@@ -68,6 +68,7 @@ def kept(filtered) -> list:
 FILTER_ROWS, TOP_P, SAMPLE_ROWS = jax.jit(_filter_rows), jax.jit(top_p_filter), jax.jit(sample_rows)  # (compiled once)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [1e-300, 1e-46, 1e-30, 0.05, 0.5, 0.97])
 def test_top_p_filters_equal_a_reference_and_keep_the_top_token(p):
     rng = np.random.default_rng(0)
@@ -367,10 +368,10 @@ def test_a_request_failing_in_the_engine_ends_alone(hs, monkeypatch):
             gate.wait(60)
         return orig_on_token(self, token)
 
-    def prefill(slots):
+    def prefill(slots, *shape):
         if any(list(hs.engine.requests[s].prompt) == poison_ids for s in slots):
             raise RuntimeError("injected: this request's prefill failed")
-        return orig_prefill(slots)
+        return orig_prefill(slots, *shape)
 
     monkeypatch.setattr(sched_mod.Choice, "_on_token", on_token)
     monkeypatch.setattr(hs.engine, "_prefill", prefill)

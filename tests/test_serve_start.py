@@ -144,6 +144,7 @@ def test_chat_truncation_drops_the_oldest_turns(hf):
 
 
 # ---- (4) a whole-context cache, compiled in the background ------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_blockwise_attention_equals_the_full_forward(kv_heads):
     """A cache of BLOCKWISE_FROM+ positions is attended in blocks only as far as it is filled:
@@ -163,6 +164,7 @@ def test_blockwise_attention_equals_the_full_forward(kv_heads):
     np.testing.assert_allclose(np.asarray(step[:, 0]), ref[[0, 1], [299, 600]], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_engine_serves_while_it_compiles_in_the_background(hf):
     """Shapes compile in a thread; meanwhile a prefill uses a compiled one that fits (a longer
     padding, fewer prompts per call) and the tokens are those of an engine compiled up front;

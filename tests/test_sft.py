@@ -81,6 +81,7 @@ def test_collate_masks_exactly_the_reply():
     assert sft.encode(TOK, "alpaca", {"instruction": "a", "output": "word " * 50}, 20) == (None, "skipped")
 
 
+@pytest.mark.slow
 def test_masked_loss_matches_hf_labels(hf_dir, records):
     """jaxgpt's masked batch loss == GPT2LMHeadModel's loss with labels -100 on prompt and padding."""
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -131,6 +132,7 @@ def test_lora_param_count_identity_and_bad_targets():
         lora.apply_lora(GPT(cfg), 0, 8.0, "c_attn")
 
 
+@pytest.mark.slow
 def test_lora_training_freezes_base_and_merges_exactly(records):
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)
     model = GPT(cfg, seed=1)

@@ -71,6 +71,7 @@ def text(tok, r):
     return tok.decode([t for t in r.tokens if t != EOT])
 
 
+@pytest.mark.slow
 def test_every_constrained_output_parses_and_validates(lm, engine):
     tok, prompt = lm.tokenizer, lm.tokenizer.encode("JSON:")
     reqs = [Request(prompt, 40, temperature=1.0, seed=i,
@@ -87,6 +88,7 @@ def test_every_constrained_output_parses_and_validates(lm, engine):
         json.loads(text(tok, free))
 
 
+@pytest.mark.slow
 def test_json_object_regex_and_choice_rows(lm, engine):
     tok, prompt = lm.tokenizer, lm.tokenizer.encode("Answer:")
     choices = ["yes", "no", "maybe not"]
@@ -131,6 +133,7 @@ def _reference(lm, prompt, n, bias, presence, frequency):
     return ids[len(prompt):]
 
 
+@pytest.mark.slow
 def test_penalties_and_logit_bias_equal_a_reference(lm, engine):
     tok = lm.tokenizer
     prompt = tok.encode("The cat sat on the mat and the")

@@ -91,6 +91,7 @@ SHAKESPEARE = open(default_data_path(), encoding="utf-8").read()
 
 # ---- transformers' tokenizer for the real SmolLM2 GGUF ----
 
+@pytest.mark.slow
 @needs_smol
 def test_settings_match_the_gguf(tok, hf):
     assert (tok.name, tok.vocab_size, tok.eot_token, tok.bos_token, tok.add_bos) == \

@@ -35,6 +35,7 @@ def snapshot(path: Path) -> dict:
 
 
 # ---- a run and its outputs ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_writes_metrics_plot_config_and_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = parse_args(["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "60",
@@ -57,6 +58,7 @@ def test_run_writes_metrics_plot_config_and_checkpoint(corpus, tmp_path):
     assert lr[60] == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + np.cos(np.pi * 39 / 40)), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_and_grad_accum_matches(corpus, tmp_path):
     base = ["--data", str(corpus), *TINY, "--max-iters", "20", "--eval-interval", "20",
             "--ckpt-interval", "20", "--log-interval", "5"]
@@ -70,6 +72,7 @@ def test_same_seed_same_losses_and_grad_accum_matches(corpus, tmp_path):
         assert abs(a[k] - c[k]) < 1e-5, k
 
 
+@pytest.mark.slow
 def test_init_from_a_run_starts_from_its_weights(capsys, corpus, tmp_path):
     base = ["--data", str(corpus), *TINY, "--eval-interval", "20", "--ckpt-interval", "20"]
     assert main(base + ["--out", str(tmp_path / "a"), "--max-iters", "20"]) == 0
@@ -183,6 +186,7 @@ def test_unwritable_out(capsys, corpus, tmp_path):
     _bad(capsys, ["--data", str(corpus), "--out", str(blocker / "out"), *TINY], blocker, "not writable")
 
 
+@pytest.mark.slow
 def test_bad_resumes(capsys, corpus, tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(corpus), "--out", str(out), *TINY, "--max-iters", "10",
@@ -237,6 +241,7 @@ def test_help_explains_every_flag():
         assert "--" + f.name.replace("_", "-") in p.stdout, f.name
 
 
+@pytest.mark.slow
 def test_bfloat16_losses_track_float32_and_state_stays_float32():
     """--dtype bfloat16 computes in bf16 but keeps params and AdamW moments float32; over a few
     steps of the real train step its losses stay close to float32's."""
@@ -269,6 +274,7 @@ def test_bfloat16_losses_track_float32_and_state_stays_float32():
     assert not np.array_equal(f32, bf16)  # (bf16 really computed something different)
 
 
+@pytest.mark.slow
 def test_chunked_head_loss_matches_full_logits():
     # the train step's loss computes the head in row chunks (jax.checkpoint'ed) when the logits
     # are large; forced here on a tiny model: same loss and gradients as the plain logits path
@@ -356,6 +362,7 @@ def test_only_orbax_closed_loop_callbacks_are_silenced(capsys, monkeypatch):
     assert "ValueError: a real error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_metrics_also_go_to_tensorboard(corpus, tmp_path):
     """--tensorboard DIR: the metrics rows as TensorBoard scalars (event file read back here)."""
     import struct

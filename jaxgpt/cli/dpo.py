@@ -3,13 +3,11 @@ is one line and exit status 2 (jaxgpt.cli.run)."""
 
 import argparse
 import json
-import signal
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
 from jaxgpt.cli.sft import HELP as SFT_HELP
-from jaxgpt.config import add_dataclass_flags
 from jaxgpt.training.dpo import LOSSES, METRICS, DPOConfig, run_dpo
 
 HELP = {**SFT_HELP,
@@ -43,22 +41,17 @@ HELP = {**SFT_HELP,
 def build_parser() -> argparse.ArgumentParser:
     import jaxgpt.training.dpo
 
-    p = argparse.ArgumentParser(prog="python -m jaxgpt.dpo", description=jaxgpt.training.dpo.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_flags(p, DPOConfig, HELP, positional=("ckpt",))
-    return p
+    return tuning_parser("python -m jaxgpt.dpo", jaxgpt.training.dpo.__doc__, DPOConfig, HELP)
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel, runtime
+    from jaxgpt import parallel
 
     cfg = DPOConfig(**vars(build_parser().parse_args(argv)))
-    if cfg.deterministic:
-        parallel.deterministic_gpu_ops()
-    runtime.enable_compilation_cache()
+    start_run(cfg)
     s = run_dpo(cfg)
-    if s["stopped_by"]:
-        return 128 + signal.Signals[s["stopped_by"]].value
+    if stopped_status(s) is not None:
+        return stopped_status(s)
     if not parallel.is_main():
         return 0
     show = lambda r: ", ".join(f"{k[5:]} {r[k]:.4f}" for k in ("eval_loss", *("eval_" + m for m in METRICS)) if k in r)

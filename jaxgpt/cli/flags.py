@@ -27,3 +27,33 @@ def add_sampling(p, temperature: float = 1.0, top_k: int | None = None, top_p: f
                    help="nucleus sampling: the smallest set of tokens whose probability reaches p, "
                         "in (0, 1] (default: %(default)s = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: %(default)s)")
+
+
+def tuning_parser(prog: str, doc: str, config_cls, helps: dict[str, str], epilog: str | None = None):
+    """The parser of a fine-tuning command (sft, dpo, grpo): `config_cls`'s fields as flags with
+    `helps`, the model as the positional CKPT, the first paragraph of `doc` as the description."""
+    import argparse
+
+    from jaxgpt.config import add_dataclass_flags
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_flags(p, config_cls, helps, positional=("ckpt",))
+    return p
+
+
+def start_run(cfg) -> None:
+    """Before a run's first JAX call: deterministic GPU ops when `cfg.deterministic` (before the
+    backends start), and XLA's persistent compilation cache."""
+    from jaxgpt import parallel, runtime
+
+    if cfg.deterministic:
+        parallel.deterministic_gpu_ops()
+    runtime.enable_compilation_cache()
+
+
+def stopped_status(summary: dict) -> int | None:
+    """The exit status of a run a signal stopped (128 + its number, as a shell reports it), else None."""
+    import signal
+
+    return 128 + signal.Signals[summary["stopped_by"]].value if summary["stopped_by"] else None

@@ -2,13 +2,11 @@
 (records, reward functions) is one line and exit status 2 (jaxgpt.cli.run)."""
 
 import argparse
-import signal
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
 from jaxgpt.cli.sft import HELP as SFT_HELP
-from jaxgpt.config import add_dataclass_flags
 from jaxgpt.training.grpo import LOSS_TYPES, GRPOConfig, run_grpo
 
 HELP = {**SFT_HELP,
@@ -51,22 +49,17 @@ HELP = {**SFT_HELP,
 def build_parser() -> argparse.ArgumentParser:
     import jaxgpt.training.grpo
 
-    p = argparse.ArgumentParser(prog="python -m jaxgpt.grpo", description=jaxgpt.training.grpo.__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_flags(p, GRPOConfig, HELP, positional=("ckpt",))
-    return p
+    return tuning_parser("python -m jaxgpt.grpo", jaxgpt.training.grpo.__doc__, GRPOConfig, HELP)
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel, runtime
+    from jaxgpt import parallel
 
     cfg = GRPOConfig(**vars(build_parser().parse_args(argv)))
-    if cfg.deterministic:
-        parallel.deterministic_gpu_ops()
-    runtime.enable_compilation_cache()
+    start_run(cfg)
     s = run_grpo(cfg)
-    if s["stopped_by"]:
-        return 128 + signal.Signals[s["stopped_by"]].value
+    if stopped_status(s) is not None:
+        return stopped_status(s)
     if not parallel.is_main():
         return 0
     if s["before"] is not None:

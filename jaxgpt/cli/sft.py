@@ -4,13 +4,12 @@ adapter, or --eval-only; a closing line. Bad input is one line and exit status 2
 
 import argparse
 import json
-import signal
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
 from jaxgpt.cli.train import HELP as TRAIN_HELP
-from jaxgpt.config import ConfigError, add_dataclass_flags
+from jaxgpt.config import ConfigError
 from jaxgpt.training.sft import SFTConfig, _fmt, eval_only, merge_adapter, run_sft
 from jaxgpt.tokenizers import templates
 
@@ -69,23 +68,18 @@ HELP = {**SHARED, **HELP,
 def build_parser() -> argparse.ArgumentParser:
     import jaxgpt.training.sft
 
-    p = argparse.ArgumentParser(
-        prog="python -m jaxgpt.sft", description=jaxgpt.training.sft.__doc__.split("\n\n")[0],
+    return tuning_parser(
+        "python -m jaxgpt.sft", jaxgpt.training.sft.__doc__, SFTConfig, HELP,
         epilog="Full fine-tuning leaves a jaxgpt checkpoint in --out; LoRA writes the adapter "
                "(A, B and adapter.json), which sample/chat/eval load on top of its base, and which "
-               "--merge folds into a plain checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dataclass_flags(p, SFTConfig, HELP, positional=("ckpt",))
-    return p
+               "--merge folds into a plain checkpoint.")
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel, runtime
+    from jaxgpt import parallel
 
     cfg = SFTConfig(**vars(build_parser().parse_args(argv)))
-    if cfg.deterministic:  # before JAX starts its backends
-        parallel.deterministic_gpu_ops()
-    runtime.enable_compilation_cache()
+    start_run(cfg)
     if cfg.merge:
         if not cfg.out:
             raise ConfigError("--merge needs --out MERGED_DIR")
@@ -97,8 +91,8 @@ def _main(argv) -> int:
         print(json.dumps(res) if cfg.json else f"masked loss {res['loss']:.4f} over {res['tokens']} tokens")
         return 0
     s = run_sft(cfg)
-    if s["stopped_by"]:
-        return 128 + signal.Signals[s["stopped_by"]].value
+    if stopped_status(s) is not None:
+        return stopped_status(s)
     if not parallel.is_main():
         return 0
     t = s["timers"]

@@ -199,7 +199,10 @@ class Engine:
             model = nnx.merge(*nnx.split(model))
             lora.attach_adapters(model, list(adapters))
         self.graphdef, self.state = nnx.split(model)
-        self._place = min(jax.tree.leaves(self.state)[0].devices(), key=lambda d: d.id)  # caches' device
+        devices = {d for a in jax.tree.leaves(self.state) for d in a.devices()}
+        self._place = min(devices, key=lambda d: d.id)  # the caches' device
+        if len(devices) > 1:  # weights spread over a mesh (a multi-device run's model): one copy on
+            self.state = jax.device_put(self.state, self._place)  # _place, where the caches are
         self.cache = self._empty(self.capacities[0])
         N = self.slots
         self.requests: list[Request | None] = [None] * N

@@ -132,40 +132,6 @@ def _remat(f):
     return run
 
 
-ROW_PRODUCT_MAX_ROWS = 64  # RowLinear: one product per row up to this many rows, a GEMM above
-
-
-class RowLinear(nnx.Module):
-    """y = (W @ x^T)^T + bias with the kernel W stored [out, in] (PyTorch's layout): the decode copy.
-
-    For a few rows (decoding), XLA:CPU runs `W @ x^T` as a row-major matrix-vector product that
-    streams W as stored, ~15-20% faster than the column-major product over nnx.Linear's [in, out]
-    kernel (batch-1 and batch-8 decode of GPT-2 124M; experiments/PERF.md). jaxgpt.engine builds
-    these from nnx.Linear layers for decoding; training keeps nnx.Linear. A prompt (more than
-    ROW_PRODUCT_MAX_ROWS rows) runs as one GEMM x @ W^T instead (512-token prefill of 124M:
-    726 -> 782 tokens/s; experiments/PERF.md "A KV cache that grows").
-    """
-
-    def __init__(self, kernel_t: jax.Array, bias: jax.Array | None, dtype):
-        self.kernel = nnx.Param(kernel_t)  # [out, in]
-        self.bias = None if bias is None else nnx.Param(bias)  # [out], None without biases
-        self.dtype = dtype
-
-    @jax.named_scope("product")  # (the parts of experiments/decode_profile.py)
-    def __call__(self, x):
-        dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-        kernel = self.kernel[...].astype(dtype)
-        bias = 0.0 if self.bias is None else self.bias[...].astype(dtype)
-        # one product per row, W @ [in, 1]: written as a vmap so that XLA:CPU keeps W the left
-        # operand of a plain dot; `jnp.dot(W, x.T)` on [N, in] is rewritten into x @ W^T, which
-        # runs ~35% slower at 8 rows (the same at 1; experiments/PERF.md "Decode (batch 8)")
-        x = x.astype(dtype)
-        if x.shape[0] > ROW_PRODUCT_MAX_ROWS:  # a prompt: one GEMM, x @ W^T
-            return jax.lax.dot_general(x, kernel, (((1,), (1,)), ((), ()))) + bias
-        y = jax.vmap(lambda r: jnp.dot(kernel, r[None].T).T[0])(x)  # [N, out]
-        return y + bias
-
-
 def _linear(cfg: GPTConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs):
     """A GPT-2 Linear (HF calls it Conv1D): kernel [in, out] ~ N(0, std), zero bias (none
     without cfg.bias).

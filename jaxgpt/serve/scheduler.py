@@ -427,16 +427,20 @@ class Scheduler:
 
     def _drop_cancelled(self, job: Job) -> None:
         """(lock held) Release a cancelled job's slots and drop its waiting choices."""
-        n_waiting = self._queued_jobs.pop(job, 0)
-        if n_waiting:
+        self._end_job(job, "cancelled")
+        self.metrics.inc("requests_cancelled_total")
+
+    def _end_job(self, job: Job, reason: str) -> None:
+        """(lock held) Drop `job`'s waiting choices, free the slots of its running rows, and
+        finish every choice not finished yet with `reason`."""
+        if self._queued_jobs.pop(job, 0):
             self._waiting = deque(c for c in self._waiting if c.job is not job)
         for c in job.choices:
             r = c.request
             if r.slot is not None and self.engine.requests[r.slot] is r:
-                self.engine.release(r.slot, "cancelled")
+                self.engine.release(r.slot, reason)
             if c.finish_reason is None:
-                c.finish("cancelled")
-        self.metrics.inc("requests_cancelled_total")
+                c.finish(reason)
 
     def _fail_job(self, job: Job, e: BaseException | None) -> None:
         """End a job whose own request failed in the engine (its settings, its prefill, its
@@ -448,14 +452,7 @@ class Scheduler:
             job.error = APIError(f"the engine failed on this request: {type(e).__name__}: {e}", None,
                                  status=500, type="server_error")
         with self._cond:
-            if self._queued_jobs.pop(job, 0):
-                self._waiting = deque(c for c in self._waiting if c.job is not job)
-        for c in job.choices:
-            r = c.request
-            if r.slot is not None and self.engine.requests[r.slot] is r:
-                self.engine.release(r.slot, "error")
-            if c.finish_reason is None:
-                c.finish("error")
+            self._end_job(job, "error")
 
     def _fail_all(self, e: Exception) -> None:
         for s, r in enumerate(self.engine.requests):
