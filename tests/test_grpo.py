@@ -286,8 +286,11 @@ def test_grpo_cli_rows_and_bad_input(hf_policy, tmp_path):
     train = [x for x in rows if "train_loss" in x and "reward" in x]
     assert len(train) == 2
     for k in ("loss", "reward", "reward_std", "kl", "clip_ratio/region_mean", "completions/mean_length",
-              "rewards/length/mean", "rewards/answer/mean", "rollout_tokens_per_s"):
+              "rewards/length/mean", "rewards/answer/mean", "rollout_tokens_per_s", "clip_ratio",
+              "rewards/length", "rewards/answer"):  # (TRL 1.16's names and the short ones)
         assert k in train[0], k
+    assert train[0]["clip_ratio"] == train[0]["clip_ratio/region_mean"]
+    assert train[0]["rewards/answer"] == train[0]["rewards/answer/mean"]
     assert train[0]["completions/mean_length"] <= 5 and train[0]["kl"] == pytest.approx(0, abs=1e-6)
     assert [x["step"] for x in rows if "eval_reward" in x] == [0, 2]
     assert len((out / "eval_completions.jsonl").read_text().splitlines()) == 4

@@ -22,7 +22,8 @@ default) the mean over all completion tokens of the batch, `dr_grpo` the token s
 (completions x --max-new-tokens). Each is a (sum, count) of the trainer's, so accumulation and
 data parallelism give the same mean. Rows carry TRL's names: loss, reward, reward_std,
 rewards/<function>/mean and /std, completions/mean_length, completions/clipped_ratio,
-frac_reward_zero_std, kl (with --beta), clip_ratio/low_mean, /high_mean, /region_mean, and
+frac_reward_zero_std, kl (with --beta), clip_ratio/low_mean, /high_mean, /region_mean, the
+short names rewards/<function> and clip_ratio (the means, as TRL's older rows), and
 rollout_tokens_per_s; `--eval-prompts` adds eval_reward rows (greedy completions) at step 0,
 every --eval-interval and at the end. The CLI is jaxgpt/cli/grpo.py.
 """
@@ -368,6 +369,7 @@ def grpo_terms(logp, old, ref, adv, mask, *, epsilon: float, epsilon_high: float
                    "clip_ratio/low_mean": ((low * m).sum(), tokens),
                    "clip_ratio/high_mean": ((high * m).sum(), tokens),
                    "clip_ratio/region_mean": ((jnp.maximum(low, high) * m).sum(), tokens)})
+    extras["clip_ratio"] = extras["clip_ratio/region_mean"]  # (the short name, as in TRL before 0.20)
     return total, count, extras
 
 
@@ -436,6 +438,7 @@ class Rollouts:
             for j, r in enumerate(self.rewards):
                 stats[f"rewards/{r.name}/mean"] = float(np.nanmean(per_func[:, j]))
                 stats[f"rewards/{r.name}/std"] = float(_nanstd(per_func[:, j]))
+                stats[f"rewards/{r.name}"] = stats[f"rewards/{r.name}/mean"]  # (the short name)
         self.stats[s] = {**stats, "sample": texts[0]}
         rows = self.trainer.local_rows
         return {k: v[rows][None] for k, v in batch.items()}
