@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxgpt.formats.load import packaged_model  # noqa: E402
 from jaxgpt.formats.gguf import read_gguf  # noqa: E402
 from jaxgpt.decode.grammar import vocab_bytes  # noqa: E402
-from jaxgpt.tokenizers.tokenizer import BPETokenizer  # noqa: E402
+from jaxgpt.tokenizers.bpe import BPETokenizer  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},

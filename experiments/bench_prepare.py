@@ -156,7 +156,7 @@ _OURS = None
 
 def _ours_init(d):
     global _OURS
-    from jaxgpt.tokenizers.tokenizer import BPETokenizer
+    from jaxgpt.tokenizers.bpe import BPETokenizer
     _OURS = BPETokenizer.from_dict(d)
 
 

@@ -211,7 +211,9 @@ def test_every_tokenizer_spells_its_vocabulary_as_bytes():
     """vocab_bytes(), what a grammar matches tokens by: GPT-2's equals tiktoken's bytes (its
     <|endoftext|> empty: special tokens spell no text); a byte-level BPE's equals its own
     decode_bytes (special tokens empty); a char vocabulary's is each character's UTF-8."""
-    from jaxgpt.tokenizers.tokenizer import BPETokenizer, CharTokenizer, bytes_to_unicode
+    from jaxgpt.tokenizers.bpe import BPETokenizer
+    from jaxgpt.tokenizers.bytelevel import bytes_to_unicode
+    from jaxgpt.tokenizers.tokenizer import CharTokenizer
 
     gpt2 = GPT2Tokenizer()
     vb = gpt2.vocab_bytes()

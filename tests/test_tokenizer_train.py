@@ -15,7 +15,8 @@ from jaxgpt.cli.tokenizer import main as cli_main
 from jaxgpt.config import ConfigError
 from jaxgpt.data.shards import MANIFEST, ShardDataset, read_shard
 from jaxgpt.tokenizers.templates import render_chatml
-from jaxgpt.tokenizers.tokenizer import BPETokenizer, get_tokenizer, load_tokenizer_dir, tokenizer_from_dict
+from jaxgpt.tokenizers.bpe import BPETokenizer
+from jaxgpt.tokenizers.tokenizer import get_tokenizer, load_tokenizer_dir, tokenizer_from_dict
 from jaxgpt.tokenizers.train import hf_tokenizer_files, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_prepare_with_folder_equals_autotokenizer_parallel_and_resumable(trained
 
 def _wide(tmp_path) -> Path:
     """A byte-level BPE whose eos id is 70,000 (uint32 shards), written as an HF folder."""
-    from jaxgpt.tokenizers.tokenizer import bytes_to_unicode
+    from jaxgpt.tokenizers.bytelevel import bytes_to_unicode
 
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + ["Ġt", "he"] + [None] * (70_000 - 258)

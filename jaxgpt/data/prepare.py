@@ -78,7 +78,7 @@ class Encoder:
             self.enc = GPT2Tokenizer().enc
             self._np = hasattr(self.enc, "encode_to_numpy")
         elif info["type"] == "bpe":
-            from jaxgpt.tokenizers.tokenizer import BPETokenizer
+            from jaxgpt.tokenizers.bpe import BPETokenizer
             self.bpe = BPETokenizer.from_dict(info)
         else:
             self.cps = np.array([ord(c) for c in info["chars"]], dtype=np.uint32)

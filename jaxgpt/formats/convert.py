@@ -319,7 +319,7 @@ def read_gguf_file(path: str | Path) -> tuple[GPT, dict | None, dict]:
     """(model, tokenizer dict, meta) from a GGUF file: weights dequantized to float32, the
     tokenizer and chat template from its metadata."""
     from jaxgpt.formats.gguf import read_gguf
-    from jaxgpt.tokenizers.tokenizer import BPETokenizer
+    from jaxgpt.tokenizers.bpe import BPETokenizer
 
     f = read_gguf(path)
     cfg = config_from_gguf(f.metadata, f.tensors, str(path))
@@ -529,7 +529,7 @@ def read_hf_folder(folder: str | Path) -> tuple[GPT, dict | None, dict]:
 def _hf_tokenizer(folder: Path, meta: dict) -> tuple[dict | None, dict]:
     """(tokenizer dict, meta) of a non-GPT-2 HF folder: its tokenizer.json (byte-level BPE, with
     tokenizer_config.json's chat template); no tokenizer if it ships none."""
-    from jaxgpt.tokenizers.tokenizer import BPETokenizer
+    from jaxgpt.tokenizers.bpe import BPETokenizer
 
     if not (folder / "tokenizer.json").is_file():
         return None, meta
@@ -610,7 +610,7 @@ def save_hf(model: GPT, out: str | Path, tokenizer_dict: dict | None = None, for
         elif tokenizer_dict and tokenizer_dict.get("type") == "bpe":
             # a byte-level BPE (trained with python -m jaxgpt.tokenizer, from a GGUF or HF
             # folder): tokenizer.json + tokenizer_config.json, so AutoTokenizer gives our ids
-            from jaxgpt.tokenizers.tokenizer import BPETokenizer
+            from jaxgpt.tokenizers.bpe import BPETokenizer
             from jaxgpt.tokenizers.train import hf_tokenizer_files
 
             for name, data in hf_tokenizer_files(BPETokenizer.from_dict(tokenizer_dict)).items():

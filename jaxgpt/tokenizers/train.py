@@ -32,7 +32,8 @@ from pathlib import Path
 from jaxgpt.config import ConfigError
 from jaxgpt.data.corpus import PIECE_CHARS, check_source, iter_units, resolve_sources
 from jaxgpt.files import atomic_write
-from jaxgpt.tokenizers.tokenizer import _HF_GPT2_SPLIT, _LLAMA3_SPLIT, EOT, BPETokenizer
+from jaxgpt.tokenizers.bpe import BPETokenizer
+from jaxgpt.tokenizers.bytelevel import _HF_GPT2_SPLIT, _LLAMA3_SPLIT, EOT
 
 SPLITS = ("gpt2", "llama3")  # GPT-2's split (ByteLevel's own regex), Llama 3's (a Split first)
 BYTES = 256
