@@ -144,8 +144,9 @@ def test_litellm_tool_calls(srv):
     server, _ = srv
     r = litellm.completion(model=f"openai/{NAME}", api_base=server.url + "/v1", api_key="unused",
                            messages=[{"role": "user", "content": "Add 2 and 2."}], tools=[WEATHER, ADD],
-                           tool_choice="required", max_tokens=120, timeout=300)
-    assert r.choices[0].finish_reason == "tool_calls"
+                           tool_choice="required", max_tokens=120, timeout=300, temperature=0,
+                           parallel_tool_calls=False)  # (sampled with parallel calls, the noise model
+    assert r.choices[0].finish_reason == "tool_calls"          # could keep adding calls to max_tokens)
     check_calls(r.choices[0].message.tool_calls)
 
 
@@ -175,3 +176,54 @@ def test_sample_cli_json_schema(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     r = run_cli("jaxgpt.sample", str(tmp_path / "m"), "--json-schema", str(tmp_path / "bad.json"))
     assert r.returncode == 2 and r.stderr.startswith("error: --json-schema") and "Traceback" not in r.stderr
+
+
+def test_responses_api_with_the_openai_client(srv):
+    """POST /v1/responses (issue 28): openai-python's `responses.create`, streamed and not. The
+    text equals the chat route's greedy answer to the same messages; a json_schema format
+    validates; a required function call is a function_call item whose arguments validate, and
+    its output sent back as a function_call_output item is accepted; the streamed events add up
+    to the unstreamed Response; previous_response_id is refused as one 400."""
+    server, client = srv
+    r = client.responses.create(model=NAME, instructions="Be brief.", input="Name a color.",
+                                temperature=0, max_output_tokens=12)
+    chat = client.chat.completions.create(model=NAME, temperature=0, max_tokens=12, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}])
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert (r.status == "incomplete") == (chat.choices[0].finish_reason == "length")
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    # streamed: the deltas are the text, the last event carries the same Response
+    kinds, deltas = [], []
+    for e in client.responses.create(model=NAME, instructions="Be brief.", input="Name a color.",
+                                     temperature=0, max_output_tokens=12, stream=True):
+        kinds.append(e.type)
+        if e.type == "response.output_text.delta":
+            deltas.append(e.delta)
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == r.output_text and e.response.output_text == r.output_text
+    # structured output through text.format
+    schema = Person.model_json_schema()
+    r = client.responses.create(model=NAME, input="Invent a person.", max_output_tokens=60, temperature=0.7,
+                                text={"format": {"type": "json_schema", "name": "person", "schema": schema,
+                                                 "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+    # a required function call, streamed and not, then its output sent back
+    flat = [{"type": "function", **t["function"]} for t in (WEATHER, ADD)]
+    r = client.responses.create(model=NAME, input="Weather in Paris?", tools=flat, tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=120, temperature=0)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and r.status == "completed"
+    jsonschema.validate(json.loads(calls[0].arguments), TOOLS[calls[0].name])
+    streamed = [e for e in client.responses.create(
+        model=NAME, input="Weather in Paris?", tools=flat, tool_choice="required", parallel_tool_calls=False,
+        max_output_tokens=120, temperature=0, stream=True)]
+    done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in done] == [(calls[0].name, calls[0].arguments)]
+    follow = client.responses.create(model=NAME, tools=flat, max_output_tokens=8, temperature=0, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name, "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
+    assert follow.status in ("completed", "incomplete")
+    bad = httpx.post(server.url + "/v1/responses", json={"model": NAME, "input": "x", "previous_response_id": "resp_1"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "previous_response_id"

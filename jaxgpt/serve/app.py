@@ -47,6 +47,7 @@ from jaxgpt.serve.hosts import HostAllowList, HostFilter
 from jaxgpt.serve.defaults import model_defaults, resolve
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.openapi import openapi_schema
+from jaxgpt.serve import responses as R
 from jaxgpt.serve import tools as T
 from jaxgpt.serve.scheduler import Job, Scheduler, seed_key
 from jaxgpt.serve.schemas import (APIError, Context, GenRequest, Limits, parse_chat, parse_completion,
@@ -430,14 +431,16 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
         raw = await read_body(request)
         return await off_loop(lambda: parse(parse_json(raw), service.ctx))
 
-    async def generate(request: Request, parse) -> Response:
+    async def generate(request: Request, parse, full=_full_response, stream=_stream) -> Response:
+        """parse the body into a request, run it, answer: full(service, job) as JSON, or the
+        server-sent events of stream(service, job)."""
         check_key(request)
         req = await parsed(request, parse)
         job = service.scheduler.submit(req, asyncio.get_running_loop())
         # (chat with truncate_prompt_tokens: how many of the oldest messages the model did not see)
         dropped = {DROPPED_HEADER: str(req.dropped_messages)} if req.dropped_messages else {}
         if req.stream:
-            return StreamingResponse(_stream(service, job), media_type="text/event-stream",
+            return StreamingResponse(stream(service, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **dropped})
         try:
             while not job.done.is_set():
@@ -452,7 +455,7 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
                 service.scheduler.cancel(job)
         if job.error is not None:
             raise job.error
-        return JSONResponse(_full_response(service, job), headers=dropped)
+        return JSONResponse(full(service, job), headers=dropped)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -461,6 +464,12 @@ def create_app(service: Service, allowed_hosts=()) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await generate(request, parse_chat)
+
+    @app.post("/v1/responses")  # (the Responses API: serve/responses.py, on the chat machinery)
+    async def responses(request: Request):
+        return await generate(request, R.parse_responses,
+                              full=lambda s, job: R.from_chat(_full_response(s, job), job.req.responses),
+                              stream=lambda s, job: R.events(_stream(s, job), job.req.responses))
 
     @app.get("/v1/models")
     async def list_models(request: Request):

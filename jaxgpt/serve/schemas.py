@@ -95,6 +95,7 @@ class GenRequest:
     logit_bias: dict | None = None  # {token id: bias}
     parse_tools: bool = False  # split the answer into content and tool_calls
     dropped_messages: int = 0  # chat: the oldest messages left out to fit (truncate_prompt_tokens)
+    responses: dict | None = None  # POST /v1/responses: its body (the answer's shape; responses.py)
 
     def max_tokens_for(self, i: int) -> int:
         return self.max_tokens[i] if isinstance(self.max_tokens, list) else self.max_tokens
