@@ -19,6 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 # nor leaves thousands of its own behind.
 os.environ.setdefault("JAXGPT_COMPILATION_CACHE", tempfile.mkdtemp(prefix="jaxgpt-xla-cache-"))
 
+
+def _no_persistent_cache_in_this_process():
+    """In the pytest process itself the cache stays off (the CLI subprocesses keep it): once an
+    in-process CLI test had turned it on, a later server test's first decode step aborted the
+    whole session inside XLA (`executable.serialize()` writing the entry, in the scheduler
+    thread; it hung once and aborted once in full runs, never with that test alone, cache on or off)."""
+    from jaxgpt import runtime
+
+    runtime.enable_compilation_cache = lambda: None
+
+
+_no_persistent_cache_in_this_process()
+
 # a tiny model that trains in seconds on a CPU core; every flag is a real CLI flag
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "4", "--sample-tokens", "0", "--no-progress"]
