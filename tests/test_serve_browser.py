@@ -67,7 +67,8 @@ def site(tmp_path_factory, browser):
     root = tmp_path_factory.mktemp("browser")
     random_gpt2(root / "hf", 0, n_layer=2, n_head=2, n_embd=32, n_positions=128)
     a = random_adapter(root / "hf", root / "ad_a", 4, ["c_attn"], 1)
-    service = build_service(str(root / "hf"), [("helper", str(a))], max_batch=2, log=lambda s: None)
+    service = build_service(str(root / "hf"), [("helper", str(a))], max_batch=2, warmup=False,  # (no
+                            log=lambda s: None)  # background warm-up left beside the later tests' servers)
     server = Server(create_app(service))
     try:
         yield server, service, browser
