@@ -106,7 +106,7 @@ import numpy as np
 import torch
 import transformers
 
-from jaxgpt.formats.convert import config_from_hf, model_from_tensors
+from jaxgpt.formats.hf import config_from_hf, model_from_tensors
 from jaxgpt.decode.generate import generate
 from jaxgpt.model.quant import quantize_model, set_fence
 from jaxgpt.runtime import enable_compilation_cache

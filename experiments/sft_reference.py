@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scratch_base import scratch_base  # noqa: E402
 
-from jaxgpt.training.sft import SFTConfig, run_sft, summary_table  # noqa: E402
+from jaxgpt.evaluate.answers import summary_table  # noqa: E402
+from jaxgpt.training.sft import SFTConfig, run_sft  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "instruction-data.json"
 

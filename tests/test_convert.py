@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
-from jaxgpt.formats.convert import rename_table  # noqa: E402
+from jaxgpt.formats.hf import rename_table  # noqa: E402
 
 torch.set_num_threads(2)
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32)  # GPT-2 vocabulary, tiny body
@@ -242,7 +242,7 @@ def test_variant_fields_change_the_logits(fields):
     import dataclasses
 
     from jaxgpt.formats.load import LoadedModel
-    from jaxgpt.formats.convert import config_from_hf, model_from_tensors
+    from jaxgpt.formats.hf import config_from_hf, model_from_tensors
 
     model = hf_variant(**fields)
     tensors = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -365,7 +365,7 @@ def test_reorder_and_upcast_attn_scores_in_float32():
 ])
 def test_unsupported_config_values_are_one_line_errors(key, value, needles):
     from jaxgpt.config import ConfigError
-    from jaxgpt.formats.convert import config_from_hf
+    from jaxgpt.formats.hf import config_from_hf
 
     hf = {**transformers.GPT2Config(**TINY).to_dict(), key: value}
     with pytest.raises(ConfigError) as e:

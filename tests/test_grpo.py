@@ -200,7 +200,7 @@ def jax_batch(prompt, comp, cmask, adv, old=None, ref=None):
 
 
 def hf_grads_as_jaxgpt(hf_model, cfg):
-    from jaxgpt.formats.convert import model_from_tensors
+    from jaxgpt.formats.hf import model_from_tensors
     tensors = {n: p.grad.detach().numpy().copy() for n, p in hf_model.named_parameters()}
     return nnx.state(model_from_tensors(cfg, tensors, "grads"), nnx.Param)
 
@@ -260,7 +260,7 @@ def test_grpo_one_step_matches_trl(hf_policy, tmp_path):
                       loss_fn=grpo.make_loss(cfg))
     trainer._call({k: v[None] for k, v in jax_batch(prompt, comp, cmask, adv).items()}, 1)
     mine = nnx.state(trainer.model(), nnx.Param)
-    from jaxgpt.formats.convert import model_from_tensors
+    from jaxgpt.formats.hf import model_from_tensors
     theirs = nnx.state(model_from_tensors(lm.config, {n: p.detach().numpy() for n, p in trl.model.named_parameters()},
                                           "trl"), nnx.Param)
     d_mine = jax.tree.leaves(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), mine, before))

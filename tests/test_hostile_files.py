@@ -29,7 +29,7 @@ gguf = pytest.importorskip("gguf")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.formats import checkpoint  # noqa: E402
-from jaxgpt.formats import convert
+from jaxgpt.formats import hf as hf_format, llama as llama_format
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
 from jaxgpt.model.gpt import GPT  # noqa: E402
 
@@ -47,7 +47,7 @@ V = gguf.GGUFValueType
 
 
 # ---- valid files ----------------------------------------------------------------------------------
-GGUF_OF_HF = {v: k for k, v in convert.GGUF_NAMES.items()}
+GGUF_OF_HF = {v: k for k, v in llama_format.GGUF_NAMES.items()}
 
 
 def gguf_meta(cfg: GPTConfig) -> dict:
@@ -66,7 +66,7 @@ def gguf_meta(cfg: GPTConfig) -> dict:
 
 def gguf_tensors(cfg: GPTConfig) -> dict[str, np.ndarray]:
     """A random Llama model's weights under GGUF names ([out, in], as llama.cpp stores them)."""
-    hf = convert.llama_tensors_from_model(GPT(cfg, seed=1))
+    hf = llama_format.llama_tensors_from_model(GPT(cfg, seed=1))
     out = {}
     for name, x in hf.items():
         parts = name.split(".")
@@ -121,7 +121,7 @@ def hf_folder(path: Path, cfg: GPTConfig, config: dict | None = None, drop=(), t
     and tensors dropped or replaced in model.safetensors."""
     from safetensors.numpy import load_file, save_file
 
-    convert.save_hf(GPT(cfg, seed=1), path)
+    hf_format.save_hf(GPT(cfg, seed=1), path)
     if config:
         d = json.loads((path / "config.json").read_text())
         d.update(config)
@@ -154,9 +154,9 @@ def nanogpt_ckpt(path: Path, args_changes: dict | None = None, obj=None, model_c
     import torch
 
     if obj is None:
-        hf = convert.tensors_from_model(GPT(GPT2, seed=1))
+        hf = hf_format.tensors_from_model(GPT(GPT2, seed=1))
         tensors = {}
-        for e in convert.rename_table(GPT2):  # nn.Linear layout: the four matrices transposed
+        for e in hf_format.rename_table(GPT2):  # nn.Linear layout: the four matrices transposed
             x = hf["transformer." + e.hf]
             tensors["transformer." + e.hf] = torch.from_numpy(np.array(x.T if e.matrix else x))
         tensors.update(model_changes or {})

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.model import lora  # noqa: E402
+from jaxgpt.data import records as sft_records
+from jaxgpt.evaluate import answers
 from jaxgpt.training import sft
 from jaxgpt.tokenizers import templates
 from jaxgpt.config import ConfigError, GPTConfig  # noqa: E402
@@ -67,18 +69,18 @@ def test_alpaca_template_is_exact():
 
 
 def test_collate_masks_exactly_the_reply():
-    enc, status = sft.encode(TOK, "alpaca", {"instruction": "Say hi.", "input": "", "output": "Hi there"}, 64)
+    enc, status = sft_records.encode(TOK, "alpaca", {"instruction": "Say hi.", "input": "", "output": "Hi there"}, 64)
     n_reply = len(TOK.encode_ordinary("Hi there")) + 1  # + eot
-    x, y, m = sft.collate([enc], TOK.eot_token, 64)
+    x, y, m = sft_records.collate([enc], TOK.eot_token, 64)
     assert status == "" and m.sum() == n_reply
     assert y[0][m[0] == 1].tolist() == TOK.encode_ordinary("Hi there") + [TOK.eot_token]
-    _, _, m_all = sft.collate([enc], TOK.eot_token, 64, mask_prompt=False)
+    _, _, m_all = sft_records.collate([enc], TOK.eot_token, 64, mask_prompt=False)
     assert m_all.sum() == len(enc.ids) - 1
     # too long: the prompt loses tokens from the left, the reply survives whole; a reply that
     # alone does not fit is skipped
-    enc2, status2 = sft.encode(TOK, "alpaca", {"instruction": "word " * 100, "output": "ok"}, 20)
+    enc2, status2 = sft_records.encode(TOK, "alpaca", {"instruction": "word " * 100, "output": "ok"}, 20)
     assert status2 == "truncated" and len(enc2.ids) == 21 and enc2.ids[-2:] == [TOK.encode_ordinary("ok")[0], TOK.eot_token]
-    assert sft.encode(TOK, "alpaca", {"instruction": "a", "output": "word " * 50}, 20) == (None, "skipped")
+    assert sft_records.encode(TOK, "alpaca", {"instruction": "a", "output": "word " * 50}, 20) == (None, "skipped")
 
 
 @pytest.mark.slow
@@ -87,11 +89,11 @@ def test_masked_loss_matches_hf_labels(hf_dir, records):
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     lm = jaxgpt.load(hf_dir)
     recs = [records[i] for i in (0, 1, 2, 5, 20)]  # unequal lengths, with and without input
-    enc = [sft.encode(TOK, "alpaca", r, 256)[0] for r in recs]
+    enc = [sft_records.encode(TOK, "alpaca", r, 256)[0] for r in recs]
     lengths = {len(e.ids) for e in enc}
     assert len(lengths) >= 4  # a padded batch of unequal lengths
     T = max(lengths)
-    x, y, m = sft.collate(enc, TOK.eot_token, T - 1)
+    x, y, m = sft_records.collate(enc, TOK.eot_token, T - 1)
     ours = float(masked_mean(lm.model(jnp.asarray(x))[0], jnp.asarray(y), jnp.asarray(m)))
     # HF: the full sequences, right-padded, labels = ids with -100 on prompt and padding
     ids = np.full((len(enc), T), TOK.eot_token)
@@ -146,8 +148,8 @@ def test_lora_training_freezes_base_and_merges_exactly(records):
     n_lora = sum(x.size for x in jax.tree.leaves(trainable))
     assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * n_lora
     step = make_step(graphdef, tx, lambda s: 1e-2)
-    ex = [sft.encode(TOK, "alpaca", r, 128)[0] for r in records[:16]]
-    data = sft.RecordBatches(ex, 8, 0, 128, TOK.eot_token, True)
+    ex = [sft_records.encode(TOK, "alpaca", r, 128)[0] for r in records[:16]]
+    data = sft_records.RecordBatches(ex, 8, 0, 128, TOK.eot_token, True)
     state = {"params": trainable, "opt_state": opt_state, "step": jnp.array(0, jnp.int32)}
     for s in range(2 * data.steps_per_epoch):  # two epochs: each record once per epoch
         batch = {k: v[:, None] for k, v in data(range(s, s + 1), slice(None)).items()}  # [K, A, B, T]
@@ -202,7 +204,7 @@ def test_sft_cli_full_then_chat(hf_dir, tmp_path):
     prompt = "Name a primary color."
     r = run_cli("jaxgpt.chat", out, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr[-2000:]
-    want = sft.generate_answers(lm.model, lm.tokenizer, "alpaca",
+    want = answers.generate_answers(lm.model, lm.tokenizer, "alpaca",
                                 [{"instruction": prompt, "output": ""}], 24)[0]["text"]
     assert r.stdout == want + "\n"
     # chat takes int8 weights (quantized on load) like sample and eval do
@@ -275,10 +277,10 @@ def test_sft_bad_input(hf_dir, tmp_path, content, flags, message):
 
 
 def test_rouge_and_normalize():
-    assert sft.normalize("  Hello, World! ") == "hello world"
-    assert sft.rouge_l("the cat sat", "the cat sat") == 1.0
-    assert sft.rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
-    assert sft.rouge_l("x y", "a b") == 0.0
+    assert answers.normalize("  Hello, World! ") == "hello world"
+    assert answers.rouge_l("the cat sat", "the cat sat") == 1.0
+    assert answers.rouge_l("a b c d", "a c") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
+    assert answers.rouge_l("x y", "a b") == 0.0
 
 
 # ---- SFT on the one trainer: accumulation, devices, exact resume -------------------------------

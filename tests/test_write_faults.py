@@ -185,12 +185,12 @@ def assert_disk_full(r, path: Path) -> None:
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> Path:
     """A 3 MB Hugging Face GPT-2 folder (bigger than the full disks below)."""
-    from jaxgpt.formats import convert
+    from jaxgpt.formats import hf
     from jaxgpt.config import GPTConfig
     from jaxgpt.model.gpt import GPT
 
     d = tmp_path_factory.mktemp("hfm") / "hf"
-    convert.save_hf(GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128)), d)
+    hf.save_hf(GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128)), d)
     return d
 
 
@@ -250,12 +250,12 @@ def test_cli_train_on_a_full_disk_then_resume_past_a_torn_metrics_line(corpus, f
 @pytest.mark.slow
 def test_cli_sft_on_a_full_disk(full_disk, tmp_path):
     from jaxgpt.formats import checkpoint
-    from jaxgpt.formats import convert
+    from jaxgpt.formats import hf
     from jaxgpt.config import GPTConfig
     from jaxgpt.model.gpt import GPT
 
     base = tmp_path / "base"
-    convert.save_hf(GPT(GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=32)),
+    hf.save_hf(GPT(GPTConfig(vocab_size=50257, block_size=128, n_layer=1, n_head=2, n_embd=32)),
                     base, {"type": "gpt2"})
     recs = json.loads((REPO / "experiments" / "data" / "instruction-data.json").read_text())[:40]
     (tmp_path / "sft.json").write_text(json.dumps(recs))

@@ -36,7 +36,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import jaxgpt  # noqa: E402
 from jaxgpt.decode.chat import ChatSession  # noqa: E402
-from jaxgpt.training.sft import SFTConfig, run_sft, summary_table  # noqa: E402
+from jaxgpt.evaluate.answers import summary_table  # noqa: E402
+from jaxgpt.training.sft import SFTConfig, run_sft  # noqa: E402
 
 CHAT_QUESTIONS = [
     "How do I train the default model?",

@@ -12,7 +12,7 @@
 3. `python -m jaxgpt.dpo smollm2 --data pairs_train.jsonl --eval-data pairs_held.jsonl
    --lora-rank 8 ...` trains; its eval_ rows at step 0 and at the end give the held-out reward
    accuracy and margins before and after.
-4. The trained adapter answers the held-out prompts greedily; ROUGE-L (jaxgpt.training.sft.rouge_l)
+4. The trained adapter answers the held-out prompts greedily; ROUGE-L (jaxgpt.evaluate.answers.rouge_l)
    against the references, before vs after, goes into results.json with a few completions.
 """
 
@@ -35,7 +35,7 @@ import jaxgpt  # noqa: E402
 from jaxgpt import runtime  # noqa: E402
 from jaxgpt.tokenizers import templates
 from jaxgpt.decode.engine import Engine, Request  # noqa: E402
-from jaxgpt.training.sft import normalize, rouge_l  # noqa: E402
+from jaxgpt.evaluate.answers import normalize, rouge_l  # noqa: E402
 
 
 def user_messages(rec: dict) -> list[dict]:

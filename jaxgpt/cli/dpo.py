@@ -6,7 +6,7 @@ import json
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, early_status, tuning_parser
 from jaxgpt.cli.sft import HELP as SFT_HELP
 from jaxgpt.training.dpo import LOSSES, METRICS, DPOConfig, run_dpo
 
@@ -45,15 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel
-
+    
     cfg = DPOConfig(**vars(build_parser().parse_args(argv)))
     start_run(cfg)
     s = run_dpo(cfg)
-    if stopped_status(s) is not None:
-        return stopped_status(s)
-    if not parallel.is_main():
-        return 0
+    if (status := early_status(s)) is not None:
+        return status
     show = lambda r: ", ".join(f"{k[5:]} {r[k]:.4f}" for k in ("eval_loss", *("eval_" + m for m in METRICS)) if k in r)
     if s["after"] is not None:
         print(json.dumps({k: v for k, v in s["after"].items()}), file=sys.stdout)

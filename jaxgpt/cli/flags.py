@@ -52,8 +52,14 @@ def start_run(cfg) -> None:
     runtime.enable_compilation_cache()
 
 
-def stopped_status(summary: dict) -> int | None:
-    """The exit status of a run a signal stopped (128 + its number, as a shell reports it), else None."""
+def early_status(summary: dict) -> int | None:
+    """The exit status of a run that ends without its closing lines: 128 + the signal's number
+    if a signal stopped it (as a shell reports it), 0 on any process but the first (process 0
+    prints for all); None when the caller should print its summary."""
     import signal
 
-    return 128 + signal.Signals[summary["stopped_by"]].value if summary["stopped_by"] else None
+    from jaxgpt import parallel
+
+    if summary["stopped_by"]:
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return None if parallel.is_main() else 0

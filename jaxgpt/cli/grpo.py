@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, early_status, tuning_parser
 from jaxgpt.cli.sft import HELP as SFT_HELP
 from jaxgpt.training.grpo import LOSS_TYPES, GRPOConfig, run_grpo
 
@@ -53,15 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel
-
+    
     cfg = GRPOConfig(**vars(build_parser().parse_args(argv)))
     start_run(cfg)
     s = run_grpo(cfg)
-    if stopped_status(s) is not None:
-        return stopped_status(s)
-    if not parallel.is_main():
-        return 0
+    if (status := early_status(s)) is not None:
+        return status
     if s["before"] is not None:
         print(f"held-out reward {s['before']['eval_reward']:.4f} -> {s['after']['eval_reward']:.4f}",
               file=sys.stderr)

@@ -7,10 +7,12 @@ import json
 import sys
 
 from jaxgpt.cli import run
-from jaxgpt.cli.flags import MODEL_SOURCES, start_run, stopped_status, tuning_parser
+from jaxgpt.cli.flags import MODEL_SOURCES, start_run, early_status, tuning_parser
 from jaxgpt.cli.train import HELP as TRAIN_HELP
 from jaxgpt.config import ConfigError
-from jaxgpt.training.sft import SFTConfig, _fmt, eval_only, merge_adapter, run_sft
+from jaxgpt.evaluate.answers import fmt
+from jaxgpt.training.sft import SFTConfig, eval_only, run_sft
+from jaxgpt.training.tuning import merge_adapter
 from jaxgpt.tokenizers import templates
 
 HELP = {
@@ -76,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv) -> int:
-    from jaxgpt import parallel
-
+    
     cfg = SFTConfig(**vars(build_parser().parse_args(argv)))
     start_run(cfg)
     if cfg.merge:
@@ -91,13 +92,11 @@ def _main(argv) -> int:
         print(json.dumps(res) if cfg.json else f"masked loss {res['loss']:.4f} over {res['tokens']} tokens")
         return 0
     s = run_sft(cfg)
-    if stopped_status(s) is not None:
-        return stopped_status(s)
-    if not parallel.is_main():
-        return 0
+    if (status := early_status(s)) is not None:
+        return status
     t = s["timers"]
-    print(f"done: {s['steps']} steps; val loss {_fmt(s['before']['val_loss'])} -> "
-          f"{_fmt(s['after']['val_loss'])}; ends with EOS {s['before']['ends_with_eos']:.2f} -> "
+    print(f"done: {s['steps']} steps; val loss {fmt(s['before']['val_loss'])} -> "
+          f"{fmt(s['after']['val_loss'])}; ends with EOS {s['before']['ends_with_eos']:.2f} -> "
           f"{s['after']['ends_with_eos']:.2f}; steps {t['steps']:.1f} s / eval {t['eval']:.1f} s / "
           f"samples {t['sample']:.1f} s / save {t['save']:.1f} s; report in {cfg.out}/report.md",
           file=sys.stderr)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.formats import checkpoint
-from jaxgpt.formats import convert
+from jaxgpt.formats import hf, llama, nanogpt
 from jaxgpt.model import lora
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.decode.generate import generate
@@ -180,7 +180,7 @@ class LoadedModel:
             raise ConfigError("an int8-quantized model cannot be exported to Hugging Face; "
                               "export the float32 model it was quantized from")
         tok = self.tokenizer.to_dict() if self.tokenizer is not None else None
-        return convert.save_hf(self.model, out, tok, force=force)
+        return hf.save_hf(self.model, out, tok, force=force)
 
 
 def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False) -> LoadedModel:
@@ -195,9 +195,9 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
         p = packaged_model(str(path))
     if p.is_file():
         if p.suffix in (".pt", ".pth", ".ckpt"):
-            return LoadedModel(*_as_meta(convert.read_nanogpt(p)))
+            return LoadedModel(*_as_meta(nanogpt.read_nanogpt(p)))
         if p.suffix == ".gguf":
-            return LoadedModel(*_as_meta(convert.read_gguf_file(p)))
+            return LoadedModel(*_as_meta(llama.read_gguf_file(p)))
         raise ConfigError(f"{p}: expected a folder (jaxgpt run or Hugging Face model), a .gguf "
                           "file or a nanoGPT ckpt.pt")
     if p.is_dir() and lora.is_adapter(p):
@@ -212,13 +212,13 @@ def load(path: str | Path, step: int | None = None, *, allow_int8: bool = False)
             model, tok, meta = checkpoint.load_model(run, step, warn=_warn)
             return LoadedModel(model, tok, {**meta, "source": meta.get("source", str(run))})
         if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
-            return LoadedModel(*_as_meta(convert.read_hf_folder(p)))
+            return LoadedModel(*_as_meta(hf.read_hf_folder(p)))
         if (p / "ckpt.pt").is_file():
-            return LoadedModel(*_as_meta(convert.read_nanogpt(p / "ckpt.pt")))
+            return LoadedModel(*_as_meta(nanogpt.read_nanogpt(p / "ckpt.pt")))
         raise ConfigError(f"{p}: no weights found (expected checkpoints/ from jaxgpt, config.json + "
                           "model.safetensors or pytorch_model.bin from Hugging Face, or a nanoGPT ckpt.pt)")
     if HUB_NAME.match(str(path)) and not str(path).startswith("."):
-        return LoadedModel(*_as_meta(convert.read_hf_folder(_download(str(path)))))
+        return LoadedModel(*_as_meta(hf.read_hf_folder(_download(str(path)))))
     raise ConfigError(f"{path}: no such file or folder")
 
 

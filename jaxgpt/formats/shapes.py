@@ -11,8 +11,8 @@ header, without reading the data). `check_tensors` compares them, in this order:
 2. then, with the expected table now as small as the file, every tensor: missing, unexpected
    (named, with how many more) and of the wrong shape.
 
-What a format's tensors are called and shaped stays with the format (jaxgpt.convert's rename
-tables, the model's own parameter tree); this module only compares. One line per error, naming
+What a format's tensors are called and shaped stays with the format (the rename
+tables of jaxgpt.formats.hf and .llama, the model's own parameter tree); this module only compares. One line per error, naming
 the file: a ConfigError, which the CLIs print as `error: ...` with exit status 2.
 """
 

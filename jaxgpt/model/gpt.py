@@ -504,3 +504,18 @@ def count_params(model_or_state) -> int:
     lm_head is counted as its own parameters)."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
     return sum(x.size for x in jax.tree.leaves(state))
+
+
+# ---- a model from named weights (the file formats' loaders) -------------------------------------
+def param_path(dotted: str) -> tuple:
+    """'h.0.attn.c_attn.kernel' -> ('h', 0, 'attn', 'c_attn', 'kernel'), nnx's state path."""
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def model_with(cfg: GPTConfig, params: dict[tuple, np.ndarray]) -> GPT:
+    """A GPT of `cfg` whose parameters are `params` (path -> array), without a random init of the real size."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.set_value(jnp.asarray(params[path]))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

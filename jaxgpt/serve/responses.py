@@ -10,27 +10,11 @@ from __future__ import annotations
 import json
 import uuid
 
-from jaxgpt.serve.schemas import APIError, Context, GenRequest, _kind, parse_chat
+from jaxgpt.serve.schemas import APIError, Context, GenRequest, _kind, parse_chat, text_content
 
 # fields a Responses body carries that mean the same in a chat body
 _SAME = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "user", "seed",
          "presence_penalty", "frequency_penalty", "logit_bias")
-
-
-def _text_of(content, where: str) -> str:
-    """A message's content: a string, or a list of input_text / output_text parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(f"'{where}.content' must be a string or an array of text parts, got {_kind(content)}", "input")
-    out = []
-    for j, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text")
-                and isinstance(part.get("text"), str)):
-            raise APIError(f"'{where}.content[{j}]' must be {{\"type\": \"input_text\", \"text\": ...}} "
-                           "(this server reads text only)", "input")
-        out.append(part["text"])
-    return "".join(out)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -50,7 +34,7 @@ def _messages(body: dict) -> list[dict]:
         kind = it.get("type", "message") if isinstance(it, dict) else None
         if kind == "message" and it.get("role") in ("user", "system", "developer", "assistant"):
             role = "system" if it["role"] == "developer" else it["role"]
-            msgs.append({"role": role, "content": _text_of(it.get("content"), where)})
+            msgs.append({"role": role, "content": text_content(it.get("content"), f"{where}.content", ("input_text", "output_text", "text"), "input")})
         elif kind == "function_call":
             call = {"id": str(it.get("call_id") or it.get("id") or ""), "type": "function",
                     "function": {"name": it.get("name"), "arguments": it.get("arguments", "")}}
@@ -176,71 +160,91 @@ def from_chat(chat: dict, body: dict) -> dict:
                      output, chat["usage"], choice["finish_reason"])
 
 
+class _ResponseEvents:
+    """The typed events of one streamed response, made from the chat route's chunks: each method
+    returns the events (SSE strings) one part of a chunk makes, numbered in order."""
+
+    def __init__(self, body: dict):
+        self.body, self.seq, self.output = body, 0, []
+        self.text = None  # the message item being streamed: {"id", "index", "buf"}
+        self.rid = self.created = self.model = self.usage = self.finish = None
+
+    def ev(self, kind: str, **fields) -> str:
+        self.seq += 1
+        data = json.dumps({"type": kind, "sequence_number": self.seq - 1, **fields}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n"
+
+    def start(self, chunk: dict) -> list[str]:
+        self.rid = "resp_" + chunk["id"].removeprefix("chatcmpl-")
+        self.created, self.model = chunk["created"], chunk["model"]
+        empty = _response(self.rid, self.created, self.model, self.body, [], None, None)
+        return [self.ev("response.created", response=empty), self.ev("response.in_progress", response=empty)]
+
+    def text_delta(self, text: str) -> list[str]:
+        out = []
+        if self.text is None:
+            idx, iid = len(self.output), f"msg_{uuid.uuid4().hex[:24]}"
+            self.text = {"id": iid, "index": idx, "buf": ""}
+            out += [self.ev("response.output_item.added", output_index=idx, item=_message_item(iid, None, "in_progress")),
+                    self.ev("response.content_part.added", item_id=iid, output_index=idx, content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []})]
+        t = self.text
+        t["buf"] += text
+        return out + [self.ev("response.output_text.delta", item_id=t["id"], output_index=t["index"],
+                              content_index=0, delta=text, logprobs=[])]
+
+    def close_text(self) -> list[str]:
+        item, self.text = self.text, None
+        if item is None:
+            return []
+        full = _message_item(item["id"], item["buf"])
+        self.output.append(full)
+        at = dict(item_id=item["id"], output_index=item["index"], content_index=0)
+        return [self.ev("response.output_text.done", **at, text=item["buf"], logprobs=[]),
+                self.ev("response.content_part.done", **at, part=full["content"][0]),
+                self.ev("response.output_item.done", output_index=item["index"], item=full)]
+
+    def call(self, call: dict) -> list[str]:  # (a tool call arrives whole)
+        out = self.close_text()
+        item, idx = _call_item(call), len(self.output)
+        self.output.append(item)
+        return out + [
+            self.ev("response.output_item.added", output_index=idx, item={**item, "arguments": "", "status": "in_progress"}),
+            self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=idx, delta=item["arguments"]),
+            self.ev("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
+                    arguments=item["arguments"], name=item["name"]),
+            self.ev("response.output_item.done", output_index=idx, item=item)]
+
+    def end(self) -> list[str]:
+        out = self.close_text()
+        if self.rid is not None:
+            final = _response(self.rid, self.created, self.model, self.body, self.output, self.usage, self.finish or "stop")
+            out.append(self.ev("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                               response=final))
+        return out
+
+
 async def events(chat_sse, body: dict):
     """The Responses API's server-sent events for a stream of chat chunks (`chat_sse`: the
     `data: ...` strings of app._stream, which asked for usage in its last chunk)."""
-    seq = 0
-    state = {"output": [], "text": None, "finish": None, "usage": None}
-    rid = created = model = None
-
-    def ev(kind: str, **fields) -> str:
-        nonlocal seq
-        seq += 1
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq - 1, **fields}, ensure_ascii=False)}\n\n"
-
-    def close_text():
-        item = state["text"]
-        if item is None:
-            return []
-        state["text"] = None
-        full = _message_item(item["id"], item["buf"])
-        state["output"].append(full)
-        at = dict(item_id=item["id"], output_index=item["index"], content_index=0)
-        part = full["content"][0]
-        return [ev("response.output_text.done", **at, text=item["buf"], logprobs=[]),
-                ev("response.content_part.done", **at, part=part),
-                ev("response.output_item.done", output_index=item["index"], item=full)]
-
+    stream = _ResponseEvents(body)
     async for raw in chat_sse:
         data = raw.removeprefix("data: ").strip()
         if data == "[DONE]":
             break
         chunk = json.loads(data)
         if "error" in chunk:  # the engine failed on this request
-            yield ev("error", code=chunk["error"].get("code"), message=chunk["error"]["message"], param=None)
+            yield stream.ev("error", code=chunk["error"].get("code"), message=chunk["error"]["message"], param=None)
             return
-        if rid is None:
-            rid, created, model = "resp_" + chunk["id"].removeprefix("chatcmpl-"), chunk["created"], chunk["model"]
-            yield ev("response.created", response=_response(rid, created, model, body, [], None, None))
-            yield ev("response.in_progress", response=_response(rid, created, model, body, [], None, None))
-        state["usage"] = chunk.get("usage") or state["usage"]
+        out = stream.start(chunk) if stream.rid is None else []
+        stream.usage = chunk.get("usage") or stream.usage
         for c in chunk["choices"]:
-            delta = c["delta"]
-            if delta.get("content"):
-                if state["text"] is None:
-                    idx, iid = len(state["output"]), f"msg_{uuid.uuid4().hex[:24]}"
-                    state["text"] = {"id": iid, "index": idx, "buf": ""}
-                    yield ev("response.output_item.added", output_index=idx, item=_message_item(iid, None, "in_progress"))
-                    yield ev("response.content_part.added", item_id=iid, output_index=idx, content_index=0,
-                             part={"type": "output_text", "text": "", "annotations": []})
-                t = state["text"]
-                t["buf"] += delta["content"]
-                yield ev("response.output_text.delta", item_id=t["id"], output_index=t["index"], content_index=0,
-                         delta=delta["content"], logprobs=[])
-            for call in delta.get("tool_calls") or []:  # (each arrives whole)
-                for e in close_text():
-                    yield e
-                item, idx = _call_item(call), len(state["output"])
-                yield ev("response.output_item.added", output_index=idx, item={**item, "arguments": "", "status": "in_progress"})
-                yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=idx,
-                         delta=item["arguments"])
-                yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
-                         arguments=item["arguments"], name=item["name"])
-                yield ev("response.output_item.done", output_index=idx, item=item)
-                state["output"].append(item)
-            state["finish"] = c.get("finish_reason") or state["finish"]
-    for e in close_text():
+            if c["delta"].get("content"):
+                out += stream.text_delta(c["delta"]["content"])
+            for call in c["delta"].get("tool_calls") or []:
+                out += stream.call(call)
+            stream.finish = c.get("finish_reason") or stream.finish
+        for e in out:
+            yield e
+    for e in stream.end():
         yield e
-    if rid is not None:
-        final = _response(rid, created, model, body, state["output"], state["usage"], state["finish"] or "stop")
-        yield ev("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)

@@ -503,17 +503,24 @@ def _content(m: dict, i: int) -> str:
         if m.get("role") == "assistant":
             return ""
         raise APIError(f"'{param}' is required", param)
+    return text_content(c, param)
+
+
+def text_content(c, where: str, kinds: tuple[str, ...] = ("text",), param: str | None = None) -> str:
+    """A message's content as one string: a string, or an array of text parts (of a type in
+    `kinds`) joined; an APIError naming `where` (and the request field `param`) otherwise."""
+    param = param or where
     if isinstance(c, str):
         return c
-    if isinstance(c, list):
-        parts = []
-        for j, part in enumerate(c):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(f"'{param}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; "
-                               "this model reads text only", param)
-            parts.append(part["text"])
-        return "".join(parts)
-    raise APIError(f"'{param}' must be a string or an array of text parts, got {_kind(c)}", param)
+    if not isinstance(c, list):
+        raise APIError(f"'{where}' must be a string or an array of text parts, got {_kind(c)}", param)
+    parts = []
+    for j, part in enumerate(c):
+        if not (isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get("text"), str)):
+            raise APIError(f"'{where}[{j}]' must be a text part {{\"type\": \"{kinds[0]}\", \"text\": ...}}; "
+                           "this model reads text only", param)
+        parts.append(part["text"])
+    return "".join(parts)
 
 
 def _tool_calls(m: dict, i: int) -> list[dict] | None:

@@ -41,11 +41,11 @@ from flax import nnx
 
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
-from jaxgpt.config import ConfigError, OptimConfig, RunConfig
+from jaxgpt.config import ConfigError, RunConfig
 from jaxgpt.files import atomic_write
 from jaxgpt.decode.sample import bucket
-from jaxgpt.training.sft import (Encoded, RecordBatches, _portable, _prepare_out, _trainable_model, collate,
-                        load_base, load_json_records)
+from jaxgpt.data.records import Encoded, RecordBatches, collate, load_json_records
+from jaxgpt.training.tuning import TuningConfig, load_base, prepare_out, trainable_model
 from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 
 KIND = "dpo"
@@ -55,38 +55,25 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 
 @dataclass(frozen=True)
-class DPOConfig(OptimConfig, RunConfig):
+class DPOConfig(TuningConfig):
     """Every setting of a DPO run; `python -m jaxgpt.dpo` flags map onto these 1:1."""
 
-    ckpt: str | None = None  # the policy's starting point (and default reference)
     data: str | None = None  # preference records, JSON list or JSONL
     eval_data: str | None = None  # held-out preference records: eval_ rows
     ref: str | None = None  # reference model (default: ckpt, frozen)
     beta: float = 0.1
     loss: str = "sigmoid"
-    template: str | None = None  # chat records: None = the model's (templates.default_template)
     max_length: int | None = None  # longest prompt + completion in tokens (default: the context)
     epochs: int = 1
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0
-    lora_targets: str = "c_attn,c_proj,c_fc"
-    force: bool = False
-    # DPO defaults of the shared fields (TRL's: lr 1e-6, no weight decay)
-    out: str | None = None
-    seed: int = 123
+    # DPO defaults of the shared fields (max_iters None: --epochs over --data, 0: only evaluate;
+    # lr None: 1e-6 full, 5e-5 LoRA)
     batch_size: int = 8
-    max_iters: int | None = None  # None: --epochs over --data; 0: only evaluate
-    lr: float | None = None  # default: 1e-6 full, 5e-5 LoRA
-    warmup_iters: int = 0
-    weight_decay: float = 0.0
-    beta2: float = 0.999
     eval_interval: int = 50
-    log_interval: int = 1
     ckpt_interval: int = 100
-    steps_per_call: int = 1
 
     MIN_ITERS = 0
     RESUMABLE = RunConfig.RESUMABLE + ("force", "eval_data")
+    USAGE = "python -m jaxgpt.dpo BASE --data FILE --out DIR"
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,14 +81,10 @@ class DPOConfig(OptimConfig, RunConfig):
             raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.beta > 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
-        if self.template is not None:
-            templates.check_template(self.template)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max-length must be >= 2 tokens, got {self.max_length}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ConfigError(f"--lora-rank must be >= 1 (leave it out for full training), got {self.lora_rank}")
 
     @property
     def peak_lr(self) -> float:
@@ -293,9 +276,8 @@ def run_dpo(cfg: DPOConfig, log=log_stderr) -> dict:
 
     if not cfg.out:
         raise ConfigError("--out DIR is required (where checkpoints, metrics and the model go)")
-    if not cfg.ckpt:
-        raise ConfigError("name the base model: python -m jaxgpt.dpo BASE --data FILE --out DIR")
-    _prepare_out(cfg)
+    cfg.check_base()
+    prepare_out(cfg)
     resume_step = resume_point(cfg, KIND, "dpo_config")[0] if cfg.resume else 0
     mesh = setup_devices(cfg)
     lm = load_base(cfg)
@@ -311,7 +293,7 @@ def run_dpo(cfg: DPOConfig, log=log_stderr) -> dict:
     attach_ref(_reference(cfg, lm), train + held, cfg.batch_size, tok.eot_token, bar)
     bar.close()
 
-    model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, log)
+    model, wrt, adapted, n_train, n_total = trainable_model(cfg, lm.model, log)
     data = PairBatches(train, cfg.batch_size, cfg.seed, lm.config.block_size, tok.eot_token)
     total = cfg.epochs * data.steps_per_epoch if cfg.max_iters is None else cfg.max_iters
     meta = {"kind": KIND, "dpo_config": cfg.to_dict(), "model_config": lm.config.to_dict(),
@@ -342,10 +324,8 @@ def run_dpo(cfg: DPOConfig, log=log_stderr) -> dict:
     if run["stopped_by"] or total == 0 or not trainer.main:
         return summary
     if cfg.lora_rank:
-        lora.write_adapter(out, trainer.host_model(), {
-            "template": template, "base": _portable(cfg.ckpt), "rank": cfg.lora_rank,
-            "alpha": cfg.lora_alpha, "targets": lora.parse_targets(cfg.lora_targets),
-            "model_config": lm.config.to_dict(), "dpo": {"data": str(cfg.data), "steps": total}})
+        lora.write_adapter(out, trainer.host_model(), cfg.adapter_meta(
+            lm.config.to_dict(), template, dpo={"data": str(cfg.data), "steps": total}))
     atomic_write(out / "summary.json", json.dumps({**summary, "config": dataclasses.asdict(cfg)},
                                                   indent=2).encode())
     return summary

@@ -49,12 +49,14 @@ from flax import nnx
 
 from jaxgpt.model import lora
 from jaxgpt.tokenizers import templates
-from jaxgpt.config import ConfigError, OptimConfig, RunConfig
+from jaxgpt.config import ConfigError, RunConfig
 from jaxgpt.files import atomic_write
 from jaxgpt.decode.sampling import check_sampling
 from jaxgpt.decode.steps import bucket
+from jaxgpt.decode.batch import run_requests
 from jaxgpt.decode.engine import Engine, Request
-from jaxgpt.training.sft import _portable, _prepare_out, _trainable_model, load_base, load_json_records
+from jaxgpt.data.records import load_json_records
+from jaxgpt.training.tuning import TuningConfig, load_base, prepare_out, trainable_model
 from jaxgpt.training.trainer import Eval, Trainer, log_stderr, read_rows, resume_point, setup_devices
 
 KIND = "grpo"
@@ -62,10 +64,9 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
 @dataclass(frozen=True)
-class GRPOConfig(OptimConfig, RunConfig):
+class GRPOConfig(TuningConfig):
     """Every setting of a GRPO run; `python -m jaxgpt.grpo` flags map onto these 1:1."""
 
-    ckpt: str | None = None
     prompts: str | None = None  # JSON list / JSONL of {"prompt", ...columns}
     reward: str | None = None  # MODULE:FUNCTION[,MODULE:FUNCTION...]
     reward_weights: str | None = None  # comma-separated, one per function (default: all 1)
@@ -81,25 +82,14 @@ class GRPOConfig(OptimConfig, RunConfig):
     kl_correction: bool = True  # TRL's use_bias_correction_kl
     loss_type: str = "dapo"
     scale_rewards: str = "group"
-    template: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0
-    lora_targets: str = "c_attn,c_proj,c_fc"
-    force: bool = False
-    out: str | None = None
-    seed: int = 123
+    # GRPO defaults of the shared fields (lr None: 1e-6 full, 1e-5 LoRA)
     batch_size: int = 4  # prompts per step
     max_iters: int | None = 50
-    lr: float | None = None  # default: 1e-6 full, 1e-5 LoRA
-    warmup_iters: int = 0
-    weight_decay: float = 0.0
-    beta2: float = 0.999
     eval_interval: int = 25
-    log_interval: int = 1
     ckpt_interval: int = 50
-    steps_per_call: int = 1
 
     RESUMABLE = RunConfig.RESUMABLE + ("force", "eval_prompts")
+    USAGE = "python -m jaxgpt.grpo BASE --prompts FILE --reward MODULE:FUNCTION --out DIR"
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,10 +110,6 @@ class GRPOConfig(OptimConfig, RunConfig):
             raise ConfigError(f"--beta must be >= 0, got {self.beta}")
         if self.steps_per_call != 1 or self.grad_accum < 1:
             raise ConfigError("GRPO takes one optimizer step per call (each step samples with the current weights)")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ConfigError(f"--lora-rank must be >= 1, got {self.lora_rank}")
-        if self.template is not None:
-            templates.check_template(self.template)
 
     @property
     def peak_lr(self) -> float:
@@ -290,9 +276,7 @@ def rollout(model, prompts: list[Prompt], group: int, cfg: GRPOConfig, step: int
                                 top_k=None if greedy else cfg.top_k, top_p=None if greedy else cfg.top_p,
                                 seed=row_seed(cfg.seed, step, row), stop=() if eot is None else (eot,)))
     t0 = time.perf_counter()
-    for r in reqs:
-        engine.add(r)
-    engine.run()
+    run_requests(engine, reqs)
     return [list(r.tokens) for r in reqs], time.perf_counter() - t0
 
 
@@ -462,10 +446,9 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
     eval_completions.jsonl, summary.json)."""
     if not cfg.out:
         raise ConfigError("--out DIR is required (where checkpoints, metrics and the model go)")
-    if not cfg.ckpt:
-        raise ConfigError("name the base model: python -m jaxgpt.grpo BASE --prompts FILE --reward MODULE:FUNCTION --out DIR")
+    cfg.check_base()
     rewards = load_rewards(cfg.reward, cfg.reward_weights)
-    _prepare_out(cfg)
+    prepare_out(cfg)
     resume_step = resume_point(cfg, KIND, "grpo_config")[0] if cfg.resume else 0
     mesh = setup_devices(cfg)
     lm = load_base(cfg)
@@ -480,7 +463,7 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
     # the run's first lines wait for the first step's rewards: a bad reward function is then the only line
     early = [f"{len(prompts)} prompts, {cfg.batch_size} x {cfg.group_size} completions a step; rewards "
              + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards) + f"; loss {cfg.loss_type}, beta {cfg.beta}"]
-    model, wrt, adapted, n_train, n_total = _trainable_model(cfg, lm.model, early.append)
+    model, wrt, adapted, n_train, n_total = trainable_model(cfg, lm.model, early.append)
     meta = {"kind": KIND, "grpo_config": cfg.to_dict(), "model_config": lm.config.to_dict(),
             "tokenizer": tok.to_dict(), "source": f"grpo of {cfg.ckpt}", "template": template}
     trainer = Trainer(model, optim=dataclasses.replace(cfg, batch_size=cfg.rows), run=cfg,
@@ -518,10 +501,8 @@ def run_grpo(cfg: GRPOConfig, log=log_stderr) -> dict:
                              "after": completions[last_s][i]}, ensure_ascii=False) for i, p in enumerate(held)]
         atomic_write(out / "eval_completions.jsonl", ("\n".join(lines) + "\n").encode())
     if cfg.lora_rank:
-        lora.write_adapter(out, trainer.host_model(), {
-            "template": template, "base": _portable(cfg.ckpt), "rank": cfg.lora_rank,
-            "alpha": cfg.lora_alpha, "targets": lora.parse_targets(cfg.lora_targets),
-            "model_config": lm.config.to_dict(), "grpo": {"prompts": str(cfg.prompts), "steps": run["step"]}})
+        lora.write_adapter(out, trainer.host_model(), cfg.adapter_meta(
+            lm.config.to_dict(), template, grpo={"prompts": str(cfg.prompts), "steps": run["step"]}))
     atomic_write(out / "summary.json", json.dumps({**summary, "config": dataclasses.asdict(cfg)},
                                                   indent=2).encode())
     return summary

@@ -21,7 +21,6 @@ from jaxgpt.formats import checkpoint
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
 from jaxgpt.data.textfile import get_batch, prepare, step_rng
 from jaxgpt.model.gpt import GPT, count_params
-from jaxgpt.decode.sample import generate
 from jaxgpt.tokenizers.tokenizer import tokenizer_from_dict
 from jaxgpt.training.trainer import Eval, Sample, Trainer, read_rows, resume_point, setup_devices
 from jaxgpt.files import atomic_write, writing
@@ -62,22 +61,24 @@ def _init_from(cfg: TrainConfig):
 
 def sample_text(model, tok, n_tokens: int, seed: int) -> str:
     """A short sample from the model (temperature 0.8, top-k 200), starting from a newline (char)
-    or <|endoftext|> (gpt2), cut at <|endoftext|>.
+    or <|endoftext|> (gpt2), cut at <|endoftext|>, decoded by the one Engine (one slot).
 
-    Always decoded with the KV cache: past the context, the sample continues from its last
-    block_size/2 tokens in a new call (rather than re-running a full window for every token, as
-    the exact sliding window of `generate` does), so it costs about one decode step per token,
-    and every call of every sample of a run reuses one compiled program."""
+    Past the context, the sample continues from its last block_size/2 tokens as a new request
+    (rather than re-running a full window for every token, as an exact sliding window would), so
+    it costs about one decode step per token; the engine's programs are compiled once per run."""
+    from jaxgpt.decode.batch import run_requests
+    from jaxgpt.decode.engine import Engine, Request
+
     L, eot = model.config.block_size, tok.eot_token
     ids = [eot if eot is not None else tok.encode("\n")[0]]
     key = jax.random.key(seed)
+    engine = Engine(model, slots=1)
     while len(ids) - 1 < n_tokens:
         context = ids if len(ids) < L else ids[-(L // 2):]
         new = min(n_tokens - (len(ids) - 1), L - len(context))
-        out = generate(model, np.array([context]), new, key=jax.random.fold_in(key, len(ids)),
-                       temperature=0.8, top_k=200, eot=eot,
-                       min_prefill=L // 2 if n_tokens >= L else 16)  # continued: one program
-        row = np.asarray(out[0, len(context):]).tolist()
+        request = Request(context, new, temperature=0.8, top_k=200, seed=jax.random.fold_in(key, len(ids)),
+                          stop=(eot,) if eot is not None else ())
+        row = list(run_requests(engine, [request])[0].tokens)
         if eot is not None and eot in row:
             ids += row[:row.index(eot)]
             break
