@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,10 @@ def after_failed_write() -> None:
     """After an asynchronous checkpoint write failed (a full disk), orbax's other write tasks of
     that checkpoint fail the same way and asyncio logs each one ("Task exception was never
     retrieved", with a traceback) whenever it is collected, up to the process's exit. The error
-    that matters has been raised as a WriteError naming the checkpoint: silence the rest."""
+    that matters has been raised as a WriteError naming the checkpoint: silence the rest (and
+    the RuntimeWarning for its write coroutines that were never awaited, printed at exit)."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _closed_loop_callback(exc_type, exc, tb) -> bool:
@@ -310,9 +313,20 @@ def save_model(out: str | Path, model: GPT, tokenizer_dict: dict | None,
     params = nnx.state(model, nnx.Param)
     with atomic_dir(out, force) as tmp:
         mngr = manager(tmp, keep=1)
-        mngr.save(meta["step"], args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
-        mngr.wait_until_finished()
+        # a full disk fails several of orbax's write tasks at once: the first is raised (a
+        # WriteError, by atomic_dir); asyncio would log the others with tracebacks when they are
+        # collected, at any moment up to exit, so it stays quiet unless the save succeeds
+        log = logging.getLogger("asyncio")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            mngr.save(meta["step"], args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
+            mngr.wait_until_finished()
+        except Exception:
+            after_failed_write()
+            raise
+        log.setLevel(level)
         mngr.close()
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))  # human-readable copy, as train
     return Path(out)
