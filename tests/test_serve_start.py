@@ -165,6 +165,32 @@ def test_blockwise_attention_equals_the_full_forward(kv_heads):
 
 
 @pytest.mark.slow
+def test_whole_context_cache_only_within_its_memory_budget(monkeypatch):
+    """A long-context engine keeps one whole-length cache (one compiled step) while it fits in
+    ENGINE_FIXED_CACHE_BYTES; with more slots it grows from 16 positions instead of taking
+    slots x context at once (48 slots of SmolLM2's 8,192 would be 18 GB); the tokens are equal."""
+    from jaxgpt.decode import engine as engine_mod
+    cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=BLOCKWISE_FROM + 100,
+                    vocab_size=97, position="rope")
+    model = GPT(cfg)
+    one_slot = engine_mod._cache_bytes(cfg, 1, cfg.block_size)
+    assert one_slot == 2 * 2 * 2 * 8 * cfg.block_size * 4 + 4  # layers x (k, v) x kv heads x head dim x positions x f32, + index
+    monkeypatch.setattr(engine_mod, "ENGINE_FIXED_CACHE_BYTES", 2 * one_slot)
+    fixed, grown = Engine(model, slots=2), Engine(model, slots=3)
+    assert fixed.capacities == [cfg.block_size] and not fixed.grow
+    assert grown.grow and grown.capacities[0] == 16 and grown.capacities[-1] == cfg.block_size
+    assert Engine(model, slots=3, grow=False).capacities == [cfg.block_size]
+    outs = []
+    for engine in (fixed, grown):
+        reqs = [Request(list(range(3, 3 + n)), 5, temperature=0.0) for n in (4, 11)]
+        for r in reqs:
+            engine.add(r)
+        engine.run()
+        outs.append([r.tokens for r in reqs])
+    assert outs[0] == outs[1] and grown.cache["k"][0].shape[1] == 16
+
+
+@pytest.mark.slow
 def test_engine_serves_while_it_compiles_in_the_background(hf):
     """Shapes compile in a thread; meanwhile a prefill uses a compiled one that fits (a longer
     padding, fewer prompts per call) and the tokens are those of an engine compiled up front;

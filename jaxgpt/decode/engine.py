@@ -90,6 +90,15 @@ class Request:
 
 
 ENGINE_MIN_CACHE = 16  # the Engine's shortest cache (it doubles from there up to max_len)
+# The most memory a whole-length cache may take (see Engine.capacities): SmolLM2's 8,192 positions
+# take 46 KB each per slot, so 48 slots of it would be 18 GB; past this the cache grows instead.
+ENGINE_FIXED_CACHE_BYTES = 4 << 30
+
+
+def _cache_bytes(config, slots: int, max_len: int) -> int:
+    """The bytes of a KV cache of `slots` rows of `max_len` positions (from shapes: nothing made)."""
+    shapes = jax.eval_shape(lambda: init_cache(config, slots, max_len))
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
 def _slot_cache(config, slots: int, max_len: int, place):
@@ -171,8 +180,9 @@ class Engine:
     returns [(slot, token)]; a row that finishes frees its slot at once, `release(slot)` ends one
     early. Rows start and finish at different steps; each has its own position, settings and
     random stream. A cache of BLOCKWISE_FROM positions or more has its whole length from the
-    start and is attended only as far as its rows are filled (`capacities` is [max_len]); a
-    shorter one, or any with `grow=True`, grows with the longest live row (powers of two from
+    start and is attended only as far as its rows are filled (`capacities` is [max_len]) when it
+    fits in ENGINE_FIXED_CACHE_BYTES (or `grow=False`); a shorter one, a bigger one, or any with
+    `grow=True`, grows with the longest live row (powers of two from
     ENGINE_MIN_CACHE up to `max_len`; see _fit_cache). Shapes are fixed by `slots`, those
     capacities and power-of-two buckets of the prompt length and of the number of prompts
     prefilled together (`shapes`), so after `warmup()` (or once every bucket has been seen)
@@ -186,13 +196,13 @@ class Engine:
     """
 
     def __init__(self, model, slots: int = 1, *, max_len: int | None = None,
-                 fast_decode: bool | None = None, adapters: Sequence[dict] = (), grow: bool = False):
+                 fast_decode: bool | None = None, adapters: Sequence[dict] = (), grow: bool | None = None):
         if slots < 1:
             raise ConfigError(f"an engine needs at least one slot, got {slots}")
         self.config = model.config
         self.slots = int(slots)
         self.max_len = min(int(max_len or self.config.block_size), self.config.block_size)
-        self.grow = grow
+        self.grow = grow if grow is not None else _cache_bytes(self.config, self.slots, self.max_len) > ENGINE_FIXED_CACHE_BYTES
         model, self.screen = decode_model(model, fast_decode, screen_rows=self.slots == 1)
         self.n_adapters = len(adapters)
         if adapters:  # (on a twin: the caller's model is left as it is)
