@@ -203,6 +203,8 @@ def smollm2_impls(args, hf, jx, path) -> list[Impl]:
     """jaxgpt float32 / int8, HF generate and llama.cpp (Q4_1, the same file) for --model smollm2."""
     impls = [jaxgpt_impl("jaxgpt float32", jx, 4, True), jaxgpt_impl("jaxgpt int8", quantize_model(jx), 1, False)]
     impls += unfenced_impls(args, jx)
+    if args.rollout:
+        impls.append(rollout_impl(jx))
     if not args.no_hf:
         impls.append(hf_impl(hf, args.threads, pad=hf.config.eos_token_id))
     layer, head = llama_weight_params(jx.config)
@@ -303,6 +305,21 @@ def engine_impl(name, model, bytes_per_param, grammar=None) -> Impl:
         assert all(len(r.tokens) == new for r in reqs)
         return np.asarray([r.tokens for r in reqs])
     return Impl(name, run, bytes_per_param, float32=grammar is None, prefill=False, compiles=True)
+
+
+def rollout_impl(model) -> Impl:
+    """GRPO's rollouts (jaxgpt.training.grpo.rollout: a fresh Engine per call, as each training
+    step makes one for its new weights, a row per completion seeded by (seed, step, row)), on
+    the float32 model: sampled with the table's settings, greedy as its held-out evaluation."""
+    from jaxgpt.training import grpo
+
+    def run(prompt, new, sampled):
+        cfg = grpo.GRPOConfig(max_new_tokens=new, **(SAMPLING if sampled else {}))
+        prompts = [grpo.Prompt(row.tolist(), "", {}, False) for row in prompt]
+        tokens, _ = grpo.rollout(model, prompts, 1, cfg, step=0, eot=None, greedy=not sampled)
+        assert all(len(t) == new for t in tokens)
+        return np.asarray(tokens)
+    return Impl("GRPO rollout (float32)", run, 4, False, prefill=False, compiles=True)
 
 
 def constrained_impls(jx) -> list[Impl]:
@@ -578,6 +595,9 @@ def parse_args(argv=None):
                    help="add the slot engine's rows, free and grammar-constrained (xgrammar)")
     p.add_argument("--constrained-only", action="store_true",
                    help="only those two rows (and no prefill rows)")
+    p.add_argument("--rollout", action="store_true",
+                   help="add 'GRPO rollout (float32)': jaxgpt.training.grpo.rollout's batched decode (a fresh "
+                        "Engine per call), beside jaxgpt float32's generate at the same batch (issue 29)")
     p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)  # int8 rows are always on now
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a 2-layer shape, for the tests
     p.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2",
@@ -603,6 +623,8 @@ def make_impls(args, hf, jx, tmp: str) -> list[Impl]:
                                  max_batch=args.no_cache_max_batch, generate_kw=dict(use_cache=False)))
     if args.constrained:
         impls += constrained_impls(jx)
+    if args.rollout:
+        impls.append(rollout_impl(jx))
     hf_dir = os.path.join(tmp, "hf")
     if not args.no_peers or args.llama_cpp:
         export_hf(hf, hf_dir)

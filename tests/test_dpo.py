@@ -163,6 +163,8 @@ def test_dpo_one_step_matches_trl(models, tmp_path):
     r = run_cli("jaxgpt.dpo", policy, "--ref", ref, "--data", data, "--out", tmp_path / "o", "--lr", "1e-3",
                 "--batch-size", "8", "--max-iters", "1", "--grad-clip", "0", "--beta", "0.2", "--no-progress")
     assert r.returncode == 0, r.stderr
+    train = [x for x in map(json.loads, (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) if "train_loss" in x]
+    assert "pairs_per_s" in train[-1] and "tokens_per_s" not in train[-1]  # (the loss is a mean over pairs)
     trl = trl_trainer(policy, ref, data, "sigmoid", 0.2, tmp_path / "trl", learning_rate=1e-3, max_steps=1,
                       lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, adam_beta2=0.999)
     trl.train()

@@ -93,6 +93,10 @@ ENGINE_MIN_CACHE = 16  # the Engine's shortest cache (it doubles from there up t
 # The most memory a whole-length cache may take (see Engine.capacities): SmolLM2's 8,192 positions
 # take 46 KB each per slot, so 48 slots of it would be 18 GB; past this the cache grows instead.
 ENGINE_FIXED_CACHE_BYTES = 4 << 30
+# A prompt whose own prefill program is not compiled goes in chunks of this many tokens through
+# one program per cache length (Engine._chunk_next), so a server compiles only the step and it
+# before it answers (a prompt up to this long is one chunk).
+ENGINE_CHUNK = 64
 
 
 def _cache_bytes(config, slots: int, max_len: int) -> int:
@@ -145,6 +149,28 @@ def _engine_insert(cache, new, slots):
     put = lambda c, r: c.at[rows].set(_pad_positions(r, S), mode="drop")
     return {"k": list(map(put, cache["k"], new["k"])), "v": list(map(put, cache["v"], new["v"])),
             "index": cache["index"].at[slots].set(new["index"], mode="drop")}
+
+
+@partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _engine_chunk(graphdef, state, cache, ids, slot, start, n, key_data, temperature, top_k, top_p,
+                  want_lp, adapter, screen, mask=None, bias=None):
+    """Prefill one chunk of a long prompt straight into the engine's cache: ids [1, C] (the first
+    n real) at positions start.. of slot `slot`'s rows, which hold the prompt's earlier chunks;
+    the row's first token from position start + n - 1 (used after the last chunk). One program
+    per cache length, whatever the prompt's length (Engine._chunk_next)."""
+    model = nnx.merge(graphdef, state)
+    C = ids.shape[1]
+    lora.set_adapter_rows(model, jnp.repeat(adapter, C))
+    H = cache["k"][0].shape[0] // cache["index"].shape[0]  # cache rows per slot (KV heads)
+    take = lambda c: jax.lax.dynamic_slice_in_dim(c, slot * H, H, axis=0)  # [H, S, D]
+    row = {"k": list(map(take, cache["k"])), "v": list(map(take, cache["v"])), "index": start}
+    x, row = model(ids, cache=row, logits_at=n - 1, hidden=True)  # x [1, C]
+    put = lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot * H, axis=0)
+    cache = {"k": list(map(put, cache["k"], row["k"])), "v": list(map(put, cache["v"], row["v"])),
+             "index": cache["index"].at[slot].set(start + n)}
+    keys = position_keys(jax.random.wrap_key_data(key_data), start[None] + n)
+    tok = next_tokens(model, x, keys, temperature, top_k, top_p, screen, mask, bias)
+    return (tok, token_logprobs(model, x, tok, want_lp)), cache
 
 
 _grow_slots = jax.jit(grow_cache, static_argnames="max_len")
@@ -217,6 +243,7 @@ class Engine:
         N = self.slots
         self.requests: list[Request | None] = [None] * N
         self._pending: list[int] = []  # slots added, not yet prefilled
+        self._chunking: dict[int, int] = {}  # slots prefilled a chunk per step: next position
         self._tokens = np.zeros(N, np.int32)  # each slot's last token
         self._key_data = np.zeros((N, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         self._temperature = np.zeros(N, np.float32)
@@ -375,6 +402,7 @@ class Engine:
         self._clear_adjustments(slot)
         if slot in self._pending:
             self._pending.remove(slot)
+        self._chunking.pop(slot, None)
 
     # -- decoding --
     def _settings(self, rows):
@@ -430,11 +458,15 @@ class Engine:
         """(how many of the pending `slots` to prefill now, G, Tb): all of them at their own
         buckets when that program is compiled; else, while shapes still compile in the
         background, the most of them a compiled program takes (a prompt padded up to 4x
-        further), the rest at a later step; (0, ..) when none fits (its program is wanted now)."""
+        further), the rest at a later step; (0, ..) when none fits (its program is wanted now;
+        meanwhile they go in chunks if the engine can chunk), or when the engine can chunk and
+        no warm-up runs (then it never compiles a prefill in the middle of serving)."""
         Tb = self._prompt_bucket(slots)
         G = bucket(len(slots), cap=self.slots, lo=1)
-        if not self._background or self._ready(G, Tb, S):
+        if self._ready(G, Tb, S):
             return len(slots), G, Tb
+        if not self._background:
+            return (0, G, Tb) if self._can_chunk() else (len(slots), G, Tb)
         for t in (t for t in self.prompt_lengths if Tb <= t <= 4 * Tb and t <= S):
             for g in sorted({bucket(i, cap=self.slots, lo=1) for i in range(1, len(slots) + 1)}, reverse=True):
                 if self._ready(g, t, S):
@@ -470,12 +502,18 @@ class Engine:
             for s in range(self.slots):  # (the rows it held are lost)
                 self.release(s)
         events: list[tuple[int, int]] = []
-        running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending]
+        running = [s for s, r in enumerate(self.requests)
+                   if r is not None and s not in self._pending and s not in self._chunking]
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
         n, G, Tb = self._prefill_shape(self._pending, self.cache["k"][0].shape[1]) if self._pending else (0, 0, 0)
-        if self._pending and not n and not running:  # nothing else to do: compile it here
+        if self._pending and not n and self._can_chunk():  # its program compiles: go in chunks
+            self._chunking.update((s, 0) for s in self._pending)
+            self._pending = []
+        elif self._pending and not n and not running and not self._chunking:  # compile it here
             n, G, Tb = len(self._pending), bucket(len(self._pending), cap=self.slots, lo=1), \
                 self._prompt_bucket(self._pending)
+        if self._chunking:
+            self._chunk_next(events)
         if n:
             slots, self._pending = self._pending[:n], self._pending[n:]
             self._prefill_rows(slots, events, G, Tb)
@@ -491,6 +529,39 @@ class Engine:
                 if self.requests[s] is not None:  # (an on_token callback may have released it)
                     self._emit_row(s, int(tok[s]), events, lp, s)
         return events
+
+    def _can_chunk(self) -> bool:
+        """Whether a prompt can go in chunks (_chunk_next): a cache of one fixed length, a whole
+        number of chunks, whose chunk program is compiled."""
+        S = self.capacities[0]
+        return len(self.capacities) == 1 and S % ENGINE_CHUNK == 0 and ("chunk", S) in self.compiled
+
+    def _chunk_next(self, events: list) -> None:
+        """Prefill the next ENGINE_CHUNK tokens of the first chunking row (one chunk per step,
+        so running rows keep decoding between them); after its last chunk the row has its first
+        token and runs. A failure ends that row alone."""
+        slot, start = next(iter(self._chunking.items()))
+        prompt = self.requests[slot].prompt
+        part = prompt[start:start + ENGINE_CHUNK]
+        ids = np.zeros((1, ENGINE_CHUNK), np.int32)
+        ids[0, :len(part)] = part
+        rows = np.array([slot], np.int32)
+        adjust = self._adjustments([slot], rows)
+        try:
+            with self._first_call(_adjusted(("chunk", self.capacities[0]), adjust)):
+                (tok, lp), self.cache = _engine_chunk(
+                    self.graphdef, self.state, self.cache, ids, np.int32(slot), np.int32(start),
+                    np.int32(len(part)), *self._settings(rows), self.screen, *adjust)
+        except Exception as e:
+            if self.cache["index"].is_deleted():
+                raise
+            self._fail(slot, e)
+            return
+        if start + ENGINE_CHUNK < len(prompt):
+            self._chunking[slot] = start + ENGINE_CHUNK
+            return
+        del self._chunking[slot]
+        self._emit_row(slot, int(np.asarray(tok)[0]), events, _host(lp, self._want_lp[rows]), 0)
 
     def _prefill_rows(self, slots: list[int], events: list, G: int, Tb: int) -> None:
         """Prefill `slots` together (as G prompts of Tb) and emit their first tokens. If that fails, each is tried
@@ -526,6 +597,7 @@ class Engine:
 
     def shapes(self, max_prompt: int | None = None, first: int | None = None) -> list[tuple]:
         """The compiled programs this engine can meet, as keys ("step", S), ("grow", S, S2),
+        ("chunk", S) (a long prompt in chunks, with a cache of one length S: _chunk_next),
         ("prefill", G, Tb), ("insert", S, G, Tb) (G prompts padded to Tb, a cache of S), in the
         order worth having them: every step and growth, then one prompt at a time from the
         `first` padded length up and down, then G prompts at once. `max_prompt`: prompts up to
@@ -536,6 +608,8 @@ class Engine:
         lengths = [t for t in lengths if t >= start] + [t for t in lengths if t < start][::-1]
         caps = self.capacities
         out = [("step", S) for S in caps] + [("grow", a, b) for a in caps for b in caps if b > a]
+        if len(caps) == 1 and caps[0] % ENGINE_CHUNK == 0:
+            out.append(("chunk", caps[0]))
         for G in sorted({bucket(g, cap=self.slots, lo=1) for g in range(1, self.slots + 1)}):
             for Tb in lengths:
                 out += [("prefill", G, Tb)] + [("insert", S, G, Tb) for S in caps if S >= Tb]
@@ -560,6 +634,11 @@ class Engine:
                                None, None).compile()  # (no grammar mask, no bias: as step() calls it)
         elif kind == "grow":
             _grow_slots.lower(cache(shape[0]), shape[1]).compile()
+        elif kind == "chunk":
+            one = np.zeros(1, np.int32)
+            _engine_chunk.lower(self.graphdef, self.state, cache(shape[0]), np.zeros((1, ENGINE_CHUNK), np.int32),
+                                np.int32(0), np.int32(0), np.int32(1), *self._settings(one), self.screen,
+                                None, None).compile()
         elif kind == "prefill":
             G, Tb = shape
             _engine_prefill.lower(self.graphdef, self.state, np.zeros((G, Tb), np.int32), np.ones(G, np.int32),

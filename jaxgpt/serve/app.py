@@ -139,12 +139,15 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
         shapes = engine.shapes(warmup_prompt, first=FIRST_PROMPT)
         Tb = bucket(min(FIRST_PROMPT, warmup_prompt or FIRST_PROMPT), cap=engine.max_len)
         first = shapes
-        if background:  # the step (and growths), one prompt of up to FIRST_PROMPT tokens
-            first = [k for k in shapes if k[0] in ("step", "grow") or k[1:] == (1, Tb) or k[2:] == (1, Tb)]
+        if background:  # the step (and growths) and the chunked prefill (any prompt, a chunk per
+            # step, until its own program is compiled); without chunks one prompt of <= FIRST_PROMPT
+            chunks = any(k[0] == "chunk" for k in shapes)
+            first = [k for k in shapes if k[0] in ("step", "grow", "chunk")
+                     or (not chunks and (k[1:] == (1, Tb) or k[2:] == (1, Tb)))]
         log(f"compiling the engine for {max_batch} slots of {engine.max_len} positions "
             f"({len(first)} of its {len(shapes)} programs now, kept in the compilation cache)...")
         engine.warmup(shapes=first)
-        # the eager bits of a request (its key, the logprobs path), once, in a compiled prefill
+        # the eager bits of a request (its key, the logprobs path), once, in a compiled prefill (or chunk)
         prompt = [0] * (Tb // 2 + 1 if Tb > 16 else 1)
         for a in range(len(weights) + 1):
             engine.add(EngineRequest(prompt[:engine.max_len - 2], 2, seed=seed_key(1, 1), logprobs=1, adapter=a))

@@ -235,6 +235,7 @@ def make_loss(beta: float, loss: str):
         return total, n, {"loss": (jax.lax.stop_gradient(total), n),
                           **{k: ((m * v).sum(), n) for k, m in metrics.items()}}
 
+    dpo_loss.counts = "pairs"  # the loss is a mean over pairs: the trainer logs pairs_per_s
     return dpo_loss
 
 

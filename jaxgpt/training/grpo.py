@@ -369,6 +369,7 @@ def make_loss(cfg: GRPOConfig):
                           loss_type=cfg.loss_type, max_new=cfg.max_new_tokens,
                           kl_correction=cfg.kl_correction)
 
+    grpo_loss.counts = "completions" if cfg.loss_type == "grpo" else "tokens"  # (the loss's denominator)
     return grpo_loss
 
 

@@ -168,6 +168,9 @@ class Trainer:
                  meta: dict, wrt=nnx.Param, loss_fn: LossFn = lm_loss, log=log_stderr):
         self.optim, self.run, self.total_steps, self.mesh, self.meta = optim, run, total_steps, mesh, meta
         self.flops_per_token = flops_per_token(model.config, count_params(model))
+        # what the loss's count counts (its mean's denominator): the name of the logged rate,
+        # {counts}_per_s; "tokens" (the LM losses) also gives the MFU column
+        self.counts = getattr(loss_fn, "counts", "tokens")
         self.peak = parallel.peak_flops(model.config.dtype)  # None: no MFU column
         self.main = parallel.is_main()  # only process 0 logs and writes run files
         self.log = log if self.main else (lambda msg: None)
@@ -407,8 +410,8 @@ class Trainer:
         if step % run.log_interval == 0:
             tps = st["tokens"] / self.timers["steps"] if st["steps"] else 0.0
             row = {"step": step, "train_loss": st["last_loss"], "lr": float(m["lr"][-1]),
-                   "grad_norm": float(m["grad_norm"][-1]), "tokens_per_s": round(tps, 1)}
-            if self.peak:  # model FLOPs/s over the devices' peak
+                   "grad_norm": float(m["grad_norm"][-1]), f"{self.counts}_per_s": round(tps, 1)}
+            if self.peak and self.counts == "tokens":  # model FLOPs/s over the devices' peak
                 row["mfu"] = round(tps * self.flops_per_token / self.peak, 4)
             row.update({k[2:]: float(v[-1]) for k, v in m.items() if k.startswith("x/")})
             if row_extras is not None:
