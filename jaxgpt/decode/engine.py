@@ -4,7 +4,8 @@ sample, chat, SFT/GRPO rollouts, the harness and the server.
 `add` prefills a request into a free slot, `step` advances every active row by one token in one
 jitted call (rows at different positions, each with its own sampling settings, random stream,
 LoRA adapter and grammar mask), finished rows free their slot, a callback per emitted token
-streams it. Built from the rest of `jaxgpt.decode`: sampling (token picking), fast (the CPU
+streams it. A long prompt whose prefill program is not compiled yet goes into its row's cache a
+chunk per step (the server's warm-up compiles only the step and that). Built from the rest of `jaxgpt.decode`: sampling (token picking), fast (the CPU
 decode copy and int8 head screen), steps (prefill, decode_step, next_tokens, the cache
 buckets); `generate` (decode/generate.py) is the fused offline decoder on the same steps, and
 decode/batch.py runs many requests through an Engine.
@@ -96,7 +97,7 @@ ENGINE_FIXED_CACHE_BYTES = 4 << 30
 # A prompt whose own prefill program is not compiled goes in chunks of this many tokens through
 # one program per cache length (Engine._chunk_next), so a server compiles only the step and it
 # before it answers (a prompt up to this long is one chunk).
-ENGINE_CHUNK = 64
+ENGINE_CHUNK = 128
 
 
 def _cache_bytes(config, slots: int, max_len: int) -> int:
