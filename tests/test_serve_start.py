@@ -169,7 +169,9 @@ def test_long_prompt_goes_in_chunks_while_its_program_compiles():
     """While the background warm-up has not compiled a long prompt's prefill, the prompt goes
     into the cache ENGINE_CHUNK tokens per step through the one chunk program (compiled with the
     step), the running row keeps decoding between chunks, and every row's tokens (greedy, and
-    a seeded sampled one) equal those of an engine with every program compiled."""
+    a seeded sampled one) equal those of an engine with every program compiled. A prompt with a
+    logit bias (or a grammar) goes in chunks through its own chunk program, which warm-up
+    compiles with the biased step: nothing compiles while they serve."""
     from collections import deque
     from jaxgpt.decode.engine import ENGINE_CHUNK
     cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=BLOCKWISE_FROM + 2 * ENGINE_CHUNK,
@@ -179,18 +181,19 @@ def test_long_prompt_goes_in_chunks_while_its_program_compiles():
     long = [rng.randint(0, 97, 300).tolist(), rng.randint(0, 97, 2 * ENGINE_CHUNK).tolist()]
     def reqs():
         return [Request(long[0], 6, temperature=0.0), Request([5, 6, 7], 12, temperature=0.0),
-                Request(long[1], 6, temperature=0.9, top_k=20, seed=3)]
+                Request(long[1], 6, temperature=0.9, top_k=20, seed=3),
+                Request([9, 8, 7, 6], 5, temperature=0.0, logit_bias={11: 4.0}, presence_penalty=0.5)]
     def run(engine):
         rs, seen = reqs(), []
         engine.add(rs[1])
         engine.step()
-        engine.add(rs[0]), engine.add(rs[2])
+        engine.add(rs[3]), engine.add(rs[0]), engine.add(rs[2])
         while engine.busy:
             engine.step()
             seen.append((len(rs[0].tokens), len(rs[1].tokens)))
         return [r.tokens for r in rs], seen
-    want, _ = run(Engine(model, slots=3))
-    engine = Engine(model, slots=3)
+    want, _ = run(Engine(model, slots=4))
+    engine = Engine(model, slots=4)
     assert engine.capacities == [cfg.block_size] and ("chunk", cfg.block_size) in engine.shapes()
     first = [k for k in engine.shapes() if k[0] in ("step", "chunk") or (1, 16) in (k[1:], k[2:])]
     engine.warmup(shapes=first)
@@ -198,8 +201,9 @@ def test_long_prompt_goes_in_chunks_while_its_program_compiles():
     with xla_compiles() as compiles:
         got, seen = run(engine)
     assert got == want and compiles == []
-    # the 300-token prompt's first token after its last chunk; the short row decoded all the while
-    n = -(-300 // ENGINE_CHUNK)
+    # the biased prompt's one chunk, then the 300-token prompt's: its first token after its last
+    # chunk; the short row decoded all the while
+    n = 1 + -(-300 // ENGINE_CHUNK)
     assert [b for _, b in seen[:n]] == list(range(2, 2 + n)) and [a for a, _ in seen[n - 2:n]] == [0, 1]
 
 

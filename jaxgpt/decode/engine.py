@@ -503,6 +503,7 @@ class Engine:
             for s in range(self.slots):  # (the rows it held are lost)
                 self.release(s)
         events: list[tuple[int, int]] = []
+        self._chunk_adjusted()
         running = [s for s, r in enumerate(self.requests)
                    if r is not None and s not in self._pending and s not in self._chunking]
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
@@ -531,11 +532,21 @@ class Engine:
                     self._emit_row(s, int(tok[s]), events, lp, s)
         return events
 
-    def _can_chunk(self) -> bool:
+    def _can_chunk(self, slot: int | None = None) -> bool:
         """Whether a prompt can go in chunks (_chunk_next): a cache of one fixed length, a whole
-        number of chunks, whose chunk program is compiled."""
+        number of chunks, whose chunk program is compiled (for `slot`: the one with its grammar
+        mask / logit bias, if it has them)."""
         S = self.capacities[0]
-        return len(self.capacities) == 1 and S % ENGINE_CHUNK == 0 and ("chunk", S) in self.compiled
+        flags = () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
+        return len(self.capacities) == 1 and S % ENGINE_CHUNK == 0 and ("chunk", S, *flags) in self.compiled
+
+    def _chunk_adjusted(self) -> None:
+        """Pending prompts with a grammar mask or a logit bias go in chunks when their chunk
+        program is compiled (warm-up compiles it; their prefill programs it does not)."""
+        rows = [s for s in self._pending if (self._matchers[s] is not None or self._biased[s]) and self._can_chunk(s)]
+        if rows:
+            self._chunking.update((s, 0) for s in rows)
+            self._pending = [s for s in self._pending if s not in rows]
 
     def _chunk_next(self, events: list) -> None:
         """Prefill the next ENGINE_CHUNK tokens of the first chunking row (one chunk per step,
@@ -611,6 +622,9 @@ class Engine:
         out = [("step", S) for S in caps] + [("grow", a, b) for a in caps for b in caps if b > a]
         if len(caps) == 1 and caps[0] % ENGINE_CHUNK == 0:
             out.append(("chunk", caps[0]))
+            # a row with a grammar mask and/or a logit bias runs other programs (_adjusted): its
+            # step, and its prompt in chunks (step() sends such prompts there)
+            out += [(k, caps[0], *f) for f in (("mask",), ("bias",), ("mask", "bias")) for k in ("step", "chunk")]
         for G in sorted({bucket(g, cap=self.slots, lo=1) for g in range(1, self.slots + 1)}):
             for Tb in lengths:
                 out += [("prefill", G, Tb)] + [("insert", S, G, Tb) for S in caps if S >= Tb]
@@ -629,17 +643,22 @@ class Engine:
             lambda: {**init_cache(self.config, rows or self.slots, S),
                      "index": jnp.zeros((rows or self.slots,), jnp.int32)}))
         kind, *shape = key
+        flags = [x for x in shape if isinstance(x, str)]  # ("mask", "bias"): see _adjusted
+        shape = [x for x in shape if not isinstance(x, str)]
+        V = self.config.vocab_size
+        adjust = lambda n: (np.zeros((n, -(-V // 32)), np.int32) if "mask" in flags else None,
+                            np.zeros((n, V), np.float32) if "bias" in flags else None)
         if kind == "step":
             _engine_step.lower(self.graphdef, self.state, cache(shape[0]), self._tokens,
                                np.zeros(self.slots, bool), *self._settings(slice(None)), self.screen,
-                               None, None).compile()  # (no grammar mask, no bias: as step() calls it)
+                               *adjust(self.slots)).compile()
         elif kind == "grow":
             _grow_slots.lower(cache(shape[0]), shape[1]).compile()
         elif kind == "chunk":
             one = np.zeros(1, np.int32)
             _engine_chunk.lower(self.graphdef, self.state, cache(shape[0]), np.zeros((1, ENGINE_CHUNK), np.int32),
                                 np.int32(0), np.int32(0), np.int32(1), *self._settings(one), self.screen,
-                                None, None).compile()
+                                *adjust(1)).compile()
         elif kind == "prefill":
             G, Tb = shape
             _engine_prefill.lower(self.graphdef, self.state, np.zeros((G, Tb), np.int32), np.ones(G, np.int32),

@@ -142,7 +142,8 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
         if background:  # the step (and growths) and the chunked prefill (any prompt, a chunk per
             # step, until its own program is compiled); without chunks one prompt of <= FIRST_PROMPT
             chunks = any(k[0] == "chunk" for k in shapes)
-            first = [k for k in shapes if k[0] in ("step", "grow", "chunk")
+            plain = lambda k: all(isinstance(x, int) for x in k[1:])  # (grammar / bias variants: later)
+            first = [k for k in shapes if (k[0] in ("step", "grow", "chunk") and plain(k))
                      or (not chunks and (k[1:] == (1, Tb) or k[2:] == (1, Tb)))]
         log(f"compiling the engine for {max_batch} slots of {engine.max_len} positions "
             f"({len(first)} of its {len(shapes)} programs now, kept in the compilation cache)...")
