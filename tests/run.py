@@ -9,7 +9,7 @@ their threads, compiled programs and several GB; two tiers' worth of that in one
 twice inside XLA (never in a file run alone). A file per process keeps each file's world its
 own, and two at a time use both cores of a small machine while the other waits on a compile or
 a subprocess. Longest files start first (the durations of the last run, kept in
-.pytest_cache/jaxgpt-run.json, else file size). Each file's output goes to a log; a failing
+.pytest_cache/jaxgpt-run.json, else those in tests/durations.json, else file size). Each file's output goes to a log; a failing
 file's tail is printed at the end. A test that hangs is stopped by pytest-timeout after 900 s
 (pyproject.toml) with every thread's stack in the log; a file that outlives --file-timeout is
 killed and counts as failed. Exit status 0 only if every file passed.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY = REPO / ".pytest_cache" / "jaxgpt-run.json"
+SHIPPED = REPO / "tests" / "durations.json"  # a full run's seconds per file, for a fresh clone
 
 
 def parse_args(argv):
@@ -46,10 +47,14 @@ def parse_args(argv):
 
 
 def longest_first(files):
-    try:
-        last = json.loads(HISTORY.read_text())
-    except (OSError, ValueError):
-        last = {}
+    """Longest files first (this checkout's last full run, else tests/durations.json, else size),
+    so the longest does not start last and run alone at the end."""
+    last = {}
+    for path in (SHIPPED, HISTORY):
+        try:
+            last.update(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
     return sorted(files, key=lambda f: (-last.get(f.name, -1), -f.stat().st_size))
 
 
