@@ -5,9 +5,9 @@ sample, chat, SFT/GRPO rollouts, the harness and the server.
 jitted call (rows at different positions, each with its own sampling settings, random stream,
 LoRA adapter and grammar mask), finished rows free their slot, a callback per emitted token
 streams it. A long prompt whose prefill program is not compiled yet goes into its row's cache a
-chunk per step (the server's warm-up compiles only the step and that). Built from the rest of `jaxgpt.decode`: sampling (token picking), fast (the CPU
-decode copy and int8 head screen), steps (prefill, decode_step, next_tokens, the cache
-buckets); `generate` (decode/generate.py) is the fused offline decoder on the same steps, and
+chunk per step (the server's warm-up compiles only the step and that). Built from the rest of
+`jaxgpt.decode`: sampling (token picking), fast (the CPU decode copy and int8 head screen),
+steps (prefill, decode_step, next_tokens, the cache buckets); `generate` (decode/generate.py) is the fused offline decoder on the same steps, and
 decode/batch.py runs many requests through an Engine.
 
 Random streams: the token at position t of a row is drawn with fold_in(row_key, t), where the
@@ -509,8 +509,7 @@ class Engine:
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
         n, G, Tb = self._prefill_shape(self._pending, self.cache["k"][0].shape[1]) if self._pending else (0, 0, 0)
         if self._pending and not n and self._can_chunk():  # its program compiles: go in chunks
-            self._chunking.update((s, 0) for s in self._pending)
-            self._pending = []
+            self._to_chunks(self._pending)
         elif self._pending and not n and not running and not self._chunking:  # compile it here
             n, G, Tb = len(self._pending), bucket(len(self._pending), cap=self.slots, lo=1), \
                 self._prompt_bucket(self._pending)
@@ -543,10 +542,13 @@ class Engine:
     def _chunk_adjusted(self) -> None:
         """Pending prompts with a grammar mask or a logit bias go in chunks when their chunk
         program is compiled (warm-up compiles it; their prefill programs it does not)."""
-        rows = [s for s in self._pending if (self._matchers[s] is not None or self._biased[s]) and self._can_chunk(s)]
-        if rows:
-            self._chunking.update((s, 0) for s in rows)
-            self._pending = [s for s in self._pending if s not in rows]
+        self._to_chunks([s for s in self._pending
+                         if (self._matchers[s] is not None or self._biased[s]) and self._can_chunk(s)])
+
+    def _to_chunks(self, rows: list[int]) -> None:
+        """Move pending `rows` to the chunked prefill, from their first position."""
+        self._chunking.update((s, 0) for s in rows)
+        self._pending = [s for s in self._pending if s not in rows]
 
     def _chunk_next(self, events: list) -> None:
         """Prefill the next ENGINE_CHUNK tokens of the first chunking row (one chunk per step,
