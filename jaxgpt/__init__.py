@@ -13,7 +13,10 @@ The package in rooms (imports point one way, down this list):
   config, losses, optim, parallel, runtime   small shared pieces
 """
 
+from jaxgpt import runtime as _runtime
 from jaxgpt.config import ConfigError, GPTConfig, TrainConfig
+
+_runtime.set_cpu_xla_flags()  # (before JAX starts its backend: XLA reads XLA_FLAGS once)
 
 __all__ = ["GPT", "GPTConfig", "TrainConfig", "ConfigError", "count_params", "init_cache",
            "generate", "get_tokenizer", "train", "load", "LoadedModel"]

@@ -39,6 +39,19 @@ def test_gpt2_preset_has_124m_params_and_hf_shapes():
     assert "lm_head" not in p  # the head is tied to wte
 
 
+@pytest.mark.parametrize("cfg", [GPTConfig.gpt2(), GPTConfig.smollm2_135m(), GPTConfig.baby_llama(),
+                                 GPTConfig.gpt2(quant="int8", quant_embedding=True)],
+                         ids=["gpt2", "smollm2", "baby_llama", "gpt2-int8"])
+def test_abstract_model_is_the_traced_init_without_its_random_draws(cfg):
+    # GPT.abstract (what the loaders fill) stands in a key source for nnx.Rngs: the same module
+    # tree and the same shapes and dtypes as tracing the real init
+    traced_def, traced = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+    def_, state = nnx.split(GPT.abstract(cfg))
+    assert def_ == traced_def
+    as_shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(s))
+    assert as_shapes(state) == as_shapes(traced)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,n", [("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080)])
 def test_larger_presets_param_counts(name, n):

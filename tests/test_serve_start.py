@@ -208,6 +208,62 @@ def test_long_prompt_goes_in_chunks_while_its_program_compiles():
 
 
 @pytest.mark.slow
+def test_prompts_go_through_the_step_until_the_chunk_program_is_compiled():
+    """With only the decode step compiled (the server's warm-up) and the rest still compiling in
+    the background, a prompt goes into its row's cache a token per step through the step itself
+    (a biased one through its biased step), the running row decoding all the while, nothing
+    compiles, and every row's tokens equal an engine compiled up front; once the chunk program
+    is compiled, the rest of a long prompt goes in chunks (the last one ending within the cache)."""
+    from collections import deque
+    from jaxgpt.decode.engine import ENGINE_CHUNK
+    cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=BLOCKWISE_FROM + 2 * ENGINE_CHUNK,
+                    vocab_size=97, position="rope")
+    model = GPT(cfg)
+    rng = np.random.RandomState(1)
+    long = rng.randint(0, 97, cfg.block_size - 10).tolist()  # (its last chunk would end past the cache)
+    def reqs():
+        return [Request([5, 6, 7], 30, temperature=0.0), Request(rng_prompt, 6, temperature=0.9, top_k=20, seed=3),
+                Request([9, 8, 7, 6], 5, temperature=0.0, logit_bias={11: 4.0}, presence_penalty=0.5),
+                Request(long, 4, temperature=0.0)]
+    rng_prompt = rng.randint(0, 97, 21).tolist()
+    want = reqs()
+    ref = Engine(model, slots=4)
+    for r in want:
+        ref.add(r)
+    ref.run()
+    engine = Engine(model, slots=4)
+    S = cfg.block_size
+    engine.warmup(shapes=[("step", S), ("step", S, "bias")])
+    engine._background = deque(k for k in engine.shapes() if k not in engine.compiled)  # (none compiles)
+    got, lens = reqs(), []
+    engine.add(got[0])
+    with xla_compiles() as compiles:
+        engine.step()
+        engine.add(got[1]), engine.add(got[2])
+        while got[1].finish_reason is None or got[2].finish_reason is None:
+            engine.step()
+            lens.append([len(r.tokens) for r in got[:3]])
+    assert compiles == [] and [r.tokens for r in got[1:3]] == [r.tokens for r in want[1:3]]
+    # a token per step: the 3-token prompt's first token at the 3rd step (then one per step,
+    # while the others feed), the 21-token one's after 21 steps, the 4-token one's after 4
+    assert [n[0] for n in lens] == [0] + list(range(1, len(lens)))
+    assert [n[1] for n in lens[:22]] == [0] * 20 + [1, 2] and [n[2] for n in lens[:5]] == [0, 0, 0, 1, 2]
+    engine.add(got[3])
+    for _ in range(3):  # three of the long prompt's tokens by the step, then the chunk program is there
+        engine.step()
+    assert engine._feeding == {engine.requests.index(got[3]): 3}
+    engine.compile(("chunk", S))
+    engine.step()
+    assert list(engine._chunking.values()) == [4]
+    engine.run()
+    assert got[3].tokens == want[3].tokens and got[0].tokens == want[0].tokens
+    # the cache the step and the chunks left holds the prompt where it belongs
+    H = cfg.kv_heads
+    rows = lambda e, r: np.asarray(e.cache["k"][1][r.slot * H:(r.slot + 1) * H, :len(long)])
+    np.testing.assert_allclose(rows(engine, got[3]), rows(ref, want[3]), atol=1e-4)
+
+
+@pytest.mark.slow
 def test_whole_context_cache_only_within_its_memory_budget(monkeypatch):
     """A long-context engine keeps one whole-length cache (one compiled step) while it fits in
     ENGINE_FIXED_CACHE_BYTES; with more slots it grows from 16 positions instead of taking

@@ -5,7 +5,8 @@ sample, chat, SFT/GRPO rollouts, the harness and the server.
 jitted call (rows at different positions, each with its own sampling settings, random stream,
 LoRA adapter and grammar mask), finished rows free their slot, a callback per emitted token
 streams it. A long prompt whose prefill program is not compiled yet goes into its row's cache a
-chunk per step (the server's warm-up compiles only the step and that). Built from the rest of
+chunk per step, or, before the chunk program is compiled too, a token per step through the decode
+step itself (the server's warm-up compiles only the step, the rest in the background). Built from the rest of
 `jaxgpt.decode`: sampling (token picking), fast (the CPU decode copy and int8 head screen),
 steps (prefill, decode_step, next_tokens, the cache buckets); `generate` (decode/generate.py) is the fused offline decoder on the same steps, and
 decode/batch.py runs many requests through an Engine.
@@ -245,6 +246,7 @@ class Engine:
         self.requests: list[Request | None] = [None] * N
         self._pending: list[int] = []  # slots added, not yet prefilled
         self._chunking: dict[int, int] = {}  # slots prefilled a chunk per step: next position
+        self._feeding: dict[int, int] = {}  # slots prefilled a token per decode step: next position
         self._tokens = np.zeros(N, np.int32)  # each slot's last token
         self._key_data = np.zeros((N, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         self._temperature = np.zeros(N, np.float32)
@@ -404,6 +406,7 @@ class Engine:
         if slot in self._pending:
             self._pending.remove(slot)
         self._chunking.pop(slot, None)
+        self._feeding.pop(slot, None)
 
     # -- decoding --
     def _settings(self, rows):
@@ -466,7 +469,7 @@ class Engine:
         G = bucket(len(slots), cap=self.slots, lo=1)
         if self._ready(G, Tb, S):
             return len(slots), G, Tb
-        if not self._background:
+        if self._background is None:  # (not: the last one compiling, the queue empty)
             return (0, G, Tb) if self._can_chunk() else (len(slots), G, Tb)
         for t in (t for t in self.prompt_lengths if Tb <= t <= 4 * Tb and t <= S):
             for g in sorted({bucket(i, cap=self.slots, lo=1) for i in range(1, len(slots) + 1)}, reverse=True):
@@ -474,6 +477,8 @@ class Engine:
                     return min(g, len(slots)), g, t
         for key in (("prefill", 1, Tb), ("insert", S, 1, Tb)):  # the least that serves: next
             self._want(key, urgent=True)
+        if ("chunk", S) in self._chunk_keys():  # before them, the chunk program: meanwhile the
+            self._want(("chunk", S), urgent=True)  # prompt goes a token per step, then in chunks
         return 0, G, Tb
 
     def _prefill(self, slots: list[int], G: int, Tb: int) -> tuple:
@@ -504,13 +509,15 @@ class Engine:
                 self.release(s)
         events: list[tuple[int, int]] = []
         self._chunk_adjusted()
-        running = [s for s, r in enumerate(self.requests)
-                   if r is not None and s not in self._pending and s not in self._chunking]
+        running = [s for s, r in enumerate(self.requests) if r is not None and s not in self._pending
+                   and s not in self._chunking and s not in self._feeding]
         self._fit_cache(running, self._prompt_bucket(self._pending))  # (none pending: the smallest)
         n, G, Tb = self._prefill_shape(self._pending, self.cache["k"][0].shape[1]) if self._pending else (0, 0, 0)
         if self._pending and not n and self._can_chunk():  # its program compiles: go in chunks
             self._to_chunks(self._pending)
-        elif self._pending and not n and not running and not self._chunking:  # compile it here
+        elif self._pending and not n and self._can_feed():  # so does the chunk program: by the step
+            self._to_feeding(self._pending)
+        elif self._pending and not n and not running and not self._chunking and not self._feeding:  # compile it here
             n, G, Tb = len(self._pending), bucket(len(self._pending), cap=self.slots, lo=1), \
                 self._prompt_bucket(self._pending)
         if self._chunking:
@@ -518,32 +525,68 @@ class Engine:
         if n:
             slots, self._pending = self._pending[:n], self._pending[n:]
             self._prefill_rows(slots, events, G, Tb)
-        if running:
-            active = np.zeros(self.slots, bool)
-            active[running] = True
-            adjust = self._adjustments(running, slice(None))
-            with self._first_call(_adjusted(("step", self.cache["k"][0].shape[1]), adjust)):
-                (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
-                                                     active, *self._settings(slice(None)), self.screen, *adjust)
-            tok, lp = np.asarray(tok), _host(lp, self._want_lp)
-            for s in running:
-                if self.requests[s] is not None:  # (an on_token callback may have released it)
-                    self._emit_row(s, int(tok[s]), events, lp, s)
+        if running or self._feeding:
+            self._step_rows(running, events)
         return events
+
+    def _step_rows(self, running: list[int], events: list) -> None:
+        """One decode step: each running row's next token, and each feeding row's next prompt
+        token into the cache (its sampled token is used only after its last prompt token)."""
+        fed = list(self._feeding)
+        for s in fed:
+            self._tokens[s] = self.requests[s].prompt[self._feeding[s]]
+        active = np.zeros(self.slots, bool)
+        active[running + fed] = True
+        adjust = self._adjustments(running + fed, slice(None))
+        with self._first_call(_adjusted(("step", self.cache["k"][0].shape[1]), adjust)):
+            (tok, lp), self.cache = _engine_step(self.graphdef, self.state, self.cache, self._tokens,
+                                                 active, *self._settings(slice(None)), self.screen, *adjust)
+        tok, lp = np.asarray(tok), _host(lp, self._want_lp)
+        for s in running:
+            if self.requests[s] is not None:  # (an on_token callback may have released it)
+                self._emit_row(s, int(tok[s]), events, lp, s)
+        for s in fed:
+            self._feeding[s] += 1
+            if self._feeding[s] == len(self.requests[s].prompt):
+                del self._feeding[s]
+                self._emit_row(s, int(tok[s]), events, lp, s)
+            elif self._can_chunk(s):  # the chunk program is compiled now: the rest in chunks
+                self._chunking[s] = self._feeding.pop(s)
 
     def _can_chunk(self, slot: int | None = None) -> bool:
         """Whether a prompt can go in chunks (_chunk_next): a cache of one fixed length, a whole
         number of chunks, whose chunk program is compiled (for `slot`: the one with its grammar
         mask / logit bias, if it has them)."""
-        S = self.capacities[0]
         flags = () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
-        return len(self.capacities) == 1 and S % ENGINE_CHUNK == 0 and ("chunk", S, *flags) in self.compiled
+        return any((*key, *flags) in self.compiled for key in self._chunk_keys())
 
     def _chunk_adjusted(self) -> None:
         """Pending prompts with a grammar mask or a logit bias go in chunks when their chunk
-        program is compiled (warm-up compiles it; their prefill programs it does not)."""
-        self._to_chunks([s for s in self._pending
-                         if (self._matchers[s] is not None or self._biased[s]) and self._can_chunk(s)])
+        program is compiled (warm-up compiles it; their prefill programs it does not), else a
+        token per step while their step program is compiled and the chunk one is not yet."""
+        adjusted = [s for s in self._pending if self._matchers[s] is not None or self._biased[s]]
+        self._to_chunks([s for s in adjusted if self._can_chunk(s)])
+        self._to_feeding([s for s in adjusted if s in self._pending and self._can_feed(s)])
+
+    def _can_feed(self, slot: int | None = None) -> bool:
+        """Whether a prompt can go a token per step through the decode step: while the warm-up
+        compiles in the background (an engine without one compiles the prompt's prefill once
+        instead), with a cache of one fixed length whose step program (for `slot`: the one with
+        its grammar mask / logit bias) is compiled."""
+        S = self.capacities[0]
+        flags = () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
+        return self._background is not None and len(self.capacities) == 1 and ("step", S, *flags) in self.compiled
+
+    def _to_feeding(self, rows: list[int]) -> None:
+        """Move pending `rows` to the prefill through the decode step, from position 0: their
+        cache positions are reset on the host (a transfer, nothing to compile)."""
+        if not rows:
+            return
+        index = np.array(self.cache["index"])
+        index[rows] = 0
+        self.cache = {**self.cache, "index": jax.device_put(index, self._place)}
+        self._feeding.update((s, 0) for s in rows)
+        self._pending = [s for s in self._pending if s not in rows]
 
     def _to_chunks(self, rows: list[int]) -> None:
         """Move pending `rows` to the chunked prefill, from their first position."""
@@ -555,6 +598,9 @@ class Engine:
         so running rows keep decoding between them); after its last chunk the row has its first
         token and runs. A failure ends that row alone."""
         slot, start = next(iter(self._chunking.items()))
+        # a row that came from the step (_step_rows) may be at any position: its last chunk must
+        # end within the cache, so it starts earlier, writing again positions it already holds
+        start = min(start, self.capacities[0] - ENGINE_CHUNK)
         prompt = self.requests[slot].prompt
         part = prompt[start:start + ENGINE_CHUNK]
         ids = np.zeros((1, ENGINE_CHUNK), np.int32)
@@ -622,8 +668,8 @@ class Engine:
         lengths = [t for t in lengths if t >= start] + [t for t in lengths if t < start][::-1]
         caps = self.capacities
         out = [("step", S) for S in caps] + [("grow", a, b) for a in caps for b in caps if b > a]
-        if len(caps) == 1 and caps[0] % ENGINE_CHUNK == 0:
-            out.append(("chunk", caps[0]))
+        out += self._chunk_keys()
+        if self._chunk_keys():
             # a row with a grammar mask and/or a logit bias runs other programs (_adjusted): its
             # step, and its prompt in chunks (step() sends such prompts there)
             out += [(k, caps[0], *f) for f in (("mask",), ("bias",), ("mask", "bias")) for k in ("step", "chunk")]
@@ -631,6 +677,12 @@ class Engine:
             for Tb in lengths:
                 out += [("prefill", G, Tb)] + [("insert", S, G, Tb) for S in caps if S >= Tb]
         return out
+
+    def _chunk_keys(self) -> list[tuple]:
+        """[("chunk", S)] if prompts can go in chunks into this engine's cache (one fixed
+        length S, a whole number of chunks), else []."""
+        S = self.capacities[0]
+        return [("chunk", S)] if len(self.capacities) == 1 and S % ENGINE_CHUNK == 0 else []
 
     def compile(self, key: tuple) -> None:
         """Compile the program of `key` (see `shapes`) ahead of time, from shapes only: nothing
@@ -689,10 +741,17 @@ class Engine:
         for key in self.shapes(max_prompt) if shapes is None else shapes:
             self.compile(key)
 
+    def queue_background(self, shapes: Sequence[tuple]) -> None:
+        """The shapes warmup_in_background will compile: from now on the engine serves as while
+        they compile (a prompt whose program is not ready goes through a compiled one), before
+        the thread starts (so the caller's first requests compile nothing in this thread)."""
+        self._background = deque(k for k in shapes if k not in self.compiled) or None
+
     def warmup_in_background(self, shapes: Sequence[tuple], log=None) -> threading.Thread:
-        """Compile `shapes` in a thread while the engine serves. Meanwhile a prefill whose program
-        is not ready yet uses a compiled one that fits (more padding, fewer prompts per call) or
-        waits for its own, which then compiles next (the step never waits: its programs are
+        """Compile `shapes` in a thread while the engine serves (until the last is compiled, as
+        queue_background says). Meanwhile a prefill whose program is not ready yet uses a compiled one that fits
+        (more padding, fewer prompts per call), goes in chunks or a token per step (_can_feed),
+        or waits for its own, which then compiles next (the step never waits: its programs are
         compiled before). `log(done, total, seconds)` after each."""
         self._background = deque(k for k in shapes if k not in self.compiled)
         total, t0 = len(self._background), time.perf_counter()

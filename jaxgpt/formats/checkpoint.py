@@ -278,13 +278,13 @@ def load_model(out: str | Path, step: int | None = None, warn=None):
     built = {}
 
     def expected():
-        built["abstract"] = nnx.eval_shape(lambda: GPT(config))
+        built["abstract"] = GPT.abstract(config)
         return state_shapes(nnx.state(built["abstract"]))
 
     saved = saved_shapes(where / "params")
     if saved is not None:
         check_tensors(config.n_layer, saved, expected, str(where), "its model_config")
-    abstract = built.get("abstract") or nnx.eval_shape(lambda: GPT(config))
+    abstract = built.get("abstract") or GPT.abstract(config)
     graphdef, abstract_params = nnx.split(abstract)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -72,7 +72,7 @@ def model_from_llama_tensors(cfg: GPTConfig, tensors: dict[str, np.ndarray], sou
     """A Llama-family GPT from HF LlamaForCausalLM-named tensors; every tensor accounted for."""
     named = _llama_named(cfg, tensors)
     check_tensors(cfg.n_layer, {k: np.shape(v) for k, v in named.items()}, lambda: llama_shapes(cfg), source)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg)))
+    graphdef, state = nnx.split(GPT.abstract(cfg))
     shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(state)}
     params = {}
     for e in llama_rename_table(cfg):

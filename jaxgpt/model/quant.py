@@ -203,7 +203,7 @@ def quantize_model(model, embedding: bool = True, activations: str | None = None
         activations = "auto" if model.config.family == "gpt2" else "int8x2"
     qcfg = dataclasses.replace(model.config, quant="int8", quant_embedding=bool(embedding),
                                quant_activations=activations)
-    graphdef, qstate = nnx.split(nnx.eval_shape(lambda: type(model)(qcfg)))  # shapes only, no allocation
+    graphdef, qstate = nnx.split(type(model).abstract(qcfg))  # shapes only, no allocation
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # nested dict of float arrays
     for i in range(qcfg.n_layer):
         block = pure["h"][i]

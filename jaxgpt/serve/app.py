@@ -138,24 +138,27 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     if warmup:
         shapes = engine.shapes(warmup_prompt, first=FIRST_PROMPT)
         Tb = bucket(min(FIRST_PROMPT, warmup_prompt or FIRST_PROMPT), cap=engine.max_len)
-        first = shapes
-        if background:  # the step (and growths) and the chunked prefill (any prompt, a chunk per
-            # step, until its own program is compiled); without chunks one prompt of <= FIRST_PROMPT
-            chunks = any(k[0] == "chunk" for k in shapes)
+        first, feeds = shapes, False
+        if background:  # the step (and growths); with a cache of one length, prompts go a token
+            # per step through it until the chunk program (the background's first) is compiled,
+            # then in chunks until their own; else one prompt of <= FIRST_PROMPT is compiled too
+            feeds = len(engine.capacities) == 1
             plain = lambda k: all(isinstance(x, int) for x in k[1:])  # (grammar / bias variants: later)
-            first = [k for k in shapes if (k[0] in ("step", "grow", "chunk") and plain(k))
-                     or (not chunks and (k[1:] == (1, Tb) or k[2:] == (1, Tb)))]
+            first = [k for k in shapes if (k[0] in ("step", "grow") and plain(k))
+                     or (not feeds and (k[1:] == (1, Tb) or k[2:] == (1, Tb)))]
         log(f"compiling the engine for {max_batch} slots of {engine.max_len} positions "
             f"({len(first)} of its {len(shapes)} programs now, kept in the compilation cache)...")
         engine.warmup(shapes=first)
-        # the eager bits of a request (its key, the logprobs path), once, in a compiled prefill (or chunk)
-        prompt = [0] * (Tb // 2 + 1 if Tb > 16 else 1)
+        rest = [k for k in shapes if k not in engine.compiled]
+        engine.queue_background(rest)  # (the request below then goes where requests will go)
+        # the eager bits of a request (its key, the logprobs path), once, in a compiled program:
+        # before the background starts, so that nothing else compiles at the same time
+        prompt = [0] * (1 if background and feeds else Tb // 2 + 1 if Tb > 16 else 1)
         for a in range(len(weights) + 1):
             engine.add(EngineRequest(prompt[:engine.max_len - 2], 2, seed=seed_key(1, 1), logprobs=1, adapter=a))
             engine.run()
         log(f"engine: {max_batch} slots, context {engine.max_len}, ready in {time.perf_counter() - t:.1f} s")
-        rest = [k for k in shapes if k not in engine.compiled]
-        if rest:
+        if rest:  # (in the order of `shapes`: the request above asked for its own prefill first)
             warming = engine.warmup_in_background(rest, log=_progress(log, len(rest)))
     created = int(time.time())
     shown = {k: v for k, v in defaults.as_dict().items() if k != "source"}
