@@ -21,13 +21,13 @@ MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc
 
 
 # XLA's CPU backend compiles each program through LLVM at its optimisation level 3 by default. At
-# level 1 the programs compiled 20-35% faster and ran as fast (the products are library calls
-# either way): SmolLM2's decode step 11.6 -> 9.5 s to compile, its chunked prefill 11.9 -> 7.5 s,
-# the 8-row step 148 -> 122 ms; 128 greedy tokens 30.1 -> 34.2 tokens/s float32, 67.5 -> 70.8 int8
-# (experiments/PERF.md "XLA's optimisation level"). Level 0 compiles faster still but runs the
-# elementwise loops unvectorised (the 8-row step 228 ms). Set only where no GPU / TPU plugin is
-# installed (the level applies to their compilers too), and only if XLA_FLAGS does not name it;
-# JAXGPT_XLA_TUNING=0 turns it off.
+# level 1 the programs compiled up to ~20% faster and ran as fast (the products are library calls
+# either way): `python experiments/bench_xla_opt.py` (SmolLM2, processes alternated, medians): its
+# chunked prefill 9.0 -> 7.0 s to compile, the decode step 8.9 -> 8.5 s, 128 greedy tokens 31.6 ->
+# 34.4 tokens/s float32, 71.1 -> 72.8 int8 (experiments/PERF.md "XLA's optimisation level").
+# Level 0 compiles faster still but runs the elementwise loops unvectorised (an 8-row step 1.5x
+# slower). Set only where no GPU / TPU plugin is installed (the level applies to their compilers
+# too), and only if XLA_FLAGS does not name it; JAXGPT_XLA_TUNING=0 turns it off.
 CPU_XLA_FLAGS = "--xla_backend_optimization_level=1"
 ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
 

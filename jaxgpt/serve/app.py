@@ -92,8 +92,9 @@ def build_service(ckpt: str, adapters=(), *, int8: bool = False, max_batch: int 
     with `max_batch` slots of `max_len` positions (default: the model's context), compile the
     shapes it can meet (`warmup`; prompts up to `warmup_prompt` tokens only, if given) and start
     the scheduler. With `background` only what a first request needs is compiled before this
-    returns (the decode step, one prompt of up to FIRST_PROMPT tokens at a time); the rest
-    compiles in a thread while the server answers (Service.warming). `limits`: the per-request
+    returns (the decode step, through which prompts go a token per step until the chunk program
+    is compiled; with a growing cache also one prompt of up to FIRST_PROMPT tokens at a time);
+    the rest compiles in a thread while the server answers (Service.warming). `limits`: the per-request
     caps (schemas.Limits; checked here, ConfigError naming the flag). `sampling`: the server's
     default temperature / top_p / top_k / max_tokens flags (None: the model's, jaxgpt.serve.defaults)."""
     from flax import nnx
