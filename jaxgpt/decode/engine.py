@@ -5,11 +5,12 @@ sample, chat, SFT/GRPO rollouts, the harness and the server.
 jitted call (rows at different positions, each with its own sampling settings, random stream,
 LoRA adapter and grammar mask), finished rows free their slot, a callback per emitted token
 streams it. A long prompt whose prefill program is not compiled yet goes into its row's cache a
-chunk per step, or, before the chunk program is compiled too, a token per step through the decode
-step itself (the server's warm-up compiles only the step, the rest in the background). Built from the rest of
-`jaxgpt.decode`: sampling (token picking), fast (the CPU decode copy and int8 head screen),
-steps (prefill, decode_step, next_tokens, the cache buckets); `generate` (decode/generate.py) is the fused offline decoder on the same steps, and
-decode/batch.py runs many requests through an Engine.
+chunk per step, or, before the chunk program is compiled too, a token per step through the
+decode step itself (the server's warm-up compiles only the step, the rest in the background).
+Built from the rest of `jaxgpt.decode`: sampling (token picking), fast (the CPU decode copy and
+int8 head screen), steps (prefill, decode_step, next_tokens, the cache buckets); `generate`
+(decode/generate.py) is the fused offline decoder on the same steps, and decode/batch.py runs
+many requests through an Engine.
 
 Random streams: the token at position t of a row is drawn with fold_in(row_key, t), where the
 row's key comes from its own seed (Engine) or from (key, row index) (generate); so a seeded
@@ -557,8 +558,12 @@ class Engine:
         """Whether a prompt can go in chunks (_chunk_next): a cache of one fixed length, a whole
         number of chunks, whose chunk program is compiled (for `slot`: the one with its grammar
         mask / logit bias, if it has them)."""
-        flags = () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
-        return any((*key, *flags) in self.compiled for key in self._chunk_keys())
+        return any((*key, *self._row_flags(slot)) in self.compiled for key in self._chunk_keys())
+
+    def _row_flags(self, slot: int | None) -> tuple:
+        """The key flags of `slot`'s programs (see _adjusted): ("mask",) for a grammar, ("bias",)
+        for a logit bias; () for a plain row or slot None."""
+        return () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
 
     def _chunk_adjusted(self) -> None:
         """Pending prompts with a grammar mask or a logit bias go in chunks when their chunk
@@ -574,8 +579,8 @@ class Engine:
         instead), with a cache of one fixed length whose step program (for `slot`: the one with
         its grammar mask / logit bias) is compiled."""
         S = self.capacities[0]
-        flags = () if slot is None else _adjusted((), (self._matchers[slot], self._biased[slot] or None))
-        return self._background is not None and len(self.capacities) == 1 and ("step", S, *flags) in self.compiled
+        return (self._background is not None and len(self.capacities) == 1
+                and ("step", S, *self._row_flags(slot)) in self.compiled)
 
     def _to_feeding(self, rows: list[int]) -> None:
         """Move pending `rows` to the prefill through the decode step, from position 0: their
@@ -668,8 +673,9 @@ class Engine:
         lengths = [t for t in lengths if t >= start] + [t for t in lengths if t < start][::-1]
         caps = self.capacities
         out = [("step", S) for S in caps] + [("grow", a, b) for a in caps for b in caps if b > a]
-        out += self._chunk_keys()
-        if self._chunk_keys():
+        chunk = self._chunk_keys()
+        out += chunk
+        if chunk:
             # a row with a grammar mask and/or a logit bias runs other programs (_adjusted): its
             # step, and its prompt in chunks (step() sends such prompts there)
             out += [(k, caps[0], *f) for f in (("mask",), ("bias",), ("mask", "bias")) for k in ("step", "chunk")]
@@ -748,13 +754,13 @@ class Engine:
         self._background = deque(k for k in shapes if k not in self.compiled) or None
 
     def warmup_in_background(self, shapes: Sequence[tuple], log=None) -> threading.Thread:
-        """Compile `shapes` in a thread while the engine serves (until the last is compiled, as
-        queue_background says). Meanwhile a prefill whose program is not ready yet uses a compiled one that fits
-        (more padding, fewer prompts per call), goes in chunks or a token per step (_can_feed),
-        or waits for its own, which then compiles next (the step never waits: its programs are
-        compiled before). `log(done, total, seconds)` after each."""
-        self._background = deque(k for k in shapes if k not in self.compiled)
-        total, t0 = len(self._background), time.perf_counter()
+        """Compile `shapes` in a thread while the engine serves (queue_background: until the last
+        is compiled). Meanwhile a prefill whose program is not ready yet uses a compiled one that
+        fits (more padding, fewer prompts per call), goes in chunks or a token per step
+        (_can_feed), or waits for its own, which then compiles next (the step never waits: its
+        programs are compiled before). `log(done, total, seconds)` after each."""
+        self.queue_background(shapes)
+        total, t0 = len(self._background or ()), time.perf_counter()
 
         def work():
             done = 0
