@@ -53,6 +53,37 @@ def run_cli(module: str, *args, env=None, timeout=600, **kw) -> subprocess.Compl
                           input=kw.get("input"))
 
 
+def cli(module: str, *args, input: str = "") -> subprocess.CompletedProcess:
+    """`python -m module args...` run in this process, as its `main(argv)` (jaxgpt.cli.<name>),
+    with stdin, stdout and stderr swapped for strings; an uncaught exception's traceback goes to
+    stderr with status 1, as the interpreter would end. For a command's refusals (exit 2 before
+    any model work): it skips the interpreter start and the imports, ~5 s per call as a
+    subprocess. What only a real process shows (signals, peak memory, environment read at
+    start, the `python -m` shim) stays with run_cli, which every command also meets."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    main = importlib.import_module("jaxgpt.cli." + module.removeprefix("jaxgpt.")).main
+    out, err, stdin = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(input)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's exit 2, or a command's own sys.exit
+                status = e.code if isinstance(e.code, int) or e.code is None else 1
+                if status == 1 and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)  # sys.exit("message")
+            except Exception:  # noqa: BLE001 (a bug: the traceback a user would see)
+                traceback.print_exc()
+                status = 1
+    finally:
+        sys.stdin = stdin
+    return subprocess.CompletedProcess([module, *map(str, args)], status or 0, out.getvalue(), err.getvalue())
+
+
 def random_adapter(base_dir, out, rank, targets, seed):
     """A LoRA adapter folder on the model at base_dir with random, non-zero A and B, as
     jaxgpt.sft writes one; returns `out`."""

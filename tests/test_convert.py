@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxgpt  # noqa: E402
 from jaxgpt.formats.hf import rename_table  # noqa: E402
+from conftest import cli  # noqa: E402
 
 torch.set_num_threads(2)
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32)  # GPT-2 vocabulary, tiny body
@@ -458,9 +459,9 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path):
     src.mkdir()
     dst.mkdir()
     for name, (folder, needles) in _broken_folders(tiny, src).items():
-        rc, out, err = run("jaxgpt.convert", str(folder), str(dst / name))
-        assert_clean_failure(rc, out, err, *needles)
-    # an unknown hub name, offline
+        r = cli("jaxgpt.convert", folder, dst / name)  # (in this process: a refusal needs no interpreter of its own)
+        assert_clean_failure(r.returncode, r.stdout, r.stderr, *needles)
+    # an unknown hub name, offline (a subprocess: HF_HUB_OFFLINE is read when huggingface_hub is imported)
     rc, out, err = run("jaxgpt.convert", "no-such-model-xyz", str(dst / "hub"))
     assert_clean_failure(rc, out, err, "no-such-model-xyz", "local folder")
     assert list(dst.iterdir()) == []  # nothing written, not even temp dirs

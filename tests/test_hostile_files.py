@@ -167,12 +167,17 @@ def nanogpt_ckpt(path: Path, args_changes: dict | None = None, obj=None, model_c
     return path
 
 
+_ADAPTERS: dict[tuple, Path] = {}  # (base, rank) -> the adapter written once; each case is a copy
+
+
 def adapter(root: Path, base: Path, name: str, changes: dict | None = None, rank: int = 2) -> Path:
-    """A LoRA adapter on the jaxgpt run `base` (conftest.random_adapter), then adapter.json keys
-    changed (None: removed)."""
+    """A LoRA adapter on the jaxgpt run `base` (conftest.random_adapter, written once per base and
+    rank; later ones are copies of that folder), then adapter.json keys changed (None: removed)."""
     from conftest import random_adapter
 
-    out = random_adapter(base, root / name, rank, ["c_attn", "c_fc"], seed=3)
+    if (base, rank) not in _ADAPTERS:
+        _ADAPTERS[base, rank] = random_adapter(base, root / f"template-r{rank}", rank, ["c_attn", "c_fc"], seed=3)
+    out = Path(shutil.copytree(_ADAPTERS[base, rank], root / name))
     if changes:
         meta = json.loads((out / "adapter.json").read_text())
         meta.update(changes)

@@ -20,7 +20,7 @@ from jaxgpt.model.gpt import GPT, Int8Embed, Int8Linear, init_cache, param_bytes
 from jaxgpt.model.quant import (INT8_DOT_MIN_ROWS, dequantize_rows, int8_matmul,  # noqa: E402
                           quantize_model, quantize_rows, set_activations, set_fence)
 
-from conftest import run_cli  # noqa: E402
+from conftest import cli, run_cli  # noqa: E402
 
 torch.set_num_threads(2)
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32)  # GPT-2 vocabulary, tiny body
@@ -198,8 +198,9 @@ def test_cli_quantize_sample_eval_and_refusals(hf_dir, tmp_path):
     assert "int8" in r.stderr and "on disk" in r.stderr
     assert json.loads((q / "config.json").read_text())["quant"] == {"bits": 8, "embedding": True}
 
-    # quantizing an int8 checkpoint again: refused, nothing written
-    _one_line_error(run_cli("jaxgpt.quantize", q, tmp_path / "qq"), "already int8-quantized")
+    # quantizing an int8 checkpoint again: refused, nothing written (the refusals run in this
+    # process: conftest.cli; the runs above and below are real processes)
+    _one_line_error(cli("jaxgpt.quantize", q, tmp_path / "qq"), "already int8-quantized")
     assert not (tmp_path / "qq").exists()
 
     # sample loads the int8 checkpoint as it is; --int8 on it is refused
@@ -207,16 +208,16 @@ def test_cli_quantize_sample_eval_and_refusals(hf_dir, tmp_path):
                 "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["samples"][0]["tokens"]) >= 2
-    _one_line_error(run_cli("jaxgpt.sample", q, "--int8", "--max-new-tokens", "2"), "drop the flag")
+    _one_line_error(cli("jaxgpt.sample", q, "--int8", "--max-new-tokens", "2"), "drop the flag")
 
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 4)
-    _one_line_error(run_cli("jaxgpt.eval", q, "--text", text, "--int8"), "already int8-quantized")
+    _one_line_error(cli("jaxgpt.eval", q, "--text", text, "--int8"), "already int8-quantized")
 
     # fine-tuning an int8 checkpoint is refused before anything is written
     out = tmp_path / "ft"
-    r = run_cli("jaxgpt.train", "--init-from", q, "--data", text, "--tokenizer", "gpt2",
-                "--out", out, "--max-iters", "1", "--no-progress")
+    r = cli("jaxgpt.train", "--init-from", q, "--data", text, "--tokenizer", "gpt2",
+            "--out", out, "--max-iters", "1", "--no-progress")
     _one_line_error(r, "int8-quantized")
     assert not out.exists()
 

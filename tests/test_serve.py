@@ -34,7 +34,7 @@ from jaxgpt.tokenizers import templates  # noqa: E402
 from jaxgpt.decode.sample import text_samples  # noqa: E402
 from jaxgpt.serve.app import build_service, create_app  # noqa: E402
 
-from conftest import REPO, random_adapter, run_cli, xla_compiles  # noqa: E402
+from conftest import REPO, cli, random_adapter, xla_compiles  # noqa: E402
 
 pytestmark = pytest.mark.slow  # servers, processes or the real model: the slow tier
 
@@ -529,9 +529,9 @@ def test_cli_serves_an_adapter_with_a_key_file_and_stops_on_sigint(srv, tmp_path
 
 
 def test_cli_errors_exit_2(tmp_path):
-    r = run_cli("jaxgpt.serve", tmp_path / "missing", "--port", "1", timeout=120)
+    r = cli("jaxgpt.serve", tmp_path / "missing", "--port", "1")  # (in this process: conftest.cli)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    r = run_cli("jaxgpt.serve", tmp_path, "--adapter", "noequals", timeout=120)
+    r = cli("jaxgpt.serve", tmp_path, "--adapter", "noequals")
     assert r.returncode == 2 and "NAME=PATH" in r.stderr, r.stderr
-    r = run_cli("jaxgpt.serve", "--help", timeout=120)
+    r = cli("jaxgpt.serve", "--help")
     assert r.returncode == 0 and "--max-batch" in r.stdout and "--api-key-file" in r.stdout

@@ -29,7 +29,7 @@ from jaxgpt.model.gpt import GPT  # noqa: E402
 from jaxgpt.training.trainer import make_step  # noqa: E402
 from jaxgpt.tokenizers.tokenizer import get_tokenizer  # noqa: E402
 
-from conftest import REPO, run_cli  # noqa: E402
+from conftest import REPO, cli, run_cli  # noqa: E402
 
 torch.set_num_threads(2)
 DATA = REPO / "experiments" / "data" / "instruction-data.json"
@@ -269,7 +269,7 @@ BAD = [
 def test_sft_bad_input(hf_dir, tmp_path, content, flags, message):
     data = tmp_path / "d.json"
     data.write_text(content if content != ONE else json.dumps([{"instruction": "a", "output": "b"}] * 20))
-    r = run_cli("jaxgpt.sft", hf_dir, "--data", data, "--out", tmp_path / "o", *flags)
+    r = cli("jaxgpt.sft", hf_dir, "--data", data, "--out", tmp_path / "o", *flags)
     assert r.returncode == 2, r.stderr[-1500:]
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-1500:]
@@ -315,7 +315,7 @@ def test_accumulation_is_the_token_weighted_mean_of_the_whole_batch():
     assert abs(np.mean(means) - whole) > 1e-4  # a mean of micro-batch means would differ (6.5e-4)
 
 
-SFT_RUN = ["--max-iters", "30", "--batch-size", "8", "--lr", "2e-3", "--max-test", "2",
+SFT_RUN = ["--max-iters", "20", "--batch-size", "8", "--lr", "2e-3", "--max-test", "2",
            "--gen-tokens", "4", "--eval-interval", "10", "--ckpt-interval", "10", "--log-interval", "2",
            "--val-frac", "0.1", "--max-length", "64", "--no-progress"]
 
@@ -371,7 +371,7 @@ def test_sft_interrupted_then_resumed_equals_uninterrupted(hf_dir, sft_data, sft
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
     stopped = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert stopped < 30, "the run finished before the signal; nothing was tested"
+    assert stopped < 20, "the run finished before the signal; nothing was tested"
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err, err[-2000:]
     else:
@@ -416,8 +416,8 @@ def test_sft_grad_accum_equals_the_whole_batch(hf_dir, sft_data, sft_reference, 
 @pytest.mark.slow
 def test_sft_bad_resumes(hf_dir, sft_data, sft_reference, tmp_path, corpus):
     ref = sft_reference["full"]
-    def bad(*args, msg, env=None):
-        r = run_cli("jaxgpt.sft", *args, env=env)
+    def bad(*args, msg):
+        r = cli("jaxgpt.sft", *args)
         lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
         assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr[-1500:]
         assert "Traceback" not in r.stderr
@@ -433,7 +433,7 @@ def test_sft_bad_resumes(hf_dir, sft_data, sft_reference, tmp_path, corpus):
                    "--n-embd", "16", "--block-size", "16", "--sample-tokens", "0",
                    "--no-progress").returncode == 0
     bad(*base, "--out", run, "--resume", msg="is a pretrain run")
-    r = run_cli("jaxgpt.train", "--data", corpus, "--out", ref, "--resume")
+    r = cli("jaxgpt.train", "--data", corpus, "--out", ref, "--resume")
     assert r.returncode == 2 and "is a sft run" in r.stderr, r.stderr[-1000:]
     # a run folder moved elsewhere resumes where it now is
     moved = tmp_path / "moved"

@@ -15,7 +15,7 @@ from jaxgpt.config import TrainConfig
 from jaxgpt.cli.train import main, parse_args
 from jaxgpt.training.pretrain import train
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, cli, run_cli
 
 
 def rows(out) -> list[dict]:
@@ -235,7 +235,7 @@ def test_default_recipe_shortened(tmp_path):
 @pytest.mark.slow
 def test_help_explains_every_flag():
     import dataclasses
-    p = run_cli("jaxgpt.train", "--help")
+    p = cli("jaxgpt.train", "--help")  # (in this process: conftest.cli)
     assert p.returncode == 0
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in p.stdout, f.name

@@ -60,6 +60,7 @@ def _shared_filters(logits, temperature: float, top_k, top_p) -> jax.Array:
 FILTER_TOP = 256  # _filter_rows reads this many of the largest logits before searching them all
 
 
+@jax.jit  # (called eagerly, its lax.cond would compile afresh on every call: new branch closures)
 def _filter_rows(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """top_k_filter then top_p_filter with a setting per row: logits [B, V] (already divided by
     the temperature), top_k int [B] (0 = off), top_p float [B] (1 = off). The same thresholds as
@@ -180,6 +181,12 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k=None, top
         if temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return draw(keys, _shared_filters(logits, temperature, top_k, top_p))
+    return _sample_per_row(logits, keys, temperature, top_k, top_p)
+
+
+@jax.jit  # (as _filter_rows: one compiled program for eager calls, inlined under an outer jit)
+def _sample_per_row(logits, keys, temperature, top_k, top_p) -> jax.Array:
+    """sample_rows with settings [B] per row (traced; top_k / top_p None = off)."""
     B = logits.shape[0]
     temperature = jnp.asarray(temperature, jnp.float32)
     top_k = jnp.zeros(B, jnp.int32) if top_k is None else jnp.asarray(top_k, jnp.int32)
