@@ -7,7 +7,7 @@
    (--rows): "int8 x int8" GOPS = 2 x rows x N x K x 12 / its time, to see where it is compute-bound:
    "weight-only" (float activations, the int8 kernel converted inside the product), "int8 x int8"
    (activations quantized per row, int8 x int8 -> int32) and, for scale, the float32 product of
-   the decode copy (jaxgpt.model.gpt.RowLinear over a float32 [N, K] kernel). This is the measurement
+   the decode copy (jaxgpt.decode.fast.RowLinear over a float32 [N, K] kernel). This is the measurement
    behind int8_matmul's choice of mode (INT8_DOT_MIN_ROWS).
 2. sampling from GPT-2-sized logits [B, 50257] (jaxgpt.engine): greedy argmax, temperature only,
    temperature + top-p 0.95 on peaked logits (the nucleus within the top 256: the fast path) and
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.decode.sampling import sample_rows
-from jaxgpt.model.gpt import RowLinear
+from jaxgpt.decode.fast import RowLinear
 from jaxgpt.model.quant import INT8_DOT_MIN_ROWS, int8_matmul, quantize_rows
 
 SHAPES = {"c_attn": (2304, 768), "c_fc": (3072, 768), "mlp c_proj": (768, 3072)}  # [N, K]

@@ -315,7 +315,7 @@ def test_accumulation_is_the_token_weighted_mean_of_the_whole_batch():
     assert abs(np.mean(means) - whole) > 1e-4  # a mean of micro-batch means would differ (6.5e-4)
 
 
-SFT_RUN = ["--max-iters", "20", "--batch-size", "8", "--lr", "2e-3", "--max-test", "2",
+SFT_RUN = ["--max-iters", "20", "--batch-size", "4", "--lr", "2e-3", "--max-test", "2",
            "--gen-tokens", "4", "--eval-interval", "10", "--ckpt-interval", "10", "--log-interval", "2",
            "--val-frac", "0.1", "--max-length", "64", "--no-progress"]
 
