@@ -202,8 +202,9 @@ def profile_step(model, B: int, reps: int = 20, rounds_n: int = 3) -> dict[str, 
 
     def step(state, tok, cache, screen):
         m = nnx.merge(graphdef, state)
-        x, cache = decode_step(m, tok, cache)
-        return next_tokens(m, x, None, 0.0, screen=screen), cache
+        x, new = decode_step(m, tok, cache)
+        # (the position stays CACHE_FILL: each call decodes at the same fill)
+        return next_tokens(m, x, None, 0.0, screen=screen), {**new, "index": cache["index"]}
 
     cache = init_cache(model.config, B, CACHE_LEN)
     cache["index"] = jnp.array(CACHE_FILL, jnp.int32)
@@ -214,9 +215,8 @@ def profile_step(model, B: int, reps: int = 20, rounds_n: int = 3) -> dict[str, 
     parts = instruction_parts(fn.lower(state, tok, cache, screen).compile().as_text())
     kept = {"cache": cache}
 
-    def call(state, tok, screen):  # each call on the cache the last one returned, at CACHE_FILL
-        out, new = fn(state, tok, {**kept["cache"], "index": jnp.array(CACHE_FILL, jnp.int32)}, screen)
-        kept["cache"] = new
+    def call(state, tok, screen):  # each call on the cache the last one returned
+        out, kept["cache"] = fn(state, tok, kept["cache"], screen)
         return out
 
     alone = products_alone(model, screen, B, reps)
